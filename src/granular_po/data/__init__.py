@@ -1,0 +1,1 @@
+"""Data layer: records -> validated pairs -> exact per-token weights -> padded batches."""

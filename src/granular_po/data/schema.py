@@ -1,0 +1,110 @@
+"""The data types every layer shares: a highlighted region, a preference record, a data error.
+
+A record keeps its position in its source file (`index`) for life, so any error, skipped count or
+metric can name the record it came from. Records are never keyed by prompt: two pairs that share a
+prompt stay two pairs (the research code merged them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class RegionFlag(IntEnum):
+    """Which response a highlighted span lives in (the research code's third element)."""
+
+    CORRECT = 1  # span indexes into the correct (chosen) response
+    INCORRECT = -1  # span indexes into the incorrect (rejected) response
+    INVALIDATE = 0  # research-code marker: "drop this record" (counted and skipped, never trained on)
+
+
+@dataclass(frozen=True)
+class Region:
+    """A half-open character span `[start, end)` of one response, with the response it belongs to."""
+
+    start: int
+    end: int
+    flag: RegionFlag
+
+    @property
+    def in_chosen(self) -> bool:
+        return self.flag == RegionFlag.CORRECT
+
+    @property
+    def in_rejected(self) -> bool:
+        return self.flag == RegionFlag.INCORRECT
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """One (prompt, chosen, rejected) pair with its highlighted regions.
+
+    `chosen` is the correct response and `rejected` the incorrect one. `regions` is empty for a pair
+    nobody annotated (then every response token weighs 1). `source` is the file (or hub dataset) and
+    `index` the 0-based record position in it.
+    """
+
+    prompt: str
+    chosen: str
+    rejected: str
+    regions: tuple[Region, ...] = ()
+    source: str = "<memory>"
+    index: int = 0
+
+    @property
+    def chosen_regions(self) -> tuple[Region, ...]:
+        return tuple(r for r in self.regions if r.in_chosen)
+
+    @property
+    def rejected_regions(self) -> tuple[Region, ...]:
+        return tuple(r for r in self.regions if r.in_rejected)
+
+    @property
+    def is_annotated(self) -> bool:
+        return bool(self.regions)
+
+
+class DataError(ValueError):
+    """Bad input, always naming the file, the record index and the field at fault."""
+
+    def __init__(self, source: str, index: int | None, field_name: str | None, reason: str, code: str = "invalid"):
+        self.source = source
+        self.index = index
+        self.field_name = field_name
+        self.reason = reason
+        self.code = code  # short machine-readable reason, used to count skipped records by reason
+        where = source
+        if index is not None:
+            where += f", record {index}"
+        if field_name is not None:
+            where += f", field '{field_name}'"
+        super().__init__(f"{where}: {reason}")
+
+
+@dataclass
+class LoadReport:
+    """What a load kept and what it skipped, by reason: nothing is dropped silently."""
+
+    source: str
+    n_read: int = 0
+    n_kept: int = 0
+    n_regions: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    first_errors: list[str] = field(default_factory=list)  # a few full messages, to show the user
+
+    def skip(self, error: DataError, keep_messages: int = 5) -> None:
+        self.skipped[error.code] = self.skipped.get(error.code, 0) + 1
+        if len(self.first_errors) < keep_messages:
+            self.first_errors.append(str(error))
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        line = f"{self.source}: read {self.n_read} records, kept {self.n_kept}, {self.n_regions} regions"
+        if self.skipped:
+            reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items()))
+            line += f"; skipped {self.n_skipped} ({reasons})"
+        return line

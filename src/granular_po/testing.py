@@ -1,0 +1,96 @@
+"""Tiny real components for tests and benchmarks: tokenizers trained in-process, random models.
+
+Nothing here touches the network. The tokenizers are real `tokenizers` models (BPE with a
+whitespace pre-tokenizer and a byte-level BPE like GPT-2/SmolLM2), wrapped as fast HF tokenizers so
+offset mappings and chat templates behave as they do for real models.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+_CORPUS = [
+    "What is 7 * 8? The answer is 56.",
+    "What is 12 * 13? 12 times 13 equals 156, so the result is 156.",
+    "The capital of France is Paris. The capital of Spain is Madrid.",
+    "Hello world! This is a tiny corpus for a tiny tokenizer, with numbers 0 1 2 3 4 5 6 7 8 9.",
+    "def add(a, b):\n    return a + b\n",
+    "Unicode: café naïve 東京 😀 — quotes “like this”.",
+    "The quick brown fox jumps over the lazy dog. Correct answers matter; wrong ones do not.",
+] * 4
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+
+
+def _wrap(tok, chat: bool) -> PreTrainedTokenizerFast:
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        bos_token=None,
+        pad_token="<pad>",
+    )
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@functools.lru_cache(maxsize=None)
+def _train_bpe(byte_level: bool, vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if byte_level:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+    else:
+        tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.decoder = decoders.BPEDecoder()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS, "[UNK]"])
+    tok.train_from_iterator(_CORPUS, trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer(kind: str = "byte_level", chat: bool = False, vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    """A fast tokenizer trained in-process. kind: 'byte_level' (GPT-2 style) or 'whitespace_bpe'."""
+    from tokenizers import Tokenizer
+
+    if kind not in ("byte_level", "whitespace_bpe"):
+        raise ValueError(f"unknown tiny tokenizer kind {kind!r}")
+    tok = Tokenizer.from_str(_train_bpe(kind == "byte_level", vocab_size))
+    return _wrap(tok, chat)
+
+
+TINY_TOKENIZER_KINDS = ("byte_level", "whitespace_bpe")
+
+
+def tiny_llama(vocab_size: int, hidden_size: int = 32, layers: int = 2, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A random Llama small enough for unit tests (milliseconds per step on CPU)."""
+    import torch
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=overrides.pop("tie_word_embeddings", True),
+        attention_dropout=0.0,
+        **overrides,
+    )
+    model = LlamaForCausalLM(config)
+    return model
