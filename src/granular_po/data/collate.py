@@ -1,0 +1,75 @@
+"""Encoded records -> padded batches: prompt + response per row, weights aligned with the targets.
+
+`loss_weights[b, t]` is the weight of the token AT position t (as a target, predicted from position
+t - 1); prompt and padding positions weigh 0. Rows are right-padded with `pad_token_id`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def _pad_rows(
+    rows: Sequence[tuple[Sequence[int], Sequence[int], Sequence[float]]],
+    pad_token_id: int,
+    pad_to_multiple_of: int | None,
+) -> dict[str, torch.Tensor]:
+    """(prompt_ids, response_ids, response_weights) per row -> input_ids, attention_mask, loss_weights (N, T)."""
+    lengths = [len(p) + len(r) for p, r, _ in rows]
+    T = max(lengths, default=0)
+    if pad_to_multiple_of and T % pad_to_multiple_of:
+        T += pad_to_multiple_of - T % pad_to_multiple_of
+    input_ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)  # (N, T)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)  # (N, T)
+    loss_weights = torch.zeros((len(rows), T), dtype=torch.float32)  # (N, T)
+    for i, (prompt, response, weights) in enumerate(rows):
+        if len(weights) != len(response):
+            raise ValueError(f"row {i}: {len(response)} response tokens but {len(weights)} weights")
+        n_p, n = len(prompt), lengths[i]
+        input_ids[i, :n_p] = torch.as_tensor(list(prompt), dtype=torch.long)
+        input_ids[i, n_p:n] = torch.as_tensor(list(response), dtype=torch.long)
+        attention_mask[i, :n] = 1
+        loss_weights[i, n_p:n] = torch.as_tensor(list(weights), dtype=torch.float32)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_weights": loss_weights}
+
+
+class PreferenceCollator:
+    """Pairs -> one batch of 2B rows: [0:B] prompt + chosen, [B:2B] prompt + rejected (same order).
+
+    Shape: input_ids, attention_mask (2B, T) long; loss_weights (2B, T) float32; index (B,) long.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is None: give the tokenizer a pad token (or use its EOS id)")
+        self.pad_token_id = int(pad_token_id)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows = [(f["prompt_ids"], f["chosen_ids"], f["chosen_weights"]) for f in features]
+        rows += [(f["prompt_ids"], f["rejected_ids"], f["rejected_weights"]) for f in features]
+        batch = _pad_rows(rows, self.pad_token_id, self.pad_to_multiple_of)
+        batch["index"] = torch.tensor([int(f["index"]) for f in features], dtype=torch.long)  # (B,)
+        return batch
+
+
+class SFTCollator:
+    """Chosen responses only, weighted by `sft_weights` (rejected-side regions projected onto chosen).
+
+    Shape: input_ids, attention_mask (B, T) long; loss_weights (B, T) float32; index (B,) long.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is None: give the tokenizer a pad token (or use its EOS id)")
+        self.pad_token_id = int(pad_token_id)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows = [(f["prompt_ids"], f["chosen_ids"], f["sft_weights"]) for f in features]
+        batch = _pad_rows(rows, self.pad_token_id, self.pad_to_multiple_of)
+        batch["index"] = torch.tensor([int(f["index"]) for f in features], dtype=torch.long)  # (B,)
+        return batch

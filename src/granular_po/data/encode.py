@@ -1,0 +1,268 @@
+"""Records -> token ids and per-token weights: prompt formatting, end-of-response token, truncation.
+
+The prompt and each response are tokenised separately (as the research code did), the response with
+character offsets so regions map to tokens exactly (see `masks`). Every response ends with its
+end-of-response token (EOS for raw prompts, the template's end-of-turn token for chat) and keeps it
+under truncation (research-code defect #8).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from granular_po.data.masks import GranularOptions, response_weights, sft_regions, token_flags
+from granular_po.data.schema import PreferenceRecord, Region, RegionFlag
+
+_ENCODE_VERSION = 1  # bump when the encoding changes, so cached datasets are not reused
+PROMPT_FORMATS = ("auto", "raw", "chat")
+TRUNCATION_MODES = ("keep_end", "keep_start")
+
+
+@dataclass
+class EncodeOptions:
+    """Tokenisation settings (config keys max_length, max_prompt_length, prompt_format, truncation_mode)."""
+
+    max_length: int = 512
+    """Max tokens of prompt + response (end-of-response token included)."""
+    max_prompt_length: int = 256
+    """Prompts are cut to this many tokens first, when prompt + longer response is too long."""
+    prompt_format: str = "auto"
+    """raw: prompt text as is; chat: the tokenizer's chat template; auto: chat when it has one."""
+    truncation_mode: str = "keep_end"
+    """Which end of a long prompt to keep: keep_end (research code) or keep_start."""
+
+    def __post_init__(self) -> None:
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {self.truncation_mode!r}")
+        if self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
+        if self.max_length < self.max_prompt_length + 2:
+            raise ValueError(
+                f"max_length ({self.max_length}) must be at least max_prompt_length + 2 "
+                f"({self.max_prompt_length + 2}): room for one response token and the end token"
+            )
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """What one tokenizer needs to encode a record, resolved once: chat or raw, end token, BOS."""
+
+    chat: bool
+    end_token_id: int  # closes every response: EOS (raw) or the template's end-of-turn token (chat)
+    bos_token_id: int | None  # raw only: prepended to the prompt when the tokenizer adds one by default
+
+
+def _special_ids(tokenizer) -> set[int]:
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if tok.special)
+    return ids
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The first special token the chat template puts after an assistant message's content (else EOS)."""
+    sentinel = "granular sentinel reply"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template may refuse this conversation (roles, system turn): fall back to EOS
+        text = ""
+    pos = text.rfind(sentinel) if isinstance(text, str) else -1
+    if pos >= 0:
+        after = pos + len(sentinel)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        special = _special_ids(tokenizer)
+        for tid, (start, _) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if start >= after and tid in special:
+                return tid
+    if tokenizer.eos_token_id is None:
+        raise ValueError("cannot find the chat template's end-of-turn token and the tokenizer has no EOS")
+    return tokenizer.eos_token_id
+
+
+def resolve_layout(tokenizer, enc: EncodeOptions) -> TokenLayout:
+    """Pick the prompt format and the end-of-response token for `tokenizer`."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer: offset mappings are needed")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    chat = enc.prompt_format == "chat" or (enc.prompt_format == "auto" and has_template)
+    if chat:
+        if not has_template:
+            raise ValueError("prompt_format=chat but the tokenizer has no chat template")
+        return TokenLayout(chat=True, end_token_id=end_of_turn_id(tokenizer), bos_token_id=None)
+    if tokenizer.eos_token_id is None:
+        raise ValueError("prompt_format=raw needs a tokenizer with an EOS token")
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+    return TokenLayout(chat=False, end_token_id=tokenizer.eos_token_id, bos_token_id=bos if adds_bos else None)
+
+
+def _prompt_ids(prompt: str, tokenizer, layout: TokenLayout) -> list[int]:
+    if layout.chat:
+        out = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return list(out["input_ids"] if isinstance(out, Mapping) else out)
+    ids = tokenizer(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    if layout.bos_token_id is not None and ids[:1] != [layout.bos_token_id]:
+        ids = [layout.bos_token_id, *ids]
+    return list(ids)
+
+
+def _response(text: str, tokenizer) -> tuple[list[int], list[tuple[int, int]]]:
+    # split_special_tokens: a literal "<|endoftext|>" in a response is text, not an early EOS
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def _cut(seq: list, budget: int) -> list:
+    """Keep the first `budget - 1` items and the last (the end-of-response token)."""
+    return seq if len(seq) <= budget else seq[: budget - 1] + seq[-1:]
+
+
+def encode_record(
+    record: PreferenceRecord,
+    tokenizer,
+    enc: EncodeOptions,
+    gran: GranularOptions,
+    layout: TokenLayout | None = None,
+    with_offsets: bool = False,
+) -> dict[str, Any]:
+    """Encode one pair; see INTERFACES.md for the keys. Response lists all end with the end token.
+
+    `with_offsets` adds `chosen_offsets` / `rejected_offsets` (char spans; the end token gets an empty
+    span at the text's end) and `truncated`, for the inspect viewer.
+    """
+    layout = layout or resolve_layout(tokenizer, enc)
+    prompt_ids = _prompt_ids(record.prompt, tokenizer, layout)
+    out: dict[str, Any] = {"index": record.index}
+    for side, text, own in (
+        ("chosen", record.chosen, record.chosen_regions),
+        ("rejected", record.rejected, record.rejected_regions),
+    ):
+        ids, offsets = _response(text, tokenizer)
+        out[f"{side}_weights"] = response_weights(offsets, len(text), own, record.is_annotated, gran)
+        out[f"{side}_flags"] = [*token_flags(offsets, own), 0]
+        out[f"{side}_ids"] = [*ids, layout.end_token_id]
+        out[f"{side}_offsets"] = [*offsets, (len(text), len(text))]
+        if side == "chosen":
+            out["sft_weights"] = response_weights(offsets, len(text), sft_regions(record), record.is_annotated, gran)
+
+    longer = max(len(out["chosen_ids"]), len(out["rejected_ids"]))
+    truncated = len(prompt_ids) + longer > enc.max_length
+    if truncated:
+        keep = enc.max_prompt_length
+        prompt_ids = prompt_ids[-keep:] if enc.truncation_mode == "keep_end" else prompt_ids[:keep]
+    if len(prompt_ids) + longer > enc.max_length:
+        budget = enc.max_length - len(prompt_ids)
+        for key in ("chosen_ids", "chosen_weights", "chosen_flags", "chosen_offsets", "sft_weights",
+                    "rejected_ids", "rejected_weights", "rejected_flags", "rejected_offsets"):
+            out[key] = _cut(out[key], budget)
+    out["prompt_ids"] = prompt_ids
+    if with_offsets:
+        out["truncated"] = truncated
+    else:
+        del out["chosen_offsets"], out["rejected_offsets"]
+    return out
+
+
+def _row(record: PreferenceRecord) -> dict[str, Any]:
+    regions = [[r.start, r.end, int(r.flag)] for r in record.regions]
+    return {"index": record.index, "prompt": record.prompt, "chosen": record.chosen,
+            "rejected": record.rejected, "regions": regions}
+
+
+def _encode_row(row: dict, tokenizer, enc: EncodeOptions, gran: GranularOptions, layout: TokenLayout) -> dict:
+    regions = tuple(Region(s, e, RegionFlag(f)) for s, e, f in row["regions"])
+    record = PreferenceRecord(row["prompt"], row["chosen"], row["rejected"], regions, index=row["index"])
+    return encode_record(record, tokenizer, enc, gran, layout)
+
+
+def encoding_fingerprint(rows: Sequence[dict], tokenizer, enc: EncodeOptions, gran: GranularOptions) -> str:
+    """A hash of everything the encoded dataset depends on: data, tokenizer (vocab), options, code version."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [
+        _ENCODE_VERSION, type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""),
+        backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True),
+        getattr(tokenizer, "chat_template", None), tokenizer.bos_token_id, tokenizer.eos_token_id,
+        asdict(enc), asdict(gran),
+    ]
+    h.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode())
+    return h.hexdigest()[:32]
+
+
+def build_dataset(
+    records: Sequence[PreferenceRecord],
+    tokenizer,
+    enc: EncodeOptions,
+    gran: GranularOptions,
+    num_proc: int = 1,
+    cache_dir: str | os.PathLike | None = None,
+):
+    """Encode `records` into an Arrow `datasets.Dataset` (one row per record, columns of encode_record).
+
+    With `cache_dir` the encoded table is written there under a fingerprint of data, tokenizer and
+    options, and reused by a later identical call.
+    """
+    from datasets import Dataset, Features, Value
+    from datasets import Sequence as ListOf
+
+    layout = resolve_layout(tokenizer, enc)
+    rows = [_row(r) for r in records]
+    text_features = Features({
+        "index": Value("int64"), "prompt": Value("string"), "chosen": Value("string"),
+        "rejected": Value("string"), "regions": ListOf(ListOf(Value("int64"))),
+    })
+    ids, weights, flags = ListOf(Value("int32")), ListOf(Value("float32")), ListOf(Value("int8"))
+    out_features = Features({
+        "index": Value("int64"), "prompt_ids": ids, "chosen_ids": ids, "chosen_weights": weights,
+        "rejected_ids": ids, "rejected_weights": weights, "sft_weights": weights,
+        "chosen_flags": flags, "rejected_flags": flags,
+    })
+    fingerprint = encoding_fingerprint(rows, tokenizer, enc, gran)
+    cache_file = None
+    if cache_dir is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+        cache_file = os.path.join(os.fspath(cache_dir), f"encoded-{fingerprint}.arrow")
+    if not rows:  # datasets.map would drop the output columns of an empty table
+        return Dataset.from_dict({k: [] for k in out_features}, features=out_features)
+    source = Dataset.from_dict({k: [row[k] for row in rows] for k in text_features}, features=text_features)
+    return source.map(
+        _encode_row,
+        fn_kwargs={"tokenizer": tokenizer, "enc": enc, "gran": gran, "layout": layout},
+        remove_columns=["prompt", "chosen", "rejected", "regions"],
+        features=out_features,
+        num_proc=num_proc if num_proc and num_proc > 1 and len(rows) > 1 else None,
+        new_fingerprint=fingerprint,
+        cache_file_name=cache_file,
+        load_from_cache_file=cache_file is not None,
+        desc="tokenising",
+    )
+
+
+def response_token_share(dataset) -> float:
+    """Share of response tokens (chosen and rejected, end tokens included) with a non-zero weight."""
+    total = nonzero = 0
+    if hasattr(dataset, "with_format"):
+        import pyarrow.compute as pc
+
+        table = dataset.with_format("arrow")[:]
+        for name in ("chosen_weights", "rejected_weights"):
+            flat = pc.list_flatten(table.column(name))
+            total += len(flat)
+            nonzero += pc.sum(pc.not_equal(flat, 0)).as_py() or 0
+    else:
+        for row in dataset:
+            for name in ("chosen_weights", "rejected_weights"):
+                total += len(row[name])
+                nonzero += sum(1 for w in row[name] if w != 0)
+    return nonzero / total if total else 0.0

@@ -1,0 +1,467 @@
+"""Load and validate preference records from JSON / JSONL files and the research code's hub datasets.
+
+A bad record raises a `DataError` naming file, record and field (`on_invalid="error"`) or is skipped and
+counted by reason in the `LoadReport` (`"skip"`); nothing is dropped silently. Region offsets are Python
+`str` indices (code points), the unit of the offset mappings of Hugging Face fast tokenizers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+from granular_po.data.schema import DataError, LoadReport, PreferenceRecord, Region, RegionFlag
+
+# Accepted spellings of each text field, canonical (research-code) name first.
+TEXT_FIELDS: dict[str, tuple[str, ...]] = {
+    "prompt": ("prompt",),
+    "correct_response": ("correct_response", "correct", "chosen"),
+    "incorrect_response": ("incorrect_response", "incorrect", "rejected"),
+}
+ON_INVALID = ("error", "skip")
+# Markers and filters, not errors: always skipped and counted, even with on_invalid="error".
+FILTER_CODES = frozenset({"invalidated", "shp_low_ratio"})
+HUB_DATASETS = {
+    "hh": "Anthropic/hh-rlhf",
+    "shp": "stanfordnlp/SHP",
+    "se": "HuggingFaceH4/stack-exchange-preferences",
+}
+_BOM = b"\xef\xbb\xbf"
+_ASSISTANT = "\n\nAssistant:"
+_HUMAN = "\n\nHuman: "
+
+
+# ---------------------------------------------------------------------------------------------------
+# One record
+
+
+def _describe(value: Any) -> str:
+    """A short description of a JSON value for error messages: its JSON type and (clipped) value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    kind = {int: "integer", float: "float", str: "string", list: "list", tuple: "list", dict: "object"}
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{kind.get(type(value), type(value).__name__)} {text}"
+
+
+def _check_text(value: Any, field: str, source: str, index: int | None, eos_text: str | None,
+                is_response: bool) -> str:
+    """Validate one text field: a string, encodable as UTF-8, non-empty if a response, free of EOS text."""
+    if not isinstance(value, str):
+        raise DataError(source, index, field, f"must be a string, got {_describe(value)}", "bad_type")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(source, index, field, f"contains a lone surrogate U+{ord(value[e.start]):04X} at "
+                        f"character {e.start}: it cannot be encoded as UTF-8 or tokenised", "bad_unicode") from None
+    if is_response and not value.strip():
+        raise DataError(source, index, field, "is empty or whitespace only", "empty_response")
+    if eos_text and eos_text in value:
+        raise DataError(source, index, field, f"contains the EOS text {eos_text!r} at character "
+                        f"{value.index(eos_text)}: the sequence would end there", "eos_in_text")
+    return value
+
+
+def _get_text(obj: Mapping[str, Any], canonical: str, source: str, index: int, eos_text: str | None) -> str:
+    """Read a text field under any of its aliases; two aliases with different values are an error."""
+    names = TEXT_FIELDS[canonical]
+    present = [n for n in names if n in obj]
+    if not present:
+        also = f" (also accepted: {', '.join(names[1:])})" if len(names) > 1 else ""
+        raise DataError(source, index, canonical, f"missing{also}", "missing_field")
+    if len(present) > 1 and any(obj[n] != obj[present[0]] for n in present[1:]):
+        raise DataError(source, index, present[0], f"conflicts with field '{present[1]}' (same meaning, "
+                        "different values)", "conflicting_fields")
+    return _check_text(obj[present[0]], present[0], source, index, eos_text, canonical != "prompt")
+
+
+def _raw_regions(obj: Mapping[str, Any], source: str, index: int) -> list[tuple[str, Any]]:
+    """The record's region triples, unvalidated, each with the field name to blame."""
+    one, many = obj.get("masked_region"), obj.get("masked_regions")
+    if one is not None and many is not None:
+        raise DataError(source, index, "masked_region", "give either 'masked_region' or 'masked_regions', "
+                        "not both", "conflicting_fields")
+    if one is not None:
+        if not isinstance(one, (list, tuple)):
+            raise DataError(source, index, "masked_region", f"must be a [start, end, flag] list, got "
+                            f"{_describe(one)}", "bad_region")
+        return [("masked_region", one)]
+    if many is not None:
+        if not isinstance(many, (list, tuple)):
+            raise DataError(source, index, "masked_regions", "must be a list of [start, end, flag] lists, got "
+                            f"{_describe(many)}", "bad_region")
+        return [(f"masked_regions[{k}]", t) for k, t in enumerate(many)]
+    return []
+
+
+def _is_invalidate_marker(triple: Any) -> bool:
+    return isinstance(triple, (list, tuple)) and len(triple) == 3 and type(triple[2]) is int and triple[2] == 0
+
+
+def _index_value(value: Any, what: str, field: str, source: str, index: int) -> int:
+    """A region offset: a non-negative int (not a bool, not a float even if whole, not a string)."""
+    if type(value) is not int:  # bool is an int subclass; 3.0 is not an offset either
+        hint = " (use 'masked_regions' for several regions)" if isinstance(value, (list, tuple)) else ""
+        raise DataError(source, index, field, f"{what} must be an integer, got {_describe(value)}{hint}",
+                        "bad_index")
+    if value < 0:
+        raise DataError(source, index, field, f"{what} must be non-negative, got {value}", "bad_index")
+    return value
+
+
+def _region(triple: Any, field: str, record: PreferenceRecord) -> Region:
+    """Validate one [start, end, flag] triple against the response it indexes into."""
+    source, index = record.source, record.index
+    if not isinstance(triple, (list, tuple)) or len(triple) != 3:
+        got = f"a list of length {len(triple)}" if isinstance(triple, (list, tuple)) else _describe(triple)
+        raise DataError(source, index, field, f"a region must be a [start, end, flag] triple, got {got}",
+                        "bad_region")
+    start = _index_value(triple[0], "start", field, source, index)
+    end = _index_value(triple[1], "end", field, source, index)
+    flag = triple[2]
+    if type(flag) is not int or flag not in (1, -1):
+        raise DataError(source, index, field, "flag must be 1 (span in the correct response), -1 (in the "
+                        f"incorrect response) or 0 (invalidate the record), got {_describe(flag)}", "bad_flag")
+    if start > end:
+        raise DataError(source, index, field, f"start {start} is after end {end}", "region_order")
+    which, text = ("correct", record.chosen) if flag == 1 else ("incorrect", record.rejected)
+    if end > len(text):
+        raise DataError(source, index, field, f"end {end} is beyond the {which} response's length {len(text)} "
+                        "(offsets count Python characters, i.e. Unicode code points)", "region_out_of_range")
+    return Region(start, end, RegionFlag(flag))
+
+
+def parse_record(obj: Any, source: str, index: int, eos_text: str | None = None) -> PreferenceRecord:
+    """Validate one decoded JSON value into a PreferenceRecord, or raise a DataError saying what is wrong."""
+    if not isinstance(obj, dict):
+        raise DataError(source, index, None, f"a record must be a JSON object, got {_describe(obj)}", "not_object")
+    raw = _raw_regions(obj, source, index)
+    for field, triple in raw:  # checked first: the annotator asked for this record to be dropped
+        if _is_invalidate_marker(triple):
+            raise DataError(source, index, field, "flag 0 marks the record invalid (research-code marker)",
+                            "invalidated")
+    record = PreferenceRecord(
+        prompt=_get_text(obj, "prompt", source, index, eos_text),
+        chosen=_get_text(obj, "correct_response", source, index, eos_text),
+        rejected=_get_text(obj, "incorrect_response", source, index, eos_text),
+        source=source,
+        index=index,
+    )
+    regions = tuple(_region(triple, field, record) for field, triple in raw)
+    return PreferenceRecord(record.prompt, record.chosen, record.rejected, regions, source, index)
+
+
+def make_record(prompt: str, chosen: str, rejected: str, source: str, index: int,
+                regions: tuple[Region, ...] = (), eos_text: str | None = None,
+                fields: Sequence[str] = ("prompt", "chosen", "rejected")) -> PreferenceRecord:
+    """Build a record from texts made in code (hub converters), with the same text checks as a file."""
+    _check_text(prompt, fields[0], source, index, eos_text, False)
+    _check_text(chosen, fields[1], source, index, eos_text, True)
+    _check_text(rejected, fields[2], source, index, eos_text, True)
+    return PreferenceRecord(prompt, chosen, rejected, tuple(regions), source, index)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files
+
+
+def _open(path: str | os.PathLike[str], source: str):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise DataError(source, None, None, "file not found", "file_missing") from None
+    except OSError as e:
+        raise DataError(source, None, None, f"cannot read file: {e.strerror or e}", "file_unreadable") from None
+
+
+def _first_char(f) -> bytes:
+    """The first non-whitespace byte (after a UTF-8 BOM), then rewind: it tells JSON list from JSONL."""
+    if f.read(3) != _BOM:
+        f.seek(0)
+    while chunk := f.read(1 << 16):
+        if stripped := chunk.lstrip():
+            f.seek(0)
+            return stripped[:1]
+    return b""
+
+
+def _decode_json(raw: bytes, source: str, index: int | None, where: str) -> Any:
+    """bytes -> JSON value; every failure (bad UTF-8, syntax, huge int, deep nesting) is a DataError."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        where = where or f" at line {line}"
+        raise DataError(source, index, None, f"not valid UTF-8{where} (byte {e.start})", "bad_encoding") from None
+    except json.JSONDecodeError as e:
+        pos = f"column {e.colno}" if where else f"line {e.lineno}, column {e.colno}"
+        raise DataError(source, index, None, f"invalid JSON{where} at {pos}: {e.msg} (truncated or corrupt?)",
+                        "bad_json") from None
+    except (ValueError, RecursionError) as e:
+        raise DataError(source, index, None, f"invalid JSON{where}: {type(e).__name__}: {e}", "bad_json") from None
+
+
+def _iter_raw(f, source: str) -> Iterator[tuple[int, int | None, Any]]:
+    """Yield (index, line or None, decoded value or the DataError that decoding it raised)."""
+    first = _first_char(f)
+    if not first:
+        raise DataError(source, None, None, "the file is empty", "empty_file")
+    if first == b"[":  # a JSON list has to be parsed whole
+        raw = f.read()
+        items = _decode_json(raw[3:] if raw.startswith(_BOM) else raw, source, None, "")
+        del raw
+        if not items:
+            raise DataError(source, None, None, "the file's list holds no records", "empty_file")
+        for index, item in enumerate(items):
+            yield index, None, item
+        return
+    index = 0
+    for lineno, raw in enumerate(f, start=1):  # JSONL: streamed, one line in memory at a time
+        if lineno == 1 and raw.startswith(_BOM):
+            raw = raw[3:]
+        if not raw.strip():
+            continue
+        try:
+            item: Any = _decode_json(raw, source, index, f" on line {lineno}")
+        except DataError as e:
+            if index == 0 and raw.strip() in (b"{", b"["):
+                e = DataError(source, index, None, e.reason + "; a .json file must hold a list of records, "
+                              "otherwise give one record per line (JSONL)", e.code)
+            item = e
+        yield index, lineno, item
+        index += 1
+
+
+def _with_line(err: DataError, line: int | None) -> DataError:
+    if line is None or f"line {line}" in err.reason:
+        return err
+    return DataError(err.source, err.index, err.field_name, f"{err.reason} (line {line})", err.code)
+
+
+def _admit(err: DataError, on_invalid: str, report: LoadReport) -> None:
+    """Raise the error, or count it as skipped: filters/markers are always counted, never raised."""
+    if on_invalid == "error" and err.code not in FILTER_CODES:
+        raise err
+    report.skip(err)
+
+
+def _check_on_invalid(on_invalid: str) -> None:
+    if on_invalid not in ON_INVALID:
+        raise ValueError(f"on_invalid must be one of {ON_INVALID}, got {on_invalid!r}")
+
+
+def iter_records(path: str | os.PathLike[str], on_invalid: str = "error", report: LoadReport | None = None,
+                 eos_text: str | None = None) -> Iterator[PreferenceRecord]:
+    """Stream validated records from a JSON list or JSONL file (told apart by the first character).
+
+    File-level faults (missing, unreadable, empty, a JSON list that does not parse) always raise. `report`,
+    if given, is filled in as records go by (e.g. under `datasets.Dataset.from_generator`).
+    """
+    _check_on_invalid(on_invalid)
+    source = str(path)
+    report = report if report is not None else LoadReport(source)
+    f = _open(path, source)
+    return _records(f, source, on_invalid, report, eos_text)
+
+
+def _records(f, source: str, on_invalid: str, report: LoadReport, eos_text: str | None):
+    with f:
+        try:
+            for index, line, item in _iter_raw(f, source):
+                report.n_read += 1
+                try:
+                    if isinstance(item, DataError):
+                        raise item
+                    record = parse_record(item, source, index, eos_text)
+                except DataError as e:
+                    _admit(_with_line(e, line), on_invalid, report)
+                    continue
+                except Exception as e:  # never a bare traceback: name the record that caused it
+                    err = DataError(source, index, None, f"unexpected {type(e).__name__}: {e}", "unexpected")
+                    _admit(_with_line(err, line), on_invalid, report)
+                    continue
+                report.n_kept += 1
+                report.n_regions += len(record.regions)
+                yield record
+        except OSError as e:
+            raise DataError(source, None, None, f"cannot read file: {e.strerror or e}", "file_unreadable") from None
+
+
+def load_records(path: str | os.PathLike[str], on_invalid: str = "error",
+                 eos_text: str | None = None) -> tuple[list[PreferenceRecord], LoadReport]:
+    """Load every valid record of a file, each its own pair, with a report of what was skipped and why."""
+    report = LoadReport(str(path))
+    records = list(iter_records(path, on_invalid, report, eos_text))
+    return records, report
+
+
+def record_to_dict(record: PreferenceRecord) -> dict[str, Any]:
+    """A record in the research file format (the format `load_records` reads back)."""
+    return {
+        "prompt": record.prompt,
+        "correct_response": record.chosen,
+        "incorrect_response": record.rejected,
+        "masked_regions": [[r.start, r.end, int(r.flag)] for r in record.regions],
+    }
+
+
+def write_records(records: Sequence[PreferenceRecord], path: str | os.PathLike[str]) -> None:
+    """Write records as JSONL, or as a JSON list when the name ends in .json; atomically (temp + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        if path.suffix == ".json":
+            json.dump([record_to_dict(r) for r in records], f, ensure_ascii=False, indent=1)
+            f.write("\n")
+        else:
+            for r in records:
+                f.write(json.dumps(record_to_dict(r), ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hub datasets of the research code (hh, shp, se): pure converters + a loader that calls the network.
+
+
+def _row_text(row: Mapping[str, Any], key: str, source: str, index: int) -> str:
+    if key not in row:
+        raise DataError(source, index, key, "missing", "missing_field")
+    return _check_text(row[key], key, source, index, None, False)
+
+
+def convert_hh_row(row: Mapping[str, Any], index: int, source: str = HUB_DATASETS["hh"],
+                   eos_text: str | None = None) -> PreferenceRecord:
+    """Anthropic/hh-rlhf row {chosen, rejected} (whole transcripts) -> shared prompt + two responses.
+
+    The prompt is everything up to and including the last "\\n\\nAssistant:" of the chosen transcript.
+    """
+    chosen, rejected = _row_text(row, "chosen", source, index), _row_text(row, "rejected", source, index)
+    cut = chosen.rfind(_ASSISTANT)
+    if cut < 0:
+        raise DataError(source, index, "chosen", "no '\\n\\nAssistant:' turn in the transcript", "hh_format")
+    prompt = chosen[: cut + len(_ASSISTANT)]
+    if not rejected.startswith(prompt):
+        raise DataError(source, index, "rejected", "does not start with the chosen transcript's prompt (up to "
+                        "its last '\\n\\nAssistant:')", "hh_format")
+    return make_record(prompt, chosen[len(prompt):], rejected[len(prompt):], source, index, eos_text=eos_text)
+
+
+def convert_shp_row(row: Mapping[str, Any], index: int, source: str = HUB_DATASETS["shp"],
+                    min_score_ratio: float = 2.0, eos_text: str | None = None) -> PreferenceRecord:
+    """stanfordnlp/SHP row -> record; pairs whose score ratio is under `min_score_ratio` raise "shp_low_ratio".
+
+    As in the research code: prompt "\\n\\nHuman: {history}\\n\\nAssistant:", responses with a leading space.
+    """
+    history = _row_text(row, "history", source, index)
+    ref_a, ref_b = _row_text(row, "human_ref_A", source, index), _row_text(row, "human_ref_B", source, index)
+    label = row.get("labels")
+    if type(label) is not int or label not in (0, 1):
+        raise DataError(source, index, "labels", f"must be 0 or 1, got {_describe(label)}", "bad_type")
+    scores = []
+    for key in ("score_A", "score_B"):
+        value = row.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise DataError(source, index, key, f"must be a number, got {_describe(value)}", "bad_type")
+        scores.append(value)
+    high, low = max(scores), min(scores)
+    ratio = high / low if low > 0 else (math.inf if high > 0 else 1.0)
+    if ratio < min_score_ratio:
+        raise DataError(source, index, "score_A", f"score ratio {ratio:.2f} is under {min_score_ratio} (the "
+                        "research code's filter)", "shp_low_ratio")
+    chosen, rejected = (ref_a, ref_b) if label == 1 else (ref_b, ref_a)
+    return make_record(_HUMAN + history + _ASSISTANT, " " + chosen, " " + rejected, source, index,
+                       eos_text=eos_text)
+
+
+class _TextOnly(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.parts: list[str] = []
+
+    def handle_data(self, data: str) -> None:
+        self.parts.append(data)
+
+
+def strip_html(text: str) -> str:
+    """The text content of an HTML fragment (tags dropped, entities decoded), as the research code did."""
+    parser = _TextOnly()
+    parser.feed(text)
+    parser.close()
+    return "".join(parser.parts)
+
+
+def convert_se_row(row: Mapping[str, Any], index: int, source: str = HUB_DATASETS["se"],
+                   first_index: int | None = None, html: bool = True,
+                   eos_text: str | None = None) -> list[PreferenceRecord]:
+    """stack-exchange-preferences row -> the best-scored answer paired with each lower-scored one.
+
+    Records are numbered from `first_index` (default `index`, the row): one row gives several pairs.
+    """
+    question = _row_text(row, "question", source, index)
+    answers = row.get("answers")
+    if not isinstance(answers, (list, tuple)):
+        raise DataError(source, index, "answers", f"must be a list, got {_describe(answers)}", "bad_type")
+    texts, scores = [], []
+    for k, answer in enumerate(answers):
+        field = f"answers[{k}]"
+        if not isinstance(answer, Mapping) or not isinstance(answer.get("text"), str):
+            raise DataError(source, index, field, "must be an object with a string 'text'", "bad_type")
+        score = answer.get("pm_score")
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
+            raise DataError(source, index, field, f"pm_score must be a number, got {_describe(score)}", "bad_type")
+        texts.append(" " + (strip_html(answer["text"]) if html else answer["text"]))
+        scores.append(score)
+    if not texts:
+        return []
+    best = max(range(len(texts)), key=scores.__getitem__)
+    prompt = _HUMAN + (strip_html(question) if html else question) + _ASSISTANT
+    start = index if first_index is None else first_index
+    losers = [k for k in range(len(texts)) if scores[k] < scores[best]]
+    return [make_record(prompt, texts[best], texts[k], source, start + n, eos_text=eos_text,
+                        fields=("question", f"answers[{best}]", f"answers[{k}]")) for n, k in enumerate(losers)]
+
+
+def load_hub_records(name: str, split: str = "train", on_invalid: str = "error", cache_dir: str | None = None,
+                     eos_text: str | None = None, min_score_ratio: float = 2.0
+                     ) -> tuple[list[PreferenceRecord], LoadReport]:
+    """Download (via `datasets.load_dataset`) and convert hh / shp / se; the only network call in this module."""
+    _check_on_invalid(on_invalid)
+    kinds = {**{k: k for k in HUB_DATASETS}, **{v: k for k, v in HUB_DATASETS.items()}}
+    if name not in kinds:
+        raise ValueError(f"unknown hub dataset {name!r}; known: {', '.join(kinds)}")
+    kind, hub_id = kinds[name], HUB_DATASETS[kinds[name]]
+    source = f"{hub_id}:{split}"
+    report = LoadReport(source)
+    import datasets  # late: importing it is slow and only this function needs it
+
+    try:
+        rows = datasets.load_dataset(hub_id, split=split, cache_dir=cache_dir)
+    except Exception as e:
+        raise DataError(source, None, None, f"cannot load the hub dataset: {type(e).__name__}: {e}",
+                        "hub_unavailable") from e
+    records: list[PreferenceRecord] = []
+    for index, row in enumerate(rows):
+        try:
+            if kind == "hh":
+                new = [convert_hh_row(row, index, source, eos_text)]
+            elif kind == "shp":
+                new = [convert_shp_row(row, index, source, min_score_ratio, eos_text)]
+            else:
+                new = convert_se_row(row, index, source, first_index=len(records), eos_text=eos_text)
+        except DataError as e:
+            report.n_read += 1
+            _admit(e, on_invalid, report)
+            continue
+        report.n_read += len(new)
+        report.n_kept += len(new)
+        records.extend(new)
+    return records, report

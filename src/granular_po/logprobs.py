@@ -1,0 +1,353 @@
+"""Per-sequence token statistics: weighted log-probs, log-ratios and TDPO's sequential KL.
+
+The target at position t is `input_ids[:, t]`, predicted from `hidden[:, t - 1]`, and weighs
+`loss_weights[:, t]`. Two implementations give the same numbers:
+
+- "naive":   the lm_head on every position, a full (N, T, V) log_softmax, gather. The reference.
+- "chunked": only positions with a non-zero weight go through the lm_head, `chunk_size` rows at a
+             time, each chunk under activation checkpointing: no (N, T, V) tensor is ever built
+             and no chunk's (rows, V) logits outlive it; backward recomputes one chunk at a time
+             (one extra head matmul per chunk, plus the reference head's when the KL is needed).
+
+Log-probabilities are computed in float32 whatever the model dtype, as the research code did.
+Models whose logits are not just `head(last_hidden_state)` (soft-capping, logit scales) take the
+`compute_token_stats_from_logits` route instead: see `supports_hidden_path`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from granular_po.losses import sequential_kl, weighted_sum
+
+Head = Callable[[torch.Tensor], torch.Tensor]
+Impl = Literal["chunked", "naive"]
+
+# config fields that put a transform between the lm_head and the logits (Gemma 2/3 soft-capping,
+# Cohere's logit_scale, Granite's logits_scaling, Falcon-H1's lm_head_multiplier, ...)
+_LOGIT_TRANSFORM_FIELDS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
+
+
+@dataclass
+class TokenStats:
+    """Weighted per-sequence statistics (sums, or weighted means when `average`); all float32.
+
+    Shape: every field (N,). `reference_logps` and `logratio` are None without a reference (and
+    not reference-free); `position_kl` is None unless asked for (`need_kl`).
+    """
+
+    policy_logps: torch.Tensor
+    reference_logps: torch.Tensor | None
+    logratio: torch.Tensor | None
+    position_kl: torch.Tensor | None
+    weight_sum: torch.Tensor
+
+
+def _row_stats(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor | None,
+    targets: torch.Tensor,
+    need_kl: bool,
+    reference_free: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Target log-probs under policy and reference, and KL(ref || policy), for independent rows.
+
+    Shape: policy_logits (R, V), ref_logits (R, V) or None, targets (R,) -> three (R,) or None.
+    """
+    policy_lp = policy_logits.float().log_softmax(-1)  # (R, V)
+    policy_tok = policy_lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    ref_tok = kl = None
+    if reference_free:
+        # uniform reference: log p_ref(v) = -log V for every v
+        log_v = math.log(policy_lp.shape[-1])
+        ref_tok = torch.full_like(policy_tok, -log_v)
+        if need_kl:
+            # sum_v (1/V) (-log V - log p_theta(v))
+            kl = -log_v - policy_lp.mean(-1)
+    elif ref_logits is not None:
+        ref_lp = ref_logits.float().log_softmax(-1)
+        ref_tok = ref_lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        if need_kl:
+            kl = sequential_kl(ref_lp, policy_lp)
+    return policy_tok, ref_tok, kl
+
+
+def _check_inputs(policy_hidden, ref_hidden, input_ids, loss_weights, need_kl, reference_free, impl):
+    if impl not in ("chunked", "naive"):
+        raise ValueError(f"impl must be 'chunked' or 'naive', got {impl!r}")
+    if policy_hidden.shape[:2] != input_ids.shape or loss_weights.shape != input_ids.shape:
+        raise ValueError(
+            f"shape mismatch: hidden {tuple(policy_hidden.shape)}, input_ids {tuple(input_ids.shape)}, "
+            f"loss_weights {tuple(loss_weights.shape)}"
+        )
+    if ref_hidden is not None and ref_hidden.shape[:2] != input_ids.shape:
+        raise ValueError(
+            f"ref_hidden {tuple(ref_hidden.shape)} does not match input_ids {tuple(input_ids.shape)}"
+        )
+    if need_kl and ref_hidden is None and not reference_free:
+        raise ValueError("need_kl needs a reference (ref_hidden) or reference_free=True")
+
+
+def _finish(per_pos: dict[str, torch.Tensor | None], weights: torch.Tensor, average: bool) -> TokenStats:
+    """Weighted reduction of per-position values. Shape: each value (N, T-1), weights (N, T-1)."""
+    reduce = functools.partial(weighted_sum, weights=weights, average=average)
+    policy = reduce(per_pos["policy"])
+    ref = None if per_pos["ref"] is None else reduce(per_pos["ref"])
+    kl = None if per_pos["kl"] is None else reduce(per_pos["kl"])
+    return TokenStats(
+        policy_logps=policy,
+        reference_logps=ref,
+        logratio=None if ref is None else policy - ref,
+        position_kl=kl,
+        weight_sum=weights.sum(-1),
+    )
+
+
+def _naive(policy_hidden, policy_head, ref_hidden, ref_head, input_ids, weights, need_kl, reference_free):
+    """Full logits on every position; the textbook computation the fast path is tested against."""
+    n, t1 = weights.shape
+    logits = policy_head(policy_hidden[:, :-1])  # (N, T-1, V)
+    ref_logits = None
+    if ref_hidden is not None and not reference_free:
+        with torch.no_grad():
+            ref_logits = ref_head(ref_hidden[:, :-1])
+            ref_logits = ref_logits.reshape(n * t1, -1)
+    policy, ref, kl = _row_stats(
+        logits.reshape(n * t1, -1), ref_logits, input_ids[:, 1:].reshape(-1), need_kl, reference_free
+    )
+    per_pos = {
+        "policy": policy.view(n, t1),
+        "ref": None if ref is None else ref.view(n, t1),
+        "kl": None if kl is None else kl.view(n, t1),
+    }
+    return per_pos
+
+
+def _chunk_stats(policy_rows, ref_rows, targets, *, policy_head, ref_head, need_kl, reference_free):
+    """One chunk: head, log_softmax, gather (and KL). Run under checkpoint, so recomputed in backward."""
+    ref_logits = None
+    if ref_rows is not None:
+        # the reference is a constant even when it shares the policy's head module
+        with torch.no_grad():
+            ref_logits = ref_head(ref_rows)
+    return _row_stats(policy_head(policy_rows), ref_logits, targets, need_kl, reference_free)
+
+
+def _ref_target_logps(ref_rows, ref_head, targets) -> torch.Tensor:
+    """Reference log-prob of each target (no KL needed, so no grad and no checkpoint). Shape: (R,)."""
+    with torch.no_grad():
+        lp = ref_head(ref_rows).float().log_softmax(-1)
+        return lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def _chunked(
+    policy_hidden, policy_head, ref_hidden, ref_head, input_ids, weights, need_kl, reference_free, chunk_size
+):
+    """Only weighted positions, `chunk_size` rows at a time, each chunk checkpointed."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    n, t1 = weights.shape
+    t = t1 + 1
+    seq, pos = torch.nonzero(weights != 0, as_tuple=True)  # target at (seq, pos + 1)
+    hidden_rows = seq * t + pos  # row of hidden[:, :-1] predicting it, in the flattened (N*T, H) view
+    targets = input_ids[:, 1:][seq, pos]
+    policy_flat = policy_hidden.reshape(n * t, -1)
+    policy_rows = policy_flat.index_select(0, hidden_rows)  # (R, H): only the weighted positions
+    ref_rows = None
+    if ref_hidden is not None and not reference_free:
+        ref_rows = ref_hidden.detach().reshape(n * t, -1).index_select(0, hidden_rows)
+
+    fn = functools.partial(
+        _chunk_stats,
+        policy_head=policy_head,
+        ref_head=ref_head,
+        need_kl=need_kl,
+        reference_free=reference_free,
+    )
+    use_ckpt = torch.is_grad_enabled()
+    outs: list[tuple] = []
+    # with no weighted position at all, one empty chunk still ties the (zero) result to the graph
+    for start in range(0, max(targets.shape[0], 1), chunk_size):
+        sl = slice(start, start + chunk_size)
+        # the KL needs the reference logits inside the chunk; otherwise the reference is gathered apart
+        ref_chunk = ref_rows[sl] if (ref_rows is not None and need_kl) else None
+        args = (policy_rows[sl], ref_chunk, targets[sl])
+        policy, ref, kl = checkpoint(fn, *args, use_reentrant=False) if use_ckpt else fn(*args)
+        if ref is None and ref_rows is not None:
+            ref = _ref_target_logps(ref_rows[sl], ref_head, targets[sl])
+        outs.append((policy, ref, kl))
+
+    def scatter(k: int) -> torch.Tensor | None:
+        if outs[0][k] is None:
+            return None
+        values = torch.cat([o[k] for o in outs])  # (R,)
+        return torch.zeros(n, t1, device=values.device, dtype=values.dtype).index_put((seq, pos), values)
+
+    return {"policy": scatter(0), "ref": scatter(1), "kl": scatter(2)}
+
+
+def compute_token_stats(
+    policy_hidden: torch.Tensor,
+    policy_head: Head,
+    ref_hidden: torch.Tensor | None,
+    ref_head: Head | None,
+    input_ids: torch.Tensor,
+    loss_weights: torch.Tensor,
+    need_kl: bool = False,
+    average: bool = False,
+    *,
+    reference_free: bool = False,
+    impl: Impl = "chunked",
+    chunk_size: int = 1024,
+) -> TokenStats:
+    """Weighted per-sequence log-probs, log-ratios and sequential KL from final hidden states.
+
+    `ref_hidden` must carry no grad (computed under no_grad by the caller); `ref_head` is called on
+    it whenever the reference logits are needed (also in backward), so it must give the reference's
+    logits at any time. `reference_free` uses a uniform reference over the head's V outputs.
+    Shape: policy_hidden (N, T, H), ref_hidden (N, T, H) or None, input_ids (N, T) long,
+    loss_weights (N, T) float -> TokenStats of (N,) tensors.
+    """
+    _check_inputs(policy_hidden, ref_hidden, input_ids, loss_weights, need_kl, reference_free, impl)
+    if ref_hidden is not None and ref_head is None:
+        raise ValueError("ref_hidden given without ref_head")
+    weights = loss_weights[:, 1:].float()  # weight of the target at t, predicted from hidden t-1
+    if impl == "naive":
+        per_pos = _naive(
+            policy_hidden, policy_head, ref_hidden, ref_head, input_ids, weights, need_kl, reference_free
+        )
+    else:
+        per_pos = _chunked(
+            policy_hidden,
+            policy_head,
+            ref_hidden,
+            ref_head,
+            input_ids,
+            weights,
+            need_kl,
+            reference_free,
+            chunk_size,
+        )
+    return _finish(per_pos, weights, average)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def compute_token_stats_from_logits(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor | None,
+    input_ids: torch.Tensor,
+    loss_weights: torch.Tensor,
+    need_kl: bool = False,
+    average: bool = False,
+    *,
+    reference_free: bool = False,
+    chunk_size: int = 1024,
+) -> TokenStats:
+    """The same statistics from a model's own logits (models `supports_hidden_path` rejects).
+
+    Only weighted positions are read; the log_softmax runs in checkpointed chunks of rows.
+    Shape: policy_logits (N, T, V), ref_logits (N, T, V) or None, input_ids (N, T),
+    loss_weights (N, T) -> TokenStats of (N,) tensors.
+    """
+    ref = None if ref_logits is None else ref_logits.detach()
+    return compute_token_stats(
+        policy_logits, _identity, ref, _identity, input_ids, loss_weights, need_kl, average,
+        reference_free=reference_free, impl="chunked", chunk_size=chunk_size,
+    )  # fmt: skip
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside DDP / DataParallel and PEFT wrappers (LoRA layers stay injected)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    if hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()
+    return model
+
+
+def _backbone(model: nn.Module) -> nn.Module | None:
+    base = unwrap_model(model)
+    backbone = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    if backbone is None and callable(getattr(base, "get_decoder", None)):
+        backbone = base.get_decoder()
+    return None if backbone is base else backbone
+
+
+def supports_hidden_path(model: nn.Module) -> bool:
+    """Whether logits are exactly `get_output_embeddings()(backbone's last_hidden_state)`, by config.
+
+    False for soft-capped or scaled logits, a missing backbone or head, or a forward without
+    `logits_to_keep`; then use `model(...).logits` with `compute_token_stats_from_logits`.
+    """
+    base = unwrap_model(model)
+    config = getattr(base, "config", None)
+    if config is None or _backbone(model) is None or base.get_output_embeddings() is None:
+        return False
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return False
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for field in _LOGIT_TRANSFORM_FIELDS:
+        value = getattr(text_config, field, None)
+        if value is not None and not (field != "final_logit_softcapping" and value == 1.0):
+            return False
+    return True
+
+
+def forward_hidden(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, nn.Module]:
+    """Final hidden states (after the final norm) and the lm_head, without the (N, T, V) logits.
+
+    Runs the model's own forward, through any DDP / PEFT wrapper so their hooks fire, with
+    `logits_to_keep=1` (one position of logits per row), and captures the backbone's output.
+    Shape: input_ids (N, T), attention_mask (N, T) -> hidden (N, T, H).
+    """
+    backbone = _backbone(model)
+    if backbone is None:
+        raise ValueError(f"cannot find the backbone of {type(unwrap_model(model)).__name__}")
+    captured: list[torch.Tensor] = []
+
+    def grab(_module, _args, output):
+        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    handle = backbone.register_forward_hook(grab)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"expected one backbone call, saw {len(captured)}")
+    # prompt-learning PEFT prepends virtual tokens: keep the positions of the real ones
+    hidden = captured[0][:, -input_ids.shape[1] :]
+    return hidden, unwrap_model(model).get_output_embeddings()
+
+
+@torch.no_grad()
+def hidden_path_matches(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, atol: float = 1e-4
+) -> bool:
+    """Runtime check of `supports_hidden_path`: head(forward_hidden) equals model(...).logits.
+
+    Shape: input_ids (N, T), attention_mask (N, T).
+    """
+    hidden, head = forward_hidden(model, input_ids, attention_mask)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return torch.allclose(head(hidden).float(), logits.float(), atol=atol, rtol=1e-3)

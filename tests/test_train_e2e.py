@@ -1,0 +1,120 @@
+"""End to end on a tiny random model: the research code's two commands in sequence.
+
+Stage 1 (SFT, granular=false) then stage 2 (TDPO and DPO, granular=true) from its output through
+`model.archive`, exactly as a user of the research code types them, apart from model and paths.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from granular_po.cli import train_main
+from granular_po.testing import tiny_llama, tiny_tokenizer
+
+WORDS = ["apple", "river", "stone", "cloud", "green", "music", "paper", "light", "sugar", "window", "tiger", "honey"]
+
+
+def toy_pairs(n: int, offset: int) -> list[dict]:
+    """A learnable preference: the correct response ends in 'yes', the incorrect one in 'no'."""
+    pairs = []
+    for i in range(n):
+        word = WORDS[(i + offset) % len(WORDS)]
+        prompt = f"Is {word} number {i + offset} good?"
+        correct = f"About {word}: the answer is yes."
+        incorrect = f"About {word}: the answer is no."
+        start = incorrect.index("no.")
+        pairs.append({"prompt": prompt, "correct_response": correct, "incorrect_response": incorrect,
+                      "masked_region": [start, start + 2, -1]})
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    tokenizer = tiny_tokenizer("byte_level")
+    model = tiny_llama(len(tokenizer), hidden_size=64)
+    model.save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    (root / "train.json").write_text(json.dumps(toy_pairs(32, 0)))
+    (root / "eval.json").write_text(json.dumps(toy_pairs(16, 100)))
+    return root
+
+
+def common(root: Path, exp: str) -> list[str]:
+    return [
+        f"model.name_or_path={root / 'tiny'}", "model.block_name=LlamaDecoderLayer", "datasets=[ours]",
+        f"custom_train_path={root / 'train.json'}", f"custom_eval_path={root / 'eval.json'}",
+        f"exp_name={exp}", f"local_dirs=[{root / 'runs'}]", "prompt_format=raw", "optimizer=AdamW",
+        "warmup_steps=0", "max_length=64", "max_prompt_length=32",
+    ]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def sft_run(workspace):
+    argv = common(workspace, "sft") + [
+        "loss=sft", "granular=false", "gradient_accumulation_steps=2", "eval_every=32", "batch_size=4",
+        "eval_batch_size=4", "n_epochs=2", "trainer=BasicTrainer", "sample_during_eval=false",
+        "model.fsdp_policy_mp=bfloat16", "lr=3e-3",
+    ]
+    assert train_main(argv) == 0
+    return workspace / "runs" / "sft"
+
+
+def test_sft_writes_outputs(sft_run):
+    assert (sft_run / "config.yaml").is_file()
+    latest = sft_run / "LATEST"
+    assert latest.is_symlink() and latest.resolve().name == "step-16"  # 32 pairs x 2 epochs / 4
+    assert (latest / "model.safetensors").is_file()
+    AutoModelForCausalLM.from_pretrained(latest)  # a plain HF directory
+    metrics = read_metrics(sft_run)
+    train = [m for m in metrics if "loss/train" in m]
+    assert len(train) == 16
+    assert train[-1]["loss/train"] < train[0]["loss/train"]
+    assert any("loss/eval" in m for m in metrics)
+    assert all(key in train[0] for key in ("logps_train/chosen", "grad_norm", "examples_per_second"))
+
+
+@pytest.mark.parametrize("loss", ["tdpo", "dpo"])
+def test_preference_stage_from_sft_archive(workspace, sft_run, loss):
+    extra = ["loss.alpha=0.5", "loss.if_tdpo2=true"] if loss == "tdpo" else []
+    argv = common(workspace, f"{loss}_run") + [
+        f"loss={loss}", "loss.beta=0.5", *extra, "granular=true", f"model.archive={sft_run / 'LATEST'}",
+        "batch_size=8", "eval_batch_size=16", "n_epochs=4", "eval_every=32", "lr=3e-3",
+    ]
+    assert train_main(argv) == 0
+    run_dir = workspace / "runs" / f"{loss}_run"
+    metrics = read_metrics(run_dir)
+    evals = [m for m in metrics if "rewards_eval/accuracies" in m]
+    assert len(evals) >= 2
+    # the first eval, before any step, starts from the SFT weights in policy and reference alike
+    assert evals[0]["rewards_eval/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert evals[-1]["rewards_eval/accuracies"] > 0.9
+    train = [m for m in metrics if "rewards_train/chosen" in m]
+    for key in ("rewards_train/rejected", "rewards_train/accuracies", "rewards_train/margins",
+                "logps_train/chosen", "logps_train/rejected", "loss/train", "grad_norm"):
+        assert key in train[0], key
+    if loss == "tdpo":
+        assert all(k in train[0] for k in ("kl_train/chosen", "kl_train/rejected", "kl_train/margin"))
+    final = AutoModelForCausalLM.from_pretrained(run_dir / "LATEST")
+    sft = AutoModelForCausalLM.from_pretrained(sft_run / "LATEST")
+    changed = any(not torch.equal(a, b) for a, b in zip(final.parameters(), sft.parameters()))
+    assert changed
+
+
+def test_resumed_run_continues_from_saved_step(workspace, sft_run):
+    """Run 2 epochs with checkpoints, then ask for 3: the second invocation resumes, not restarts."""
+    base = common(workspace, "resume") + ["loss=sft", "batch_size=4", "eval_every=16", "do_first_eval=false", "lr=1e-3"]
+    assert train_main(base + ["n_epochs=1"]) == 0
+    run_dir = workspace / "runs" / "resume"
+    assert (run_dir / "LATEST").resolve().name == "step-8"
+    assert train_main(base + ["n_epochs=2"]) == 0
+    steps = [m["step"] for m in read_metrics(run_dir) if "loss/train" in m]
+    assert steps == list(range(1, 17))  # 1..8 once, then 9..16: nothing repeated, nothing lost
+    assert (run_dir / "LATEST").resolve().name == "step-16"
