@@ -1,7 +1,8 @@
 """Per-sequence token statistics: weighted log-probs, log-ratios and TDPO's sequential KL.
 
 The target at position t is `input_ids[:, t]`, predicted from `hidden[:, t - 1]`, and weighs
-`loss_weights[:, t]`. Two implementations give the same numbers:
+`loss_weights[:, t]` (so `loss_weights[:, 0]` is never used: nothing predicts the first token).
+Two implementations give the same numbers:
 
 - "naive":   the lm_head on every position, a full (N, T, V) log_softmax, gather. The reference.
 - "chunked": only positions with a non-zero weight go through the lm_head, `chunk_size` rows at a
@@ -9,7 +10,8 @@ The target at position t is `input_ids[:, t]`, predicted from `hidden[:, t - 1]`
              and no chunk's (rows, V) logits outlive it; backward recomputes one chunk at a time
              (one extra head matmul per chunk, plus the reference head's when the KL is needed).
 
-Log-probabilities are computed in float32 whatever the model dtype, as the research code did.
+Log-probabilities are computed in float32 (float64 stays float64) whatever the model dtype, as the
+research code did.
 Models whose logits are not just `head(last_hidden_state)` (soft-capping, logit scales) take the
 `compute_token_stats_from_logits` route instead: see `supports_hidden_path`.
 """
@@ -45,7 +47,7 @@ _LOGIT_TRANSFORM_FIELDS = (
 
 @dataclass
 class TokenStats:
-    """Weighted per-sequence statistics (sums, or weighted means when `average`); all float32.
+    """Weighted per-sequence statistics (sums, or weighted means when `average`), in float32 or wider.
 
     Shape: every field (N,). `reference_logps` and `logratio` are None without a reference (and
     not reference-free); `position_kl` is None unless asked for (`need_kl`).
@@ -56,6 +58,11 @@ class TokenStats:
     logratio: torch.Tensor | None
     position_kl: torch.Tensor | None
     weight_sum: torch.Tensor
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """float16 / bfloat16 (and integer weights) to float32; float32 and float64 stay as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _row_stats(
@@ -69,7 +76,7 @@ def _row_stats(
 
     Shape: policy_logits (R, V), ref_logits (R, V) or None, targets (R,) -> three (R,) or None.
     """
-    policy_lp = policy_logits.float().log_softmax(-1)  # (R, V)
+    policy_lp = _upcast(policy_logits).log_softmax(-1)  # (R, V)
     policy_tok = policy_lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     ref_tok = kl = None
     if reference_free:
@@ -80,7 +87,7 @@ def _row_stats(
             # sum_v (1/V) (-log V - log p_theta(v))
             kl = -log_v - policy_lp.mean(-1)
     elif ref_logits is not None:
-        ref_lp = ref_logits.float().log_softmax(-1)
+        ref_lp = _upcast(ref_logits).log_softmax(-1)
         ref_tok = ref_lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         if need_kl:
             kl = sequential_kl(ref_lp, policy_lp)
@@ -151,7 +158,7 @@ def _chunk_stats(policy_rows, ref_rows, targets, *, policy_head, ref_head, need_
 def _ref_target_logps(ref_rows, ref_head, targets) -> torch.Tensor:
     """Reference log-prob of each target (no KL needed, so no grad and no checkpoint). Shape: (R,)."""
     with torch.no_grad():
-        lp = ref_head(ref_rows).float().log_softmax(-1)
+        lp = _upcast(ref_head(ref_rows)).log_softmax(-1)
         return lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
@@ -202,8 +209,8 @@ def _chunked(
 
 
 def compute_token_stats(
-    policy_hidden: torch.Tensor,
-    policy_head: Head,
+    policy_hidden: torch.Tensor | None,
+    policy_head: Head | None,
     ref_hidden: torch.Tensor | None,
     ref_head: Head | None,
     input_ids: torch.Tensor,
@@ -211,38 +218,34 @@ def compute_token_stats(
     need_kl: bool = False,
     average: bool = False,
     *,
+    policy_logits: torch.Tensor | None = None,
+    ref_logits: torch.Tensor | None = None,
     reference_free: bool = False,
     impl: Impl = "chunked",
     chunk_size: int = 1024,
 ) -> TokenStats:
     """Weighted per-sequence log-probs, log-ratios and sequential KL from final hidden states.
 
-    `ref_hidden` must carry no grad (computed under no_grad by the caller); `ref_head` is called on
-    it whenever the reference logits are needed (also in backward), so it must give the reference's
-    logits at any time. `reference_free` uses a uniform reference over the head's V outputs.
+    `ref_hidden` is treated as a constant; `ref_head` is called on it whenever the reference logits
+    are needed (also in backward), so it must give the reference's logits at any time.
+    `reference_free` uses a uniform reference over the head's V outputs. Given `policy_logits`
+    (and `ref_logits`) instead of hidden states and heads, this is `compute_token_stats_from_logits`.
     Shape: policy_hidden (N, T, H), ref_hidden (N, T, H) or None, input_ids (N, T) long,
-    loss_weights (N, T) float -> TokenStats of (N,) tensors.
+    loss_weights (N, T) float, policy_logits / ref_logits (N, T, V) -> TokenStats of (N,) tensors.
     """
-    _check_inputs(policy_hidden, ref_hidden, input_ids, loss_weights, need_kl, reference_free, impl)
+    if policy_logits is not None:
+        if policy_hidden is not None or ref_hidden is not None:
+            raise ValueError("give hidden states and heads, or logits, not both")
+        policy_hidden, policy_head = policy_logits, _identity
+        ref_hidden, ref_head = (None, None) if ref_logits is None else (ref_logits.detach(), _identity)
+    elif policy_hidden is None or policy_head is None:
+        raise ValueError("policy_hidden and policy_head (or policy_logits) are required")
     if ref_hidden is not None and ref_head is None:
         raise ValueError("ref_hidden given without ref_head")
-    weights = loss_weights[:, 1:].float()  # weight of the target at t, predicted from hidden t-1
-    if impl == "naive":
-        per_pos = _naive(
-            policy_hidden, policy_head, ref_hidden, ref_head, input_ids, weights, need_kl, reference_free
-        )
-    else:
-        per_pos = _chunked(
-            policy_hidden,
-            policy_head,
-            ref_hidden,
-            ref_head,
-            input_ids,
-            weights,
-            need_kl,
-            reference_free,
-            chunk_size,
-        )
+    _check_inputs(policy_hidden, ref_hidden, input_ids, loss_weights, need_kl, reference_free, impl)
+    weights = _upcast(loss_weights[:, 1:])  # weight of the target at t, predicted from hidden t-1
+    args = (policy_hidden, policy_head, ref_hidden, ref_head, input_ids, weights, need_kl, reference_free)
+    per_pos = _naive(*args) if impl == "naive" else _chunked(*args, chunk_size)
     return _finish(per_pos, weights, average)
 
 
@@ -259,18 +262,19 @@ def compute_token_stats_from_logits(
     average: bool = False,
     *,
     reference_free: bool = False,
+    impl: Impl = "chunked",
     chunk_size: int = 1024,
 ) -> TokenStats:
     """The same statistics from a model's own logits (models `supports_hidden_path` rejects).
 
-    Only weighted positions are read; the log_softmax runs in checkpointed chunks of rows.
+    "chunked" reads only weighted positions and runs the log_softmax in checkpointed row chunks.
     Shape: policy_logits (N, T, V), ref_logits (N, T, V) or None, input_ids (N, T),
     loss_weights (N, T) -> TokenStats of (N,) tensors.
     """
-    ref = None if ref_logits is None else ref_logits.detach()
     return compute_token_stats(
-        policy_logits, _identity, ref, _identity, input_ids, loss_weights, need_kl, average,
-        reference_free=reference_free, impl="chunked", chunk_size=chunk_size,
+        None, None, None, None, input_ids, loss_weights, need_kl, average,
+        policy_logits=policy_logits, ref_logits=ref_logits, reference_free=reference_free,
+        impl=impl, chunk_size=chunk_size,
     )  # fmt: skip
 
 

@@ -94,7 +94,7 @@ def build_training_arguments(cfg: DictConfig, settings: RunSettings) -> Training
         report_to=["wandb"] if cfg.wandb.enabled else "none",
         run_name=cfg.exp_name,
         remove_unused_columns=False,
-        gradient_checkpointing=bool(cfg.activation_checkpointing) and not fsdp_kwargs,
+        activation_checkpointing=bool(cfg.activation_checkpointing) and not fsdp_kwargs,
         dataloader_drop_last=False,  # the research code dropped the last partial batch every epoch
         use_cpu=not on_gpu,
         bf16=mixed == "bfloat16",

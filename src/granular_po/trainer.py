@@ -218,7 +218,7 @@ class GranularTrainer(Trainer):
             policy_logits=logits, ref_logits=ref_logits, input_ids=ids, loss_weights=weights,
             need_kl=settings.loss.needs_kl, average=settings.average_log_prob,
             reference_free=settings.reference_free,
-            impl="chunked" if self.use_hidden_path else "naive", chunk_size=settings.chunk_size,
+            impl=settings.logprobs_impl, chunk_size=settings.chunk_size,
         )
 
     def loss_and_metrics(self, model, batch, split: str):

@@ -151,8 +151,9 @@ def encode_record(
         out[f"{side}_flags"] = [*token_flags(offsets, own), 0]
         out[f"{side}_ids"] = [*ids, layout.end_token_id]
         out[f"{side}_offsets"] = [*offsets, (len(text), len(text))]
-        if side == "chosen":
-            out["sft_weights"] = response_weights(offsets, len(text), sft_regions(record), record.is_annotated, gran)
+        if side == "chosen":  # SFT trains on chosen only: rejected-side regions are projected onto it
+            regions = sft_regions(record) if gran.enabled and record.is_annotated else ()
+            out["sft_weights"] = response_weights(offsets, len(text), regions, record.is_annotated, gran)
 
     longer = max(len(out["chosen_ids"]), len(out["rejected_ids"]))
     truncated = len(prompt_ids) + longer > enc.max_length

@@ -110,9 +110,7 @@ def _is_invalidate_marker(triple: Any) -> bool:
 def _index_value(value: Any, what: str, field: str, source: str, index: int) -> int:
     """A region offset: a non-negative int (not a bool, not a float even if whole, not a string)."""
     if type(value) is not int:  # bool is an int subclass; 3.0 is not an offset either
-        hint = " (use 'masked_regions' for several regions)" if isinstance(value, (list, tuple)) else ""
-        raise DataError(source, index, field, f"{what} must be an integer, got {_describe(value)}{hint}",
-                        "bad_index")
+        raise DataError(source, index, field, f"{what} must be an integer, got {_describe(value)}", "bad_index")
     if value < 0:
         raise DataError(source, index, field, f"{what} must be non-negative, got {value}", "bad_index")
     return value
@@ -121,8 +119,10 @@ def _index_value(value: Any, what: str, field: str, source: str, index: int) -> 
 def _region(triple: Any, field: str, record: PreferenceRecord) -> Region:
     """Validate one [start, end, flag] triple against the response it indexes into."""
     source, index = record.source, record.index
-    if not isinstance(triple, (list, tuple)) or len(triple) != 3:
+    if not isinstance(triple, (list, tuple)) or len(triple) != 3 or isinstance(triple[0], (list, tuple)):
         got = f"a list of length {len(triple)}" if isinstance(triple, (list, tuple)) else _describe(triple)
+        if isinstance(triple, (list, tuple)) and triple and isinstance(triple[0], (list, tuple)):
+            got = "a list of lists (use 'masked_regions' for several regions)"
         raise DataError(source, index, field, f"a region must be a [start, end, flag] triple, got {got}",
                         "bad_region")
     start = _index_value(triple[0], "start", field, source, index)
@@ -203,8 +203,9 @@ def _decode_json(raw: bytes, source: str, index: int | None, where: str) -> Any:
         where = where or f" at line {line}"
         raise DataError(source, index, None, f"not valid UTF-8{where} (byte {e.start})", "bad_encoding") from None
     except json.JSONDecodeError as e:
-        pos = f"column {e.colno}" if where else f"line {e.lineno}, column {e.colno}"
-        raise DataError(source, index, None, f"invalid JSON{where} at {pos}: {e.msg} (truncated or corrupt?)",
+        pos = f"{where}, column {e.colno}" if where else f" at line {e.lineno}, column {e.colno}"
+        msg = e.msg.removesuffix(" at")  # json says "Unterminated string starting at" and gives pos apart
+        raise DataError(source, index, None, f"invalid JSON{pos}: {msg} (truncated or corrupt?)",
                         "bad_json") from None
     except (ValueError, RecursionError) as e:
         raise DataError(source, index, None, f"invalid JSON{where}: {type(e).__name__}: {e}", "bad_json") from None
@@ -231,7 +232,7 @@ def _iter_raw(f, source: str) -> Iterator[tuple[int, int | None, Any]]:
         if not raw.strip():
             continue
         try:
-            item: Any = _decode_json(raw, source, index, f" on line {lineno}")
+            item: Any = _decode_json(raw.rstrip(b"\r\n"), source, index, f" on line {lineno}")
         except DataError as e:
             if index == 0 and raw.strip() in (b"{", b"["):
                 e = DataError(source, index, None, e.reason + "; a .json file must hold a list of records, "
@@ -318,14 +319,18 @@ def write_records(records: Sequence[PreferenceRecord], path: str | os.PathLike[s
     """Write records as JSONL, or as a JSON list when the name ends in .json; atomically (temp + rename)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        if path.suffix == ".json":
-            json.dump([record_to_dict(r) for r in records], f, ensure_ascii=False, indent=1)
-            f.write("\n")
-        else:
-            for r in records:
-                f.write(json.dumps(record_to_dict(r), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            if path.suffix == ".json":
+                json.dump([record_to_dict(r) for r in records], f, ensure_ascii=False, indent=1)
+                f.write("\n")
+            else:
+                for r in records:
+                    f.write(json.dumps(record_to_dict(r), ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------

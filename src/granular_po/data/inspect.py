@@ -1,0 +1,265 @@
+"""`granular-po inspect DATA --tokenizer NAME`: validate a data file and show the exact token weights.
+
+    granular-po inspect data.jsonl --tokenizer smollm2-135m --html weights.html --json weights.jsonl
+
+Prints a validation summary (exit status 1 when the data is invalid); `--html` writes a self-contained
+page with every response token boxed and the weighted ones highlighted; `--json` writes one line of
+response ids and weights per record (the prompt excluded, the end-of-response token last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from granular_po.data.encode import EncodeOptions, TokenLayout, encode_record, resolve_layout
+from granular_po.data.masks import GranularOptions, project_rejected_regions_to_chosen, token_in_regions
+from granular_po.data.schema import DataError, LoadReport, PreferenceRecord
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="granular-po inspect", description=__doc__.split("\n\n")[0])
+    p.add_argument("data", help="JSON list or JSONL file of {prompt, correct_response, incorrect_response, ...}")
+    p.add_argument("--tokenizer", default=DEFAULT_MODEL, help="hub id or local directory (default: %(default)s)")
+    p.add_argument("--prompt-format", choices=("auto", "raw", "chat"), default="auto")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-prompt-length", type=int, default=256)
+    p.add_argument("--truncation-mode", choices=("keep_end", "keep_start"), default="keep_end")
+    p.add_argument("--on-invalid", choices=("error", "skip"), default="error")
+    p.add_argument("--granular", action=argparse.BooleanOptionalAction, default=True,
+                   help="weight tokens by the regions (default: on)")
+    p.add_argument("--outside-weight", type=float, default=0.0)
+    p.add_argument("--unannotated-weight", type=float, default=0.0)
+    p.add_argument("--include-eos", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--html", metavar="OUT.html", help="write the token viewer page here")
+    p.add_argument("--json", metavar="OUT.jsonl", help="write response ids and weights per record here")
+    p.add_argument("--html-max-pairs", type=int, default=1000, help="pairs shown in the HTML page")
+    return p
+
+
+def load_tokenizer(name: str):
+    """The embedded default through `granular_po.models` when available, else `AutoTokenizer`."""
+    if name == DEFAULT_MODEL:
+        try:
+            from granular_po.models import load_tokenizer as load_default
+        except ImportError:
+            load_default = None
+        if load_default is not None:
+            return load_default(name)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+
+
+# ------------------------------------------------------------------------------------------ encoding
+
+
+def encode_all(records: Sequence[PreferenceRecord], tokenizer, enc: EncodeOptions, gran: GranularOptions,
+               layout: TokenLayout) -> list[dict[str, Any]]:
+    """encode_record with offsets, plus the chosen tokens hit by projected rejected-side regions."""
+    out = []
+    for record in records:
+        row = encode_record(record, tokenizer, enc, gran, layout, with_offsets=True)
+        projected = project_rejected_regions_to_chosen(record.chosen, record.rejected, record.regions)
+        row["projected"] = token_in_regions(row["chosen_offsets"], projected)
+        out.append(row)
+    return out
+
+
+def _unreached_regions(record: PreferenceRecord, row: dict[str, Any]) -> int:
+    """Regions that mark no kept token (whitespace the tokenizer drops, truncated away, zero length)."""
+    n = 0
+    for r in record.regions:
+        offsets = row["chosen_offsets" if r.in_chosen else "rejected_offsets"][:-1]
+        n += not any(token_in_regions(offsets, [r]))
+    return n
+
+
+def summarize(report: LoadReport, records, rows, tokenizer, layout: TokenLayout, gran: GranularOptions) -> list[str]:
+    """The validation summary, one line per fact."""
+    counts = {}
+    for side in ("chosen", "rejected"):
+        weights = [w for row in rows for w in row[f"{side}_weights"]]
+        counts[side] = (sum(1 for w in weights if w != 0), len(weights))
+    nonzero = counts["chosen"][0] + counts["rejected"][0]
+    total = counts["chosen"][1] + counts["rejected"][1]
+    end_tok = tokenizer.convert_ids_to_tokens(layout.end_token_id)
+    lines = [
+        report.summary(),
+        f"annotated pairs: {sum(r.is_annotated for r in records)} of {len(records)}",
+        f"tokenizer: {getattr(tokenizer, 'name_or_path', '?')}; prompt format: {'chat' if layout.chat else 'raw'}; "
+        f"end-of-response token: {end_tok!r} (id {layout.end_token_id})",
+        "granular: " + (f"on (outside_weight={gran.outside_weight:g}, unannotated_weight="
+                        f"{gran.unannotated_weight:g}, include_eos={gran.include_eos})" if gran.enabled else "off"),
+        f"response tokens carrying weight: {nonzero}/{total} = {nonzero / max(total, 1):.1%} "
+        f"(chosen {counts['chosen'][0]}/{counts['chosen'][1]}, rejected {counts['rejected'][0]}/{counts['rejected'][1]})",
+        f"regions reaching no token: {sum(_unreached_regions(rec, row) for rec, row in zip(records, rows))}",
+        f"truncated pairs: {sum(row['truncated'] for row in rows)}",
+    ]
+    lines += [f"  {msg}" for msg in report.first_errors]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------ HTML
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; background: #fafafa; }
+h1 { font-size: 1.3em; } h2 { font-size: 1em; margin: 0 0 .4em; } h2 small { color: #777; font-weight: normal; }
+.summary { font-family: ui-monospace, monospace; font-size: .85em; white-space: pre-wrap; background: #eef;
+  padding: .6em; border-radius: 4px; }
+.pair { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .8em 1em; margin: 1em 0; }
+.label { font-size: .75em; text-transform: uppercase; color: #666; margin-top: .6em; }
+.text { font-family: ui-monospace, monospace; font-size: .9em; white-space: pre-wrap; word-break: break-word;
+  line-height: 1.9; }
+.prompt { color: #444; background: #f4f4f4; padding: .3em; }
+.tok { border: 1px solid #bbb; border-radius: 3px; padding: 0 1px; margin: 0 1px 0 0; }
+.w-off { color: #888; }
+.w-on { background: #e8e8ff; border-color: #99c; }
+.w-pos { background: #b9f3c3; border-color: #2a8a3e; color: #0b4d1a; font-weight: 600; }
+.w-neg { background: #ffc2c2; border-color: #b02a2a; color: #6b0d0d; font-weight: 600; }
+.w-proj { background: #ffe3b0; border-color: #c47f00; font-weight: 600; }
+.end { font-size: .75em; font-style: italic; }
+.ws { color: #aaa; font-weight: normal; }
+.gap { color: #aaa; }
+.cut { color: #b02a2a; font-style: italic; }
+"""
+_WS = {" ": '<span class="ws">\u00b7</span>', "\t": '<span class="ws">\u2192</span>\t',
+       "\n": '<span class="ws">\u21b5</span>\n', "\r": '<span class="ws">\u240d</span>'}
+
+
+def _show(text: str) -> str:
+    """Escape text for HTML with spaces, tabs and newlines made visible."""
+    return re.sub(r"[ \t\n\r]", lambda m: _WS[m.group()], html.escape(text))
+
+
+def _tok_class(weight: float, flag: int, projected: bool) -> str:
+    if flag > 0:
+        return "w-pos"
+    if flag < 0:
+        return "w-neg"
+    if projected:
+        return "w-proj"
+    return "w-on" if weight else "w-off"
+
+
+def render_tokens(text: str, row: dict[str, Any], side: str, tokenizer, weights_key: str | None = None) -> str:
+    """One response as boxed tokens. Tokens sharing one char span (byte pieces of an emoji) share a box."""
+    ids, offsets = row[f"{side}_ids"], row[f"{side}_offsets"]
+    weights, flags = row[weights_key or f"{side}_weights"], row[f"{side}_flags"]
+    projected = row["projected"] if weights_key == "sft_weights" else [False] * len(ids)
+    parts, pos, i, n = [], 0, 0, len(ids) - 1  # the last id is the end-of-response token
+    while i < n:
+        s, e = offsets[i]
+        j = i + 1
+        while j < n and tuple(offsets[j]) == (s, e) and s < e:
+            j += 1
+        if s > pos:
+            parts.append(f'<span class="gap">{_show(text[pos:s])}</span>')
+        piece = text[max(s, pos):e] if e > s else tokenizer.convert_ids_to_tokens(ids[i])
+        cls = _tok_class(weights[i], flags[i], projected[i])
+        title = f"weight {weights[i]:g} · id{'s' if j - i > 1 else ''} {' '.join(map(str, ids[i:j]))} · chars [{s}, {e})"
+        parts.append(f'<span class="tok {cls}" title="{html.escape(title)}">{_show(piece)}</span>')
+        pos, i = max(pos, e), j
+    rest = text[pos:]
+    if rest.strip() and row.get("truncated"):
+        parts.append(f'<span class="cut" title="{len(rest)} characters cut by truncation">[\u2026 cut]</span>')
+    elif rest:
+        parts.append(f'<span class="gap">{_show(rest)}</span>')
+    end_name = tokenizer.convert_ids_to_tokens(ids[-1])
+    cls = _tok_class(weights[-1], 0, False)
+    parts.append(f'<span class="tok end {cls}" title="end-of-response token · weight {weights[-1]:g} · id {ids[-1]}">'
+                 f"{html.escape(end_name)}</span>")
+    return "".join(parts)
+
+
+def render_html(title: str, summary: Sequence[str], records, rows, tokenizer, max_pairs: int) -> str:
+    """The whole viewer page: summary, legend, then one block per pair."""
+    legend = ('<span class="tok w-pos">region in chosen (flag 1)</span> '
+              '<span class="tok w-neg">region in rejected (flag -1)</span> '
+              '<span class="tok w-proj">rejected region projected onto chosen (SFT)</span> '
+              '<span class="tok w-on">weighted</span> <span class="tok w-off">weight 0</span> '
+              '— hover a token for its weight and ids; \u00b7 is a space, \u21b5 a newline')
+    blocks = []
+    for record, row in zip(records[:max_pairs], rows[:max_pairs]):
+        prompt_note = f" as the model sees it ({len(row['prompt_ids'])} tokens{', truncated' if row['truncated'] else ''})"
+        prompt = tokenizer.decode(row["prompt_ids"], skip_special_tokens=False)
+        block = [f'<section class="pair" id="record-{record.index}">',
+                 f"<h2>#{record.index} <small>{html.escape(record.source)}</small></h2>",
+                 f'<div class="label">prompt{prompt_note}</div><div class="text prompt">{_show(prompt)}</div>',
+                 f'<div class="label">chosen</div><div class="text chosen">'
+                 f"{render_tokens(record.chosen, row, 'chosen', tokenizer)}</div>",
+                 f'<div class="label">rejected</div><div class="text rejected">'
+                 f"{render_tokens(record.rejected, row, 'rejected', tokenizer)}</div>"]
+        if record.rejected_regions and row["sft_weights"] != row["chosen_weights"]:
+            block.append('<div class="label">chosen, SFT weights (rejected regions projected)</div>'
+                         f'<div class="text sft">{render_tokens(record.chosen, row, "chosen", tokenizer, "sft_weights")}</div>')
+        blocks.append("\n".join(block) + "\n</section>")
+    more = f"<p>showing the first {max_pairs} of {len(records)} pairs</p>" if len(records) > max_pairs else ""
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_STYLE}</style></head>\n<body>\n<h1>{html.escape(title)}</h1>\n"
+            f'<div class="summary">{html.escape(chr(10).join(summary))}</div>\n<p>{legend}</p>\n{more}\n'
+            + "\n".join(blocks) + "\n</body></html>\n")
+
+
+def json_lines(rows: Sequence[dict[str, Any]]) -> str:
+    """One JSON object per record: response ids and weights (prompt excluded, end token included)."""
+    keys = ("index", "chosen_ids", "chosen_weights", "rejected_ids", "rejected_weights")
+    return "".join(json.dumps({k: row[k] for k in keys}) + "\n" for row in rows)
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit status (0 ok, 1 invalid data, 2 bad arguments or tokenizer)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help or a usage error: argparse already printed why
+        return int(e.code or 0)
+    try:
+        enc = EncodeOptions(args.max_length, args.max_prompt_length, args.prompt_format, args.truncation_mode)
+        gran = GranularOptions(args.granular, args.outside_weight, args.unannotated_weight, args.include_eos)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+        layout = resolve_layout(tokenizer, enc)
+    except Exception as e:  # missing model, no network, slow tokenizer: one line, no traceback
+        print(f"error: cannot load tokenizer {args.tokenizer!r}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+    from granular_po.data.records import load_records
+
+    try:
+        records, report = load_records(args.data, on_invalid=args.on_invalid, eos_text=tokenizer.eos_token)
+    except DataError as e:
+        print(f"invalid data: {e}", file=sys.stderr)
+        return 1
+    rows = encode_all(records, tokenizer, enc, gran, layout)
+    summary = summarize(report, records, rows, tokenizer, layout, gran)
+    print("\n".join(summary))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            f.write(json_lines(rows))
+        print(f"wrote {args.json}")
+    if args.html:
+        page = render_html(f"granular-po inspect: {args.data}", summary, records, rows, tokenizer, args.html_max_pairs)
+        with open(args.html, "w", encoding="utf-8") as f:
+            f.write(page)
+        print(f"wrote {args.html}")
+    if not records:
+        print("invalid data: no valid record left", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

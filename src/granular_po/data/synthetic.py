@@ -1,0 +1,203 @@
+"""The demo's data: granular arithmetic-correction pairs, deterministic from a seed.
+
+A pair is a question ("What is 7 * 8?"), a correct response stating the result in a sentence or two,
+and a minimally edited incorrect response whose result is wrong in a plausible way (one factor off
+by one: 7 * 8 = 49; digits swapped: 65; a carry slip: 66; a digit off by one: 57). The highlighted
+regions sit exactly on the wrong digits, in the research code's JSON format:
+
+    {"prompt": "What is 7 * 8?", "correct_response": "7 * 8 = 56. The answer is 56.",
+     "incorrect_response": "7 * 8 = 57. The answer is 57.", "masked_regions": [[7, 8, -1], [26, 27, -1]]}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+# each response template states the result {r} once or twice; {a}, {b} are the operands
+RESPONSE_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "*": (
+        "{a} * {b} = {r}. The answer is {r}.",
+        "{a} times {b} is {r}, so the answer is {r}.",
+        "Multiplying {a} by {b} gives {r}. The answer is {r}.",
+        "The product of {a} and {b} is {r}.",
+        "{a} * {b} = {r}",
+    ),
+    "+": (
+        "{a} + {b} = {r}. The answer is {r}.",
+        "{a} plus {b} is {r}, so the answer is {r}.",
+        "Adding {a} and {b} gives {r}. The answer is {r}.",
+        "The sum of {a} and {b} is {r}.",
+        "{a} + {b} = {r}",
+    ),
+}
+PROMPT_TEMPLATE = "What is {a} {op} {b}?"
+# default operand ranges (inclusive): one single-digit and one two-digit factor; SmolLM2-135M-Instruct
+# gets about a third of these right greedily (measured, see tests/test_default_model.py)
+DEFAULT_RANGES = ((2, 9), (11, 29))
+
+
+@dataclass(frozen=True)
+class Question:
+    """`a op b`; `key` identifies it up to operand order (7 * 8 and 8 * 7 are one question)."""
+
+    a: int
+    op: str
+    b: int
+
+    @property
+    def answer(self) -> int:
+        return self.a * self.b if self.op == "*" else self.a + self.b
+
+    @property
+    def prompt(self) -> str:
+        return PROMPT_TEMPLATE.format(a=self.a, op=self.op, b=self.b)
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.op, min(self.a, self.b), max(self.a, self.b))
+
+
+def question_pool(ops: Sequence[str] = ("*",), ranges=DEFAULT_RANGES) -> list[tuple[str, int, int]]:
+    """Every distinct question key (op, a_range value, b_range value), in a fixed order."""
+    (a_lo, a_hi), (b_lo, b_hi) = ranges
+    keys = {
+        (op, min(a, b), max(a, b)) for op in ops for a in range(a_lo, a_hi + 1) for b in range(b_lo, b_hi + 1)
+    }
+    for op in ops:
+        if op not in RESPONSE_TEMPLATES:
+            raise ValueError(f"unknown operator {op!r}; expected one of {sorted(RESPONSE_TEMPLATES)}")
+    return sorted(keys)
+
+
+def wrong_result(q: Question, rng: random.Random) -> tuple[int, str]:
+    """A plausible wrong result and the kind of error that produced it."""
+    r = q.answer
+    candidates: list[tuple[int, str]] = []
+    if q.op == "*":
+        candidates += [(q.a * (q.b + d), "factor") for d in (-1, 1)]
+        candidates += [((q.a + d) * q.b, "factor") for d in (-1, 1)]
+    digits = str(r)
+    if len(digits) >= 2 and digits[-1] != "0" and digits[::-1] != digits:
+        candidates.append((int(digits[::-1]), "swap"))
+    candidates += [(r + 10, "carry"), (r - 10, "carry"), (r + 1, "digit"), (r - 1, "digit")]
+    candidates = [(w, kind) for w, kind in candidates if w > 0 and w != r]
+    return rng.choice(candidates)
+
+
+def _render(template: str, a: int, b: int, r: str) -> tuple[str, list[int]]:
+    """Fill `template`; also return the start offset of every `{r}` in the text."""
+    text, starts = "", []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        text += literal
+        if field is None:
+            continue
+        if field == "r":
+            starts.append(len(text))
+        text += {"a": str(a), "b": str(b), "r": r}[field]
+    return text, starts
+
+
+def diff_span(correct: str, wrong: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Differing digits of two numbers as (span in correct, span in wrong), common prefix/suffix removed.
+
+    A side whose differing part is empty (a digit only deleted or only inserted) gets the whole number.
+    """
+    p = 0
+    while p < min(len(correct), len(wrong)) and correct[p] == wrong[p]:
+        p += 1
+    s = 0
+    while s < min(len(correct), len(wrong)) - p and correct[-1 - s] == wrong[-1 - s]:
+        s += 1
+    c_span = (p, len(correct) - s) if len(correct) - s > p else (0, len(correct))
+    w_span = (p, len(wrong) - s) if len(wrong) - s > p else (0, len(wrong))
+    return c_span, w_span
+
+
+def make_pair(q: Question, rng: random.Random, mark_correct: bool = False, region_unit: str = "digits") -> dict:
+    """One research-format pair for `q` (template and error drawn from `rng`)."""
+    if region_unit not in ("digits", "number"):
+        raise ValueError(f"region_unit must be 'digits' or 'number', not {region_unit!r}")
+    template = rng.choice(RESPONSE_TEMPLATES[q.op])
+    wrong, _kind = wrong_result(q, rng)
+    correct_s, wrong_s = str(q.answer), str(wrong)
+    chosen, c_starts = _render(template, q.a, q.b, correct_s)
+    rejected, w_starts = _render(template, q.a, q.b, wrong_s)
+    if region_unit == "digits":
+        c_span, w_span = diff_span(correct_s, wrong_s)
+    else:
+        c_span, w_span = (0, len(correct_s)), (0, len(wrong_s))
+    regions = [[s + w_span[0], s + w_span[1], -1] for s in w_starts]
+    for s0, e0, _ in regions:  # the region is exactly the wrong digits
+        assert rejected[s0:e0] == wrong_s[w_span[0]:w_span[1]]
+    if mark_correct:
+        regions += [[s + c_span[0], s + c_span[1], 1] for s in c_starts]
+    return {
+        "prompt": q.prompt,
+        "correct_response": chosen,
+        "incorrect_response": rejected,
+        "masked_regions": regions,
+    }
+
+
+def _pairs_for(keys, n: int, rng: random.Random, mark_correct: bool, region_unit: str) -> list[dict]:
+    """n pairs cycling over `keys` (repeats draw a new template and error); operand order random."""
+    if n > 0 and not keys:
+        raise ValueError("no questions left to draw from; widen `ranges` or lower n")
+    pairs = []
+    for i in range(n):
+        op, x, y = keys[i % len(keys)]
+        a, b = (x, y) if rng.random() < 0.5 else (y, x)
+        pairs.append(make_pair(Question(a, op, b), rng, mark_correct, region_unit))
+    return pairs
+
+
+def generate_pairs(
+    n: int,
+    seed: int = 0,
+    ops: Sequence[str] = ("*",),
+    ranges=DEFAULT_RANGES,
+    mark_correct: bool = False,
+    region_unit: str = "digits",
+) -> list[dict]:
+    """n pairs, deterministic in `seed`; distinct questions until the pool runs out, then repeats."""
+    rng = random.Random(seed)
+    keys = question_pool(ops, ranges)
+    rng.shuffle(keys)
+    return _pairs_for(keys, n, rng, mark_correct, region_unit)
+
+
+def split_train_eval(
+    n_train: int,
+    n_eval: int,
+    seed: int = 0,
+    ops: Sequence[str] = ("*",),
+    ranges=DEFAULT_RANGES,
+    mark_correct: bool = False,
+    region_unit: str = "digits",
+) -> tuple[list[dict], list[dict]]:
+    """(train, eval) pairs sharing no question (7 * 8 and 8 * 7 count as one); eval questions distinct."""
+    rng = random.Random(seed)
+    keys = question_pool(ops, ranges)
+    if n_eval >= len(keys):
+        raise ValueError(f"n_eval={n_eval} leaves no training question out of {len(keys)}; widen `ranges`")
+    rng.shuffle(keys)
+    eval_keys, train_keys = keys[:n_eval], keys[n_eval:]
+    eval_pairs = _pairs_for(eval_keys, n_eval, rng, mark_correct, region_unit)
+    train_pairs = _pairs_for(train_keys, n_train, rng, mark_correct, region_unit)
+    return train_pairs, eval_pairs
+
+
+def write_json(path: str | os.PathLike, pairs: list[dict]) -> Path:
+    """Write `pairs` as a JSON list (the research code's format); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(pairs, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,137 @@
+"""Regions derived from a character diff of minimally edited pairs; the annotate file command and CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from granular_po.data.annotate import _merge, annotate_file, derive_regions, main
+from granular_po.data.records import load_records
+from granular_po.data.schema import Region, RegionFlag
+
+BAD, GOOD = RegionFlag.INCORRECT, RegionFlag.CORRECT
+
+
+def _marked(text: str, regions, flag) -> list[str]:
+    return [text[r.start:r.end] for r in regions if r.flag == flag]
+
+
+def test_replacement_marks_exactly_the_differing_characters():
+    chosen, rejected = "12 * 13 = 156, so 156.", "12 * 13 = 146, so 146."
+    regions = derive_regions(chosen, rejected)
+    assert _marked(rejected, regions, BAD) == ["4", "4"] and not _marked(chosen, regions, GOOD)
+    regions = derive_regions(chosen, rejected, include_correct=True)
+    assert _marked(chosen, regions, GOOD) == ["5", "5"]
+
+
+def test_extra_text_in_the_rejected_response_is_marked():
+    regions = derive_regions("The answer is 5.", "The answer is not 5.", include_correct=True)
+    assert _marked("The answer is not 5.", regions, BAD) == ["not "]
+    # the correct side lacks text: its character where the two diverge is marked
+    assert _marked("The answer is 5.", regions, GOOD) == ["5"]
+
+
+def test_missing_text_marks_where_the_rejected_response_diverges():
+    regions = derive_regions("I went to the store.", "I went store.", include_correct=True)
+    assert regions == (Region(7, 8, BAD), Region(7, 14, GOOD))  # "s" of "store"; "to the "
+    # missing only at the very end: the wrong step is the EOS, nothing to mark on the rejected side
+    assert derive_regions("Done. Bye.", "Done.") == ()
+    assert derive_regions("Done. Bye.", "Done.", include_correct=True) == (Region(5, 10, GOOD),)
+
+
+def test_identical_and_too_different_pairs():
+    assert derive_regions("same", "same") == ()
+    assert derive_regions("completely", "unrelated!") is None
+    # "ab" vs "ac": 2 differing characters of 4 -> edit ratio 0.5 exactly
+    assert derive_regions("ab", "ac", max_edit_ratio=0.5) == (Region(1, 2, BAD),)
+    assert derive_regions("ab", "ac", max_edit_ratio=0.49) is None
+
+
+def test_spans_are_code_points_and_merge_when_touching():
+    chosen, rejected = "答案是五 👍", "答案是六 👎"
+    assert _marked(rejected, derive_regions(chosen, rejected), BAD) == ["六", "👎"]
+    assert _merge([(5, 7), (0, 2), (2, 3), (6, 9)]) == [(0, 3), (5, 9)]
+    assert _merge([(1, 1), (3, 4)]) == [(1, 1), (3, 4)]
+
+
+_small = st.text(alphabet="ab c", max_size=10)
+
+
+@settings(max_examples=200, deadline=None)
+@given(chosen=_small, rejected=_small, include_correct=st.booleans())
+def test_regions_are_in_bounds_sorted_and_empty_only_for_a_prefix(chosen, rejected, include_correct):
+    regions = derive_regions(chosen, rejected, include_correct, max_edit_ratio=1.0)
+    assert regions is not None
+    for r in regions:
+        assert 0 <= r.start < r.end <= len(chosen if r.in_chosen else rejected)
+    bad = [(r.start, r.end) for r in regions if r.in_rejected]
+    assert bad == sorted(bad) and all(a[1] < b[0] for a, b in zip(bad, bad[1:]))  # disjoint, not touching
+    assert (not any(r.in_rejected for r in regions)) == chosen.startswith(rejected)
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+ROWS = [
+    {"prompt": "2+3?", "correct_response": "It is 5.", "incorrect_response": "It is 6."},  # annotated
+    {"prompt": "2+3?", "correct_response": "It is 5.", "incorrect_response": "It is 7.",
+     "masked_region": [0, 2, -1]},  # kept as is
+    {"prompt": "p", "correct_response": "same", "incorrect_response": "same"},  # identical
+    {"prompt": "p", "correct_response": "completely", "incorrect_response": "unrelated!"},  # too large
+    {"prompt": "p", "correct_response": "Done. Bye.", "incorrect_response": "Done."},  # nothing to mark
+    {"prompt": "p", "correct_response": "x", "incorrect_response": "y", "masked_region": [0, 0, 0]},  # flag 0
+]
+
+
+@pytest.mark.parametrize("out_name", ["out.jsonl", "out.json"])
+def test_annotate_file_writes_research_format_and_reports(tmp_path, out_name):
+    src = _write_jsonl(tmp_path / "in.jsonl", ROWS)
+    summary = annotate_file(src, tmp_path / out_name)
+    assert (summary["annotated"], summary["already_annotated"], summary["written"], summary["read"]) == (1, 1, 2, 6)
+    assert (summary["identical"], summary["too_large_diff"], summary["no_span"]) == ([2], [3], [4])
+    assert summary["skipped"] == {"invalidated": 1}
+    records, _ = load_records(tmp_path / out_name)
+    assert [r.regions for r in records] == [(Region(6, 7, BAD),), (Region(0, 2, BAD),)]
+    raw = (tmp_path / out_name).read_text(encoding="utf-8")
+    first = json.loads(raw)[0] if out_name.endswith(".json") else json.loads(raw.splitlines()[0])
+    assert first["masked_regions"] == [[6, 7, -1]] and first["correct_response"] == "It is 5."
+
+
+def test_cli_prints_summary_and_exits_zero(tmp_path, capsys):
+    src = _write_jsonl(tmp_path / "in.jsonl", ROWS)
+    assert main([str(src), str(tmp_path / "out.jsonl"), "--include-correct"]) == 0
+    out = capsys.readouterr().out
+    assert "read 6 records; annotated 2, already annotated 1; wrote 3" in out  # row 4: its flag 1 span
+    assert "identical responses: 1 (records 2)" in out and "invalidated=1" in out and "(records 3)" in out
+    records, _ = load_records(tmp_path / "out.jsonl")
+    assert records[2].regions == (Region(5, 10, GOOD),)
+    assert main([str(src), str(tmp_path / "out.jsonl"), "--max-edit-ratio", "1"]) == 0
+    assert "too large" not in capsys.readouterr().out
+
+
+def test_cli_input_errors_exit_two_without_traceback(tmp_path, capsys):
+    assert main([str(tmp_path / "missing.jsonl"), str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.jsonl" in err and "file not found" in err and "Traceback" not in err
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], {"prompt": "p", "correct_response": "a"}])
+    assert main([str(bad), str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "record 1" in err and "'incorrect_response'" in err
+    assert not (tmp_path / "out.jsonl").exists()
+    assert main([str(bad), str(tmp_path / "out.jsonl"), "--skip-invalid"]) == 0
+    assert "missing_field=1" in capsys.readouterr().out
+    for ratio in ("2", "x", "nan"):
+        with pytest.raises(SystemExit) as info:
+            main([str(bad), str(tmp_path / "o.jsonl"), "--max-edit-ratio", ratio])
+        assert info.value.code == 2 and "between 0 and 1" in capsys.readouterr().err
+
+
+def test_cli_unwritable_output_exits_two(tmp_path, capsys):
+    src = _write_jsonl(tmp_path / "in.jsonl", ROWS[:1])
+    assert main([str(src), str(tmp_path / "no" / "dir" / "out.jsonl")]) == 2
+    assert "cannot write" in capsys.readouterr().err

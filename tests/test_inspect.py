@@ -1,0 +1,129 @@
+"""`granular-po inspect`: summary, exit status, JSONL output and the HTML viewer (in headless Chromium)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from granular_po.data import inspect as inspect_cmd
+from granular_po.data.encode import EncodeOptions, encode_record
+from granular_po.data.masks import GranularOptions
+from granular_po.data.schema import PreferenceRecord, Region, RegionFlag
+from granular_po.testing import tiny_tokenizer
+
+ROWS = [
+    {"prompt": "What is 7 * 8?", "correct_response": "The answer is 56.", "incorrect_response": "The answer is 54.",
+     "masked_regions": [[14, 16, 1], [14, 16, -1]]},
+    {"prompt": "Greet <b>me</b> & go", "correct_response": "Hello world!\nThis is 😀 café.",
+     "incorrect_response": "Hello  world! This is <wrong>.", "masked_region": [22, 29, -1]},
+    {"prompt": "No regions here", "correct_response": "Paris.", "incorrect_response": "Madrid."},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "byte_level_chat"
+    tiny_tokenizer("byte_level", chat=True).save_pretrained(path)
+    return path
+
+
+def as_record(row, index):
+    raw = row.get("masked_regions") or ([row["masked_region"]] if "masked_region" in row else [])
+    regions = tuple(Region(s, e, RegionFlag(f)) for s, e, f in raw)
+    return PreferenceRecord(row["prompt"], row["correct_response"], row["incorrect_response"], regions, index=index)
+
+
+def test_json_output(tmp_path, tok_dir, capsys):
+    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    out = tmp_path / "w.jsonl"
+    assert inspect_cmd.main([str(data), "--tokenizer", str(tok_dir), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "read 3 records, kept 3, 3 regions" in printed and "response tokens carrying weight" in printed
+
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["index"] for line in lines] == [0, 1, 2]
+    tok = tiny_tokenizer("byte_level", chat=True)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    for i, line in enumerate(lines):
+        assert set(line) == {"index", "chosen_ids", "chosen_weights", "rejected_ids", "rejected_weights"}
+        expected = encode_record(as_record(ROWS[i], i), tok, EncodeOptions(), GranularOptions(enabled=True))
+        for key in ("chosen_ids", "chosen_weights", "rejected_ids", "rejected_weights"):
+            assert line[key] == expected[key]
+        assert line["chosen_ids"][-1] == line["rejected_ids"][-1] == im_end  # end token last, no prompt
+        chosen = tok(ROWS[i]["correct_response"], add_special_tokens=False)["input_ids"]
+        assert line["chosen_ids"][:-1] == chosen
+    first = lines[0]
+    assert [tok.decode([t]) for t, w in zip(first["chosen_ids"][:-1], first["chosen_weights"]) if w] == ["56"]
+
+    off = tmp_path / "off.jsonl"
+    assert inspect_cmd.main([str(data), "--tokenizer", str(tok_dir), "--no-granular", "--json", str(off)]) == 0
+    assert all(set(json.loads(x)["chosen_weights"]) == {1.0} for x in off.read_text().splitlines())
+
+
+def test_invalid_data_exit_status(tmp_path, tok_dir, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [*ROWS, {"prompt": "p", "correct_response": "ok",
+                                                       "incorrect_response": "no", "masked_region": [0, 99, 1]}])
+    assert inspect_cmd.main([str(bad), "--tokenizer", str(tok_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "record 3" in err and "masked_region" in err and "Traceback" not in err
+
+    assert inspect_cmd.main([str(bad), "--tokenizer", str(tok_dir), "--on-invalid", "skip"]) == 0
+    assert "skipped 1 (region_out_of_range=1)" in capsys.readouterr().out
+    assert inspect_cmd.main([str(tmp_path / "missing.jsonl"), "--tokenizer", str(tok_dir)]) == 1
+    assert inspect_cmd.main([str(bad), "--tokenizer", str(tok_dir), "--prompt-format", "xml"]) == 2
+
+
+def test_default_model_uses_models_loader(monkeypatch, tmp_path):
+    import granular_po.models as models
+
+    calls = []
+
+    def fake(name, *args, **kwargs):
+        calls.append(name)
+        return tiny_tokenizer("byte_level", chat=True)
+
+    monkeypatch.setattr(models, "load_tokenizer", fake, raising=False)
+    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    assert inspect_cmd.main([str(data), "--tokenizer", "smollm2-135m"]) == 0
+    assert calls == ["smollm2-135m"]
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+def test_html_viewer_renders_in_chromium(tmp_path, tok_dir):
+    data = write_jsonl(tmp_path / "data.jsonl", ROWS)
+    page = tmp_path / "view.html"
+    assert inspect_cmd.main([str(data), "--tokenizer", str(tok_dir), "--html", str(page)]) == 0
+    text = page.read_text(encoding="utf-8")
+    assert "&lt;b&gt;me&lt;/b&gt;" in text and "<b>me</b>" not in text and "<wrong>" not in text
+    assert 'class="tok w-pos"' in text and 'class="tok w-neg"' in text and 'title="weight 1' in text
+
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("chromium not found (apt-get install -y chromium)")
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert '<span class="tok w-pos" title="weight 1' in dom.stdout and ">56</span>" in dom.stdout
+    assert 'class="tok w-neg"' in dom.stdout and 'id="record-2"' in dom.stdout
+
+    png = tmp_path / "view.png"
+    shot = subprocess.run([*flags, f"--screenshot={png}", "--window-size=1200,900", page.as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.returncode == 0, shot.stderr[-2000:]
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
