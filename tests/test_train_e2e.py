@@ -83,7 +83,10 @@ def test_sft_writes_outputs(sft_run):
 
 @pytest.mark.parametrize("loss", ["tdpo", "dpo"])
 def test_preference_stage_from_sft_archive(workspace, sft_run, loss):
-    extra = ["loss.alpha=0.5", "loss.if_tdpo2=true"] if loss == "tdpo" else []
+    if loss == "tdpo":  # TDPO2, with policy and reference samples at each evaluation
+        extra = ["loss.alpha=0.5", "loss.if_tdpo2=true", "sample_during_eval=true", "n_eval_model_samples=2"]
+    else:  # DPO with the reference's log-probs computed once, before training
+        extra = ["precompute_ref_log_probs=true", f"cache_dir={workspace / 'cache'}"]
     argv = common(workspace, f"{loss}_run") + [
         f"loss={loss}", "loss.beta=0.5", *extra, "granular=true", f"model.archive={sft_run / 'LATEST'}",
         "batch_size=8", "eval_batch_size=16", "n_epochs=4", "eval_every=32", "lr=3e-3",
@@ -102,6 +105,11 @@ def test_preference_stage_from_sft_archive(workspace, sft_run, loss):
         assert key in train[0], key
     if loss == "tdpo":
         assert all(k in train[0] for k in ("kl_train/chosen", "kl_train/rejected", "kl_train/margin"))
+        samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+        assert len(samples) == 2 * len(evals)
+        assert all({"step", "index", "prompt", "policy", "reference"} <= set(s) for s in samples)
+    else:
+        assert list((workspace / "cache").glob("ref_logps-*.safetensors"))
     final = AutoModelForCausalLM.from_pretrained(run_dir / "LATEST")
     sft = AutoModelForCausalLM.from_pretrained(sft_run / "LATEST")
     changed = any(not torch.equal(a, b) for a, b in zip(final.parameters(), sft.parameters()))

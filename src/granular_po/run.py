@@ -151,6 +151,8 @@ def run_training(cfg: DictConfig, argv: list[str] | None = None) -> Path:
                             cache_dir=cfg.cache_dir) if eval_records else None
 
     loss_type = settings.loss
+    if cfg.lora.enabled and "lm_head" in str(cfg.lora.target_modules):
+        raise ValueError("lora.target_modules must not include lm_head: the reference (adapters off) shares it")
     policy, reference = models.load_policy_and_reference(
         cfg.model, loss_needs_reference=loss_type.needs_reference and not cfg.loss.get("reference_free", False),
         lora_cfg=cfg.lora if cfg.lora.enabled else None, trust_remote_code=cfg.trust_remote_code,
@@ -179,9 +181,20 @@ def run_training(cfg: DictConfig, argv: list[str] | None = None) -> Path:
         warmup_steps=cfg.warmup_steps, group_by_length=bool(cfg.group_by_length), run_dir=run_dir,
         callbacks=[MetricsFileCallback(None if cfg.debug else run_dir / "metrics.jsonl")],
     )
+    if cfg.sample_during_eval and eval_ds is not None and not cfg.debug:
+        from granular_po.sampling import SampleDuringEvalCallback
+
+        trainer.add_callback(SampleDuringEvalCallback(
+            trainer, run_dir / "samples.jsonl", cfg.n_eval_model_samples,
+            max_new_tokens=max(1, cfg.max_length - cfg.max_prompt_length), seed=cfg.seed))
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ThrottledProgressCallback(cfg.minimum_log_interval_secs))
 
+    if cfg.precompute_ref_log_probs and loss_type is LossType.DPO and not loss_settings.reference_free:
+        trainer.train_dataset = _with_reference_logps(trainer, train_ds, cfg)
+        if eval_ds is not None:
+            trainer.eval_dataset = _with_reference_logps(trainer, eval_ds, cfg)
+        trainer.ref_model = reference = None  # the reference is no longer needed: free its memory
     resume_from = _resume_point(cfg, run_dir, is_main)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if not cfg.debug:
@@ -191,6 +204,37 @@ def run_training(cfg: DictConfig, argv: list[str] | None = None) -> Path:
     if trainer.zero_weight_batches:
         print(f"{trainer.zero_weight_batches} batches had no weighted token", file=sys.stderr)
     return run_dir
+
+
+def _with_reference_logps(trainer: GranularTrainer, dataset, cfg: DictConfig):
+    """Add the reference's per-sequence log-probs as columns, cached beside the tokenised data."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256(
+        f"{dataset._fingerprint}|{cfg.model.name_or_path}|{cfg.model.archive}|{cfg.model.reference_dtype}|"
+        f"{cfg.loss.get('average_log_prob', False)}|{cfg.granular}".encode()
+    ).hexdigest()[:16]
+    cache = Path(cfg.cache_dir or models_cache_dir()) / f"ref_logps-{key}.safetensors"
+    if cache.is_file():
+        tensors = load_file(str(cache))
+        chosen, rejected = tensors["chosen"].tolist(), tensors["rejected"].tolist()
+        print(f"reference log-probs from cache {cache}", flush=True)
+    else:
+        chosen, rejected = trainer.reference_logps(dataset, batch_size=cfg.eval_batch_size)
+        if int(os.environ.get("RANK", "0")) == 0:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            save_file({"chosen": torch.tensor(chosen), "rejected": torch.tensor(rejected)}, str(tmp))
+            os.replace(tmp, cache)
+    return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
+
+
+def models_cache_dir() -> Path:
+    from granular_po.models import default_cache_dir
+
+    return default_cache_dir()
 
 
 def _resume_point(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path | None:

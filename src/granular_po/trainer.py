@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 
 from granular_po import checkpoints
-from granular_po.logprobs import compute_token_stats
+from granular_po.logprobs import compute_token_stats, forward_hidden, supports_hidden_path
 from granular_po.losses import LossType, dpo_loss, sft_loss, tdpo_loss
 from granular_po.sampler import SeededLengthGroupedSampler
 
@@ -52,55 +53,13 @@ class LossSettings:
     skip_nonfinite: bool = False
 
 
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def hidden_states_and_head(model, input_ids, attention_mask, use_hidden_path: bool):
-    """Final hidden states `(N, T, H)` and the lm_head, without materialising logits.
-
-    The call goes through the (possibly DDP-wrapped) model itself so distributed hooks run; a forward
-    hook on the decoder catches its last hidden state while a boolean, all-False `logits_to_keep`
-    makes the lm_head project zero positions. Falls back to full logits when `use_hidden_path` is off.
-    Returns `(hidden, head, None)` or `(None, None, logits)`.
-    """
+    """`(hidden (N, T, H), head, None)` without full logits, or `(None, None, logits (N, T, V))`."""
     if not use_hidden_path:
         out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return None, None, out.logits
-    inner = _unwrap(model)
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    decoder = base.get_decoder()
-    captured = {}
-
-    def grab(_module, _args, output):
-        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
-
-    handle = decoder.register_forward_hook(grab)
-    try:
-        keep = torch.zeros_like(input_ids, dtype=torch.bool)
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep)
-    finally:
-        handle.remove()
-    return captured["hidden"], base.get_output_embeddings(), None
-
-
-def supports_hidden_path(model) -> bool:
-    """The chunked path needs logits == lm_head(hidden): no softcapping or logit scaling."""
-    import inspect
-
-    inner = _unwrap(model)
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    config = getattr(base, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
-        if getattr(config, attr, None) not in (None, 1, 1.0):
-            return False
-    try:
-        base.get_decoder()
-    except Exception:
-        return False
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    hidden, head = forward_hidden(model, input_ids, attention_mask)
+    return hidden, head, None
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -198,7 +157,7 @@ class GranularTrainer(Trainer):
     def _reference_context(self):
         if self.ref_model is not None:
             return contextlib.nullcontext()
-        inner = _unwrap(self.model)
+        inner = self.accelerator.unwrap_model(self.model)
         if hasattr(inner, "disable_adapter"):
             return inner.disable_adapter()
         raise RuntimeError("a preference loss needs a reference model (or a LoRA policy)")
@@ -221,11 +180,38 @@ class GranularTrainer(Trainer):
             impl=settings.logprobs_impl, chunk_size=settings.chunk_size,
         )
 
+    @torch.no_grad()
+    def reference_logps(self, dataset, batch_size: int) -> tuple[list[float], list[float]]:
+        """The reference's weighted log-probs of every (chosen, rejected) of `dataset`, in order (DPO only:
+        TDPO's KL needs the live reference distribution at every step)."""
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=self.data_collator)
+        chosen, rejected = [], []
+        for batch in tqdm(loader, desc="reference log-probs", disable=not self.is_world_process_zero()):
+            batch = self._prepare_inputs(batch)
+            ref = self.ref_model if self.ref_model is not None else self.model
+            with self._reference_context():
+                hidden, head, logits = hidden_states_and_head(ref, batch["input_ids"], batch["attention_mask"],
+                                                              self.use_hidden_path)
+            stats = compute_token_stats(
+                hidden, head, None, None, batch["input_ids"], batch["loss_weights"], False,
+                self.loss_settings.average_log_prob, policy_logits=logits,
+                impl=self.loss_settings.logprobs_impl, chunk_size=self.loss_settings.chunk_size,
+            )
+            n = batch["input_ids"].shape[0] // 2
+            chosen += stats.policy_logps[:n].float().cpu().tolist()
+            rejected += stats.policy_logps[n:].float().cpu().tolist()
+        return chosen, rejected
+
     def loss_and_metrics(self, model, batch, split: str):
         """The batch's mean loss and per-example metric tensors named as the research code named them."""
         settings = self.loss_settings
-        need_reference = settings.loss.needs_reference and not settings.reference_free
+        precomputed = batch.get("ref_logps")
+        need_reference = settings.loss.needs_reference and not settings.reference_free and precomputed is None
         stats = self.token_stats(model, batch, need_reference)
+        if precomputed is not None:
+            stats.logratio = stats.policy_logps - precomputed.to(stats.policy_logps.dtype)
         metrics = {}
         if settings.loss is LossType.SFT:
             losses = sft_loss(stats.policy_logps)

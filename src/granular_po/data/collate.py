@@ -25,6 +25,7 @@ def _pad_rows(
     input_ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)  # (N, T)
     attention_mask = torch.zeros((len(rows), T), dtype=torch.long)  # (N, T)
     loss_weights = torch.zeros((len(rows), T), dtype=torch.float32)  # (N, T)
+    response_mask = torch.zeros((len(rows), T), dtype=torch.long)  # (N, T): 1 on response tokens
     for i, (prompt, response, weights) in enumerate(rows):
         if len(weights) != len(response):
             raise ValueError(f"row {i}: {len(response)} response tokens but {len(weights)} weights")
@@ -33,13 +34,16 @@ def _pad_rows(
         input_ids[i, n_p:n] = torch.as_tensor(list(response), dtype=torch.long)
         attention_mask[i, :n] = 1
         loss_weights[i, n_p:n] = torch.as_tensor(list(weights), dtype=torch.float32)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_weights": loss_weights}
+        response_mask[i, n_p:n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_weights": loss_weights,
+            "response_mask": response_mask}
 
 
 class PreferenceCollator:
     """Pairs -> one batch of 2B rows: [0:B] prompt + chosen, [B:2B] prompt + rejected (same order).
 
-    Shape: input_ids, attention_mask (2B, T) long; loss_weights (2B, T) float32; index (B,) long.
+    Shape: input_ids, attention_mask, response_mask (2B, T) long; loss_weights (2B, T) float32;
+    index (B,) long; ref_logps (2B,) float32 when the features carry precomputed reference log-probs.
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
@@ -53,6 +57,9 @@ class PreferenceCollator:
         rows += [(f["prompt_ids"], f["rejected_ids"], f["rejected_weights"]) for f in features]
         batch = _pad_rows(rows, self.pad_token_id, self.pad_to_multiple_of)
         batch["index"] = torch.tensor([int(f["index"]) for f in features], dtype=torch.long)  # (B,)
+        if features and "ref_chosen_logps" in features[0]:
+            ref = [f["ref_chosen_logps"] for f in features] + [f["ref_rejected_logps"] for f in features]
+            batch["ref_logps"] = torch.tensor(ref, dtype=torch.float32)  # (2B,)
         return batch
 
 

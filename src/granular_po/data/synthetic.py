@@ -86,7 +86,8 @@ def wrong_result(q: Question, rng: random.Random) -> tuple[int, str]:
     if len(digits) >= 2 and digits[-1] != "0" and digits[::-1] != digits:
         candidates.append((int(digits[::-1]), "swap"))
     candidates += [(r + 10, "carry"), (r - 10, "carry"), (r + 1, "digit"), (r - 1, "digit")]
-    candidates = [(w, kind) for w, kind in candidates if w > 0 and w != r]
+    # never an operand: "12 + 9 = 12" reads as a copying slip and makes the stated result ambiguous
+    candidates = [(w, kind) for w, kind in candidates if w > 0 and w not in (r, q.a, q.b)]
     return rng.choice(candidates)
 
 

@@ -1,0 +1,109 @@
+"""The demo's arithmetic-correction data: deterministic, regions exactly on the wrong digits."""
+
+import json
+import random
+import re
+
+import pytest
+
+from granular_po.data.synthetic import (
+    Question,
+    diff_span,
+    generate_pairs,
+    make_pair,
+    split_train_eval,
+    wrong_result,
+    write_json,
+)
+
+
+def _result_of(text: str) -> int:
+    return int(re.findall(r"\d+", text)[-1])
+
+
+def test_same_seed_same_pairs_other_seed_other_pairs():
+    assert generate_pairs(40, seed=3) == generate_pairs(40, seed=3)
+    assert generate_pairs(40, seed=3) != generate_pairs(40, seed=4)
+    a, b = split_train_eval(30, 10, seed=5), split_train_eval(30, 10, seed=5)
+    assert a == b
+
+
+@pytest.mark.parametrize("ops", [("*",), ("+",), ("*", "+")])
+@pytest.mark.parametrize("region_unit", ["digits", "number"])
+def test_regions_lie_exactly_on_the_wrong_digits(ops, region_unit):
+    for pair in generate_pairs(200, seed=1, ops=ops, mark_correct=True, region_unit=region_unit):
+        chosen, rejected = pair["correct_response"], pair["incorrect_response"]
+        right, wrong = str(_result_of(chosen)), str(_result_of(rejected))
+        assert right != wrong
+        # minimally edited: the same text once the results are blanked out
+        assert re.sub(r"\b" + right + r"\b", "R", chosen) == re.sub(r"\b" + wrong + r"\b", "R", rejected)
+        neg = [r for r in pair["masked_regions"] if r[2] == -1]
+        pos = [r for r in pair["masked_regions"] if r[2] == 1]
+        assert wrong not in re.findall(r"\d+", pair["prompt"])
+        assert len(neg) == re.findall(r"\d+", rejected).count(wrong) >= 1
+        assert len(pos) == re.findall(r"\d+", chosen).count(right)
+        (cs, ce), (ws, we) = diff_span(right, wrong) if region_unit == "digits" else ((0, len(right)), (0, len(wrong)))
+        for s, e, _ in neg:
+            assert e > s and rejected[s:e] == wrong[ws:we]
+            # the span sits inside an occurrence of the wrong number
+            number = re.search(r"\d+", rejected[s - ws:])
+            assert number.group() == wrong and number.start() == 0
+        for s, e, _ in pos:
+            assert e > s and chosen[s:e] == right[cs:ce]
+
+
+def test_docstring_example_and_digit_spans():
+    pair = {
+        "prompt": "What is 7 * 8?",
+        "correct_response": "7 * 8 = 56. The answer is 56.",
+        "incorrect_response": "7 * 8 = 57. The answer is 57.",
+        "masked_regions": [[9, 10, -1], [27, 28, -1]],
+    }
+    for s, e, _ in pair["masked_regions"]:
+        assert pair["incorrect_response"][s:e] == "7"
+    assert diff_span("56", "57") == ((1, 2), (1, 2))
+    assert diff_span("56", "65") == ((0, 2), (0, 2))
+    assert diff_span("56", "156") == ((0, 2), (0, 1))  # insertion: whole correct number, the extra digit
+    assert diff_span("156", "56") == ((0, 1), (0, 2))  # deletion: the wrong side gets the whole number
+
+
+def test_wrong_results_are_plausible_and_wrong():
+    rng = random.Random(0)
+    kinds = set()
+    for a in range(2, 10):
+        for b in range(11, 30):
+            q = Question(a, "*", b)
+            wrong, kind = wrong_result(q, rng)
+            kinds.add(kind)
+            assert wrong > 0 and wrong != q.answer
+            if kind == "factor":
+                assert wrong in {a * (b - 1), a * (b + 1), (a - 1) * b, (a + 1) * b}
+    assert kinds == {"factor", "swap", "carry", "digit"}
+
+
+def test_train_and_eval_share_no_question():
+    train, evaluation = split_train_eval(500, 40, seed=2)  # more train pairs than train questions: repeats
+    assert len(train) == 500 and len(evaluation) == 40
+
+    def key(prompt):
+        a, op, b = re.match(r"What is (\d+) (\S) (\d+)\?", prompt).groups()
+        return op, min(int(a), int(b)), max(int(a), int(b))
+
+    eval_keys = [key(p["prompt"]) for p in evaluation]
+    assert len(set(eval_keys)) == 40
+    assert not {key(p["prompt"]) for p in train} & set(eval_keys)
+    with pytest.raises(ValueError, match="n_eval"):
+        split_train_eval(10, 10_000, seed=0)
+
+
+def test_write_json_is_the_research_format(tmp_path):
+    pairs = generate_pairs(5, seed=0)
+    path = write_json(tmp_path / "sub" / "train.json", pairs)
+    loaded = json.loads(path.read_text())
+    assert loaded == pairs
+    assert set(loaded[0]) == {"prompt", "correct_response", "incorrect_response", "masked_regions"}
+
+
+def test_make_pair_rejects_unknown_region_unit():
+    with pytest.raises(ValueError):
+        make_pair(Question(7, "*", 8), random.Random(0), region_unit="words")
