@@ -9,6 +9,7 @@ later resume), hence this module.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -113,3 +114,25 @@ def rotate(run_dir: Path, keep: int | None) -> None:
     found = complete_checkpoints(run_dir)
     for _step, path in found[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop the records a resumed run will log again (step > `step`; all of them for `step` 0), and a
+    line torn by a kill. Rewritten beside the file and renamed over it; returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            record_step = None
+        if record_step is not None and step > 0 and record_step <= step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped

@@ -69,6 +69,9 @@ def build_training_arguments(cfg: DictConfig, settings: RunSettings) -> Training
                 "activation_checkpointing": bool(cfg.activation_checkpointing),
             },
         }
+    elif cfg.trainer == "TensorParallelTrainer":
+        logger.warning("notice: trainer=TensorParallelTrainer runs one process here (the research code's naive "
+                       "tensor parallelism is not carried over); use FSDPTrainer to shard a model over GPUs")
     elif cfg.trainer == "FSDPTrainer":
         logger.warning("notice: trainer=FSDPTrainer needs several GPUs; running one process (BasicTrainer)")
     mixed = cfg.model.get("fsdp_policy_mp") if fsdp_kwargs else None
@@ -196,6 +199,8 @@ def run_training(cfg: DictConfig, argv: list[str] | None = None) -> Path:
             trainer.eval_dataset = _with_reference_logps(trainer, eval_ds, cfg)
         trainer.ref_model = reference = None  # the reference is no longer needed: free its memory
     resume_from = _resume_point(cfg, run_dir, is_main)
+    if resume_from is not None:
+        trainer.args.eval_on_start = False  # do_first_eval: before the first step, not at every restart
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if not cfg.debug:
         last = checkpoints.latest_complete_checkpoint(run_dir)
@@ -246,6 +251,11 @@ def _resume_point(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path | None:
         for name in checkpoints.remove_stale_staging(run_dir):
             print(f"removed half-written checkpoint {name}", flush=True)
     latest = checkpoints.latest_complete_checkpoint(run_dir)
+    if is_main:  # steps logged after the checkpoint are trained (and logged) again: drop their records
+        step = int(latest.name.removeprefix("step-")) if latest is not None else 0
+        if dropped := checkpoints.truncate_metrics(run_dir / "metrics.jsonl", step):
+            print(f"metrics.jsonl: dropped {dropped} records logged after step-{step} (they will be re-run)",
+                  flush=True)
     if latest is None:
         if mode == "true":
             print(f"resume=true but no complete checkpoint in {run_dir}: starting from scratch", flush=True)

@@ -1,0 +1,130 @@
+"""A real two-process run on CPU (gloo, DDP through Accelerate) against one process, same global batch.
+
+`batch_size` is global in our config (per-device = batch_size / (gradient_accumulation_steps x
+processes)), so 2 processes x 2 per device x 2 accumulation steps and 1 process x 8 per device
+see the same 8 records at every optimizer step and must give the same losses and weights.
+
+The trainer computes the policy's hidden states through a forward hook and applies the lm_head
+outside the DDP forward (`trainer.hidden_states_and_head`). If DDP missed those gradients the
+ranks would each step on their own half batch: rank 0's saved weights would then differ from the
+one-process run, which is what the weight comparison below catches.
+
+Launched as a user would: `accelerate launch --multi_gpu --num_processes 2 train.py ...` with no
+GPU visible. (`accelerate launch --cpu --num_processes 2` is not a two-process launch: without
+an MPI host file Accelerate's simple launcher starts ONE process; the test counts the ranks.)
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from granular_po.cli import train_main
+from granular_po.testing import tiny_llama, tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ["apple", "river", "stone", "cloud", "green", "music", "paper", "light", "sugar", "window"]
+N_RECORDS = 16
+
+
+def toy_pairs(n: int) -> list[dict]:
+    """Pairs of different lengths (so batches pad), each with a granular region on the rejected side."""
+    pairs = []
+    for i in range(n):
+        word = WORDS[i % len(WORDS)]
+        filler = " and so on" * (i % 3)
+        incorrect = f"About {word}{filler}: the answer is no."
+        start = incorrect.index("no.")
+        pairs.append({"prompt": f"Is {word} number {i} good?",
+                      "correct_response": f"About {word}{filler}: the answer is yes.",
+                      "incorrect_response": incorrect, "masked_region": [start, start + 2, -1]})
+    return pairs
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multiprocess")
+    tokenizer = tiny_tokenizer("byte_level")
+    tiny_llama(len(tokenizer), hidden_size=32).save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    (root / "train.json").write_text(json.dumps(toy_pairs(N_RECORDS)))
+    return root
+
+
+def overrides(root: Path, exp: str) -> list[str]:
+    # TDPO with granular weights: the KL path needs both models' hidden states and the lm_head
+    return [
+        f"model.name_or_path={root / 'tiny'}", "datasets=[ours]", f"custom_train_path={root / 'train.json'}",
+        f"exp_name={exp}", f"local_dirs=[{root / 'runs'}]", "prompt_format=raw", "max_length=64",
+        "max_prompt_length=32", "loss=tdpo", "loss.beta=0.5", "granular=true", "batch_size=8",
+        "n_epochs=2", "optimizer=SGD", "lr=0.5", "warmup_steps=0", "do_first_eval=false", "resume=false",
+        "seed=3",
+    ]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss/train" in r]
+    assert len(steps) == len(set(steps)), f"a step was logged twice (a second rank writing?): {steps}"
+    return {r["step"]: r["loss/train"] for r in rows if "loss/train" in r}
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "LATEST" / "model.safetensors"))
+
+
+def test_two_processes_match_one_process(workspace):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), str(REPO / "train.py"),
+    ]
+    two = overrides(workspace, "two") + ["gradient_accumulation_steps=2"]  # 2 ranks x 2 micro x 2 rows
+    done = subprocess.run(launch + two, env=env, cwd=workspace, capture_output=True, text=True, timeout=300)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:]
+    assert log.count(f"read {N_RECORDS} records") == 2, "expected two ranks to load the data\n" + log[-3000:]
+
+    assert train_main(overrides(workspace, "one")) == 0  # this process, 8 per device, no accumulation
+    two_dir, one_dir = workspace / "runs" / "two", workspace / "runs" / "one"
+
+    # same loss at every step (2 epochs x 16 records / 8 = 4 steps)
+    losses_two, losses_one = train_losses(two_dir), train_losses(one_dir)
+    assert sorted(losses_two) == sorted(losses_one) == [1, 2, 3, 4]
+    for step in losses_one:
+        assert losses_two[step] == pytest.approx(losses_one[step], rel=1e-5), step
+    assert losses_one[4] < losses_one[1] - 1e-2  # it learned: the comparison is not between two constants
+
+    # same final weights: the gradients were averaged over both ranks' halves of each batch
+    initial = load_file(str(workspace / "tiny" / "model.safetensors"))
+    w_two, w_one = final_weights(two_dir), final_weights(one_dir)
+    assert w_two.keys() == w_one.keys()
+    moved = max((w_one[k] - initial[k]).abs().max().item() for k in w_one)
+    assert moved > 1e-2, "weights barely moved: the tolerance below would not discriminate"
+    for key in w_one:
+        torch.testing.assert_close(w_two[key], w_one[key], rtol=1e-5, atol=1e-5, msg=key)
+
+    # the run directory was written once, by rank 0: one config, one metrics line per step, one
+    # complete checkpoint; each rank's RNG state inside it (as Trainer checkpoints hold them)
+    names = sorted(p.name for p in two_dir.iterdir())
+    assert names == ["LATEST", "config.yaml", "metrics.jsonl", "step-4"], names
+    step_files = {p.name for p in (two_dir / "step-4").iterdir()}
+    assert {"rng_state_0.pth", "rng_state_1.pth", "trainer_state.json", "optimizer.pt", "COMPLETE"} <= step_files
+    state = json.loads((two_dir / "step-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
