@@ -126,3 +126,23 @@ def test_resumed_run_continues_from_saved_step(workspace, sft_run):
     steps = [m["step"] for m in read_metrics(run_dir) if "loss/train" in m]
     assert steps == list(range(1, 17))  # 1..8 once, then 9..16: nothing repeated, nothing lost
     assert (run_dir / "LATEST").resolve().name == "step-16"
+
+
+def test_lora_dpo_keeps_one_copy_and_saves_adapter_and_merged(workspace, sft_run):
+    """With LoRA the reference is the base with adapters off: no second model; output = adapter (+ merged)."""
+    argv = common(workspace, "lora_dpo") + [
+        "loss=dpo", "loss.beta=0.5", "granular=true", f"model.archive={sft_run / 'LATEST'}", "lora.enabled=true",
+        "lora.r=4", "lora.alpha=8", "lora.merge_on_save=true", "batch_size=8", "n_epochs=2", "eval_every=64",
+        "lr=1e-2",
+    ]
+    assert train_main(argv) == 0
+    run_dir = workspace / "runs" / "lora_dpo"
+    latest = run_dir / "LATEST"
+    assert (latest / "adapter_config.json").is_file() and (latest / "adapter_model.safetensors").is_file()
+    assert not (latest / "model.safetensors").exists()
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged")
+    sft = AutoModelForCausalLM.from_pretrained(sft_run / "LATEST")
+    assert any(not torch.equal(a, b) for a, b in zip(merged.parameters(), sft.parameters()))
+    evals = [m for m in read_metrics(run_dir) if "rewards_eval/margins" in m]
+    assert evals[0]["rewards_eval/margins"] == pytest.approx(0.0, abs=1e-5)  # adapters start at zero
+    assert evals[-1]["rewards_eval/margins"] > 0

@@ -206,9 +206,26 @@ def run_training(cfg: DictConfig, argv: list[str] | None = None) -> Path:
         last = checkpoints.latest_complete_checkpoint(run_dir)
         if last is None or last.name != checkpoints.step_dir_name(trainer.state.global_step):
             trainer._save_checkpoint(trainer.model, trial=None)
+        if cfg.lora.enabled and cfg.lora.merge_on_save and is_main:
+            _save_merged(trainer, tokenizer, run_dir)
     if trainer.zero_weight_batches:
         print(f"{trainer.zero_weight_batches} batches had no weighted token", file=sys.stderr)
     return run_dir
+
+
+def _save_merged(trainer: GranularTrainer, tokenizer, run_dir: Path) -> None:
+    """LoRA with `lora.merge_on_save=true`: also write `merged/`, the base with the adapter folded in."""
+    import copy
+    import shutil
+
+    merged = copy.deepcopy(trainer.accelerator.unwrap_model(trainer.model)).merge_and_unload()
+    staged = run_dir / ".tmp-merged"
+    shutil.rmtree(staged, ignore_errors=True)
+    merged.save_pretrained(staged)
+    tokenizer.save_pretrained(staged)
+    final = run_dir / "merged"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staged, final)
 
 
 def _with_reference_logps(trainer: GranularTrainer, dataset, cfg: DictConfig):
