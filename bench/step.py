@@ -59,7 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-6)
     p.add_argument("--configs", default=None, help=f"comma-separated subset of {','.join(CONFIGS)}")
     p.add_argument("--quick", action="store_true", help="1 measured step each, TDPO naive left out")
+    p.add_argument("--matmul-size", type=int, default=4096, help="side of the square matmuls timed for the peak")
     p.add_argument("--no-micro", action="store_true", help="skip the logits-memory and matmul-peak micro-benchmarks")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="profile the first measured step of each configuration (torch.profiler) into DIR/<name>.txt")
     p.add_argument("--in-process", action="store_true",
                    help="run every configuration in this process (fast, for tests; peak RSS then accumulates)")
     p.add_argument("--out", default=str(HERE / "results.md"), help="where the markdown table is written")
@@ -100,7 +103,12 @@ def specs(args: argparse.Namespace) -> list[dict]:
         raise SystemExit(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
     common = {"model": args.model, "steps": args.steps, "warmup": args.warmup, "batch": args.batch,
               "seq_len": args.seq_len, "optimizer": args.optimizer, "lr": args.lr}
-    return [{**CONFIGS[n], **common, "name": n} for n in names]
+    out = [{**CONFIGS[n], **common, "name": n} for n in names]
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        for spec in out:
+            spec["profile_to"] = str(Path(args.profile).resolve() / f"{spec['name']}.txt")
+    return out
 
 
 def micro_specs(args: argparse.Namespace, hidden: int, vocab: int, chunk_size: int) -> list[dict]:
@@ -166,9 +174,9 @@ def build_table(args, results: dict[str, dict], micro: dict[str, dict], peak_flo
     """The markdown report: one row per configuration, ratios to TRL and to our DPO, then the targets."""
     trl, dpo = results.get("trl-dpo"), results.get("dpo")
     lines = [
-        "| configuration | weighted share | s / step | tokens / s | peak RSS (GiB) | time / TRL | "
+        "| configuration | weighted share | s / step | CPU s / step | tokens / s | peak RSS (GiB) | time / TRL | "
         "throughput / TRL | memory / TRL | time / our DPO | memory / our DPO | MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         tps = r["tokens_per_step"] / r["median_s"]
@@ -179,7 +187,8 @@ def build_table(args, results: dict[str, dict], micro: dict[str, dict], peak_flo
         mfu = f"{100 * flops / r['median_s'] / peak_flops:.0f}%" if peak_flops else ""
         trl_tps = trl["tokens_per_step"] / trl["median_s"] if trl else None
         lines.append(
-            f"| {CONFIGS[name]['label']} | {100 * r['weighted_share']:.0f}% | {r['median_s']:.2f} | {tps:.0f} | "
+            f"| {CONFIGS[name]['label']} | {100 * r['weighted_share']:.0f}% | {r['median_s']:.2f} | "
+            f"{r['median_cpu_s']:.1f} | {tps:.0f} | "
             f"{r['peak_rss_mb'] / 1024:.2f} | {_ratio(r['median_s'], trl and trl['median_s'])} | "
             f"{_ratio(tps, trl_tps)} | {_ratio(r['peak_rss_mb'], trl and trl['peak_rss_mb'])} | "
             f"{_ratio(r['median_s'], dpo and dpo['median_s'])} | "
@@ -245,7 +254,7 @@ def report(args, results, micro, peak, started: float, load_before, load_after) 
         f"(SFT: {args.batch} rows) x {args.seq_len} tokens, no padding, fp32 on CPU, optimizer {args.optimizer}, "
         f"lr {args.lr}; median of {args.steps} optimizer step(s) after {args.warmup} warm-up step(s); "
         "each configuration in a fresh process (peak RSS = its ru_maxrss, models and optimizer included)",
-        f"- matmul peak (best fp32 square matmul, same threads): "
+        "- matmul peak (best fp32 square matmul, same threads): "
         + (f"{peak / 1e9:.0f} GFLOP/s; MFU = (6 x params x tokens, + 2 x params x tokens for the reference) "
            "/ step time / peak" if peak else "not measured"),
         "",
@@ -273,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="granular-bench-logs-") as tmp:
         log_dir = Path(tmp)
         if not args.no_micro:
-            peak = run_spec({"kind": "matmul", "name": "matmul"}, args.in_process, log_dir)["matmul_flops"]
+            peak = run_spec({"kind": "matmul", "name": "matmul", "sizes": [args.matmul_size // 2, args.matmul_size]},
+                            args.in_process, log_dir)["matmul_flops"]
         for spec in specs(args):
             print(f"[{time.strftime('%H:%M:%S')}] {spec['name']} ...", flush=True)
             results[spec["name"]] = run_spec(spec, args.in_process, log_dir)

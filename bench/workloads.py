@@ -36,25 +36,43 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def step_callback():
-    """A `TrainerCallback` recording the wall time at train start and after every optimizer step."""
+def step_callback(warmup: int = 0, profile_to: str | None = None):
+    """A `TrainerCallback` recording wall and CPU time at train start and after every optimizer step.
+
+    With `profile_to`, the first step after `warmup` runs under `torch.profiler` and the ops that took
+    the most CPU time are written there as a table.
+    """
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.marks: list[float] = []
+            self.marks: list[tuple[float, float]] = []  # (wall, process CPU) seconds
             self.rss_at_start = 0.0
+            self.profiler = None
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.rss_at_start = rss_mb()
-            self.marks = [time.perf_counter()]
+            self.marks = [(time.perf_counter(), time.process_time())]
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if profile_to and self.profiler is None and state.global_step == warmup:
+                import torch
+
+                self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                self.profiler.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.marks.append(time.perf_counter())
+            self.marks.append((time.perf_counter(), time.process_time()))
+            if self.profiler is not None and state.global_step == warmup + 1:
+                self.profiler.__exit__(None, None, None)
+                table = self.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+                Path(profile_to).write_text(table)
 
-        def step_seconds(self, warmup: int) -> list[float]:
-            """Wall time of each optimizer step after the first `warmup` (data, forward, backward, update, log)."""
-            gaps = [b - a for a, b in zip(self.marks, self.marks[1:])]
+        def step_seconds(self, cpu: bool = False) -> list[float]:
+            """Wall (or CPU) time of each optimizer step after the first `warmup`: data, forward, backward,
+            update and logging, everything a user waits for."""
+            k = 1 if cpu else 0
+            gaps = [b[k] - a[k] for a, b in zip(self.marks, self.marks[1:])]
             return gaps[warmup:]
 
     return StepTimer()
@@ -146,7 +164,7 @@ def run_ours(spec: dict) -> dict:
     from granular_po.data.records import load_records
     from granular_po.models import load_tokenizer, resolve_model_path
 
-    timer = step_callback()
+    timer = step_callback(spec["warmup"], spec.get("profile_to"))
     seen = {}
 
     class TimedGranularTrainer(run.GranularTrainer):
@@ -185,10 +203,11 @@ def _common_result(spec: dict, timer, model, encoded, rows: int) -> dict:
     lengths |= {len(p) + len(r) for p, r in zip(encoded["prompt_ids"], encoded["rejected_ids"])}
     if lengths != {spec["seq_len"]}:
         raise RuntimeError(f"rows should all be {spec['seq_len']} tokens, got lengths {sorted(lengths)}")
-    step_s = timer.step_seconds(spec["warmup"])
+    step_s, cpu_s = timer.step_seconds(), timer.step_seconds(cpu=True)
     return {
         "step_s": step_s,
         "median_s": statistics.median(step_s),
+        "median_cpu_s": statistics.median(cpu_s),
         "tokens_per_step": rows * spec["seq_len"],
         "params": sum(p.numel() for p in model.parameters()),
         "rss_start_mb": timer.rss_at_start,
@@ -213,7 +232,7 @@ def run_trl(spec: dict) -> dict:
     datasets.disable_progress_bars()
     path = resolve_model_path(spec["model"])
     tokenizer = load_tokenizer(path)
-    timer = step_callback()
+    timer = step_callback(spec["warmup"], spec.get("profile_to"))
     with tempfile.TemporaryDirectory(prefix="granular-bench-trl-") as tmp:
         data = Path(tmp) / "pairs.json"
         pairs = write_pairs(data, spec)

@@ -102,11 +102,11 @@ def _convert_default_model(final: Path) -> None:
 
 def _write_default_model(out_dir: Path) -> None:
     """GGUF -> a plain HF directory (safetensors, tokenizer, generation config)."""
+    gguf = default_model_gguf()
     if importlib.util.find_spec("gguf") is None:
         raise ModelLoadError("reading the default model needs the gguf package: pip install 'gguf>=0.10,<1'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = default_model_gguf()
     logger.warning("converting the default model %s once into %s", gguf.name, out_dir.parent)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)

@@ -262,7 +262,12 @@ def models_cache_dir() -> Path:
 def _resume_point(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path | None:
     """The newest complete checkpoint when resuming is asked for (or `auto` and one exists)."""
     mode = str(cfg.resume).lower()
-    if mode == "false" or cfg.debug:
+    if cfg.debug:
+        return None
+    if mode == "false":
+        if found := checkpoints.complete_checkpoints(run_dir):
+            raise ValueError(f"resume=false but {run_dir} already holds {found[-1][1].name}: choose another "
+                             "exp_name (or local_dirs), delete the directory, or resume")
         return None
     if is_main:
         for name in checkpoints.remove_stale_staging(run_dir):

@@ -108,6 +108,8 @@ class GranularTrainer(Trainer):
         self.nonfinite_skipped = 0
         self.zero_weight_batches = 0
         self._last_indices: list[int] = []
+        self._step_indices: list[int] = []  # records of every micro-batch of the current optimizer step
+        self._skip_step = False  # a micro-batch of this step had a non-finite loss (skip_nonfinite=true)
         self._last_log_time = time.monotonic()
         self._examples_since_log = 0
         super().__init__(*args, **kwargs)
@@ -142,12 +144,16 @@ class GranularTrainer(Trainer):
     def _get_grad_norm(self, model, grad_norm=None):
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         value = float(norm) if norm is not None else 0.0
+        skip, self._skip_step = False, False
+        indices, self._step_indices = self._step_indices, []
         if not math.isfinite(value):
-            where = f"step {self.state.global_step + 1}, records {self._last_indices}"
+            where = f"step {self.state.global_step + 1}, records {indices}"
             if not self.loss_settings.skip_nonfinite:
                 raise NonFiniteError(f"non-finite gradient norm ({value}) at {where}; "
                                      "set skip_nonfinite=true to skip such steps")
             logger.warning("skipping optimizer step: non-finite gradient norm at %s", where)
+            skip = True
+        if skip:  # zero gradients would still move Adam-like optimizers (momentum): drop them
             self.nonfinite_skipped += 1
             for param in model.parameters():
                 param.grad = None  # the optimizer leaves parameters without gradients untouched
@@ -250,13 +256,14 @@ class GranularTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._last_indices = inputs["index"].tolist()
+        self._step_indices.extend(self._last_indices)
         loss, metrics = self.loss_and_metrics(model, inputs, "train")
         if not torch.isfinite(loss):
             where = f"step {self.state.global_step + 1}, records {self._last_indices}"
             if not self.loss_settings.skip_nonfinite:
                 raise NonFiniteError(f"non-finite loss ({loss.item()}) at {where}; set skip_nonfinite=true to skip")
             logger.warning("skipping non-finite loss at %s", where)
-            self.nonfinite_skipped += 1
+            self.nonfinite_skipped += 1  # counted, and the whole optimizer step dropped, in _get_grad_norm
             loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
         else:
             self._store(metrics, "train")

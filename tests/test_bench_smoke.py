@@ -1,0 +1,59 @@
+"""`bench/step.py` runs end to end on a tiny random model: one step per configuration, a table out.
+
+The real benchmark (SmolLM2-135M, 4 pairs x 256 tokens, fresh process per configuration) takes minutes
+and runs through `make bench`; this only checks that its code paths (ours through `run_training`,
+TRL's DPOTrainer, the micro-benchmarks, the report) still work with the code they drive.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from granular_po.testing import tiny_llama, tiny_tokenizer
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_step():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_step", BENCH / "step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench-model")
+    tokenizer = tiny_tokenizer("byte_level", chat=True)
+    tokenizer.save_pretrained(root)
+    tiny_llama(len(tokenizer), hidden_size=32).save_pretrained(root)
+    return root
+
+
+def test_bench_runs_one_step_per_configuration(tiny_model_dir, tmp_path):
+    pytest.importorskip("trl")
+    step = load_step()
+    out = tmp_path / "results.md"
+    argv = ["--model", str(tiny_model_dir), "--steps", "1", "--warmup", "1", "--batch", "2", "--seq-len", "48",
+            "--configs", "sft,dpo,tdpo,tdpo-gran,trl-dpo", "--in-process", "--matmul-size", "256", "--out", str(out)]
+    assert step.main(argv) == 0
+    text = out.read_text()
+    for label in ("| SFT |", "| DPO |", "| TDPO chunked |", "| TDPO chunked, granular |", "| TRL DPOTrainer |"):
+        assert label in text
+    assert "our DPO throughput" in text and "logits-related peak" in text
+    # the granular run really weighs a fraction of the response tokens; the others all of them
+    row = next(line for line in text.splitlines() if line.startswith("| TDPO chunked, granular |"))
+    share = int(row.split("|")[2].strip().rstrip("%"))
+    assert 3 <= share <= 30
+
+
+def test_worker_subprocess_writes_its_result(tmp_path):
+    """The fresh-process path, on the cheapest worker (a matmul), so the test stays fast."""
+    step = load_step()
+    result = step.run_spec({"kind": "matmul", "name": "matmul", "sizes": [64], "repeats": 1}, False, tmp_path)
+    assert result["matmul_flops"] > 0
+    assert json.loads((tmp_path / "matmul.json").read_text()) == result
