@@ -34,7 +34,18 @@ def tiny_model_dir(tmp_path_factory):
     return root
 
 
-def test_bench_runs_one_step_per_configuration(tiny_model_dir, tmp_path):
+@pytest.fixture
+def one_thread():
+    """Tiny ops on two threads of a busy machine spend most of their time in OpenMP barriers."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_bench_runs_one_step_per_configuration(tiny_model_dir, tmp_path, one_thread):
     pytest.importorskip("trl")
     step = load_step()
     out = tmp_path / "results.md"

@@ -37,6 +37,7 @@ def test_questions_from_pairs_use_the_stated_result():
     questions = questions_from_pairs(pairs + [{"prompt": "Hi", "correct_response": "Hello!"}])
     assert len(questions) == 20
     for (prompt, answer), pair in zip(questions, pairs):
+        assert prompt == pair["prompt"]
         a, op, b = prompt.removeprefix("What is ").removesuffix("?").split()
         assert answer == (int(a) * int(b) if op == "*" else int(a) + int(b))
 

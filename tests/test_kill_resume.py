@@ -34,6 +34,8 @@ from granular_po.testing import tiny_llama, tiny_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["apple", "river", "stone", "cloud", "green", "music", "paper", "light", "sugar", "window", "tiger", "honey"]
 COMPARED = ("loss/train", "grad_norm", "learning_rate")
+# kill moments differ from run to run (set KILL_SEED to replay one); every failure message shows the seed
+SEED = int(os.environ.get("KILL_SEED", time.time_ns() % 1_000_000))
 
 
 def pairs(n: int) -> list[dict]:
@@ -80,6 +82,7 @@ def newest_step(run_dir: Path) -> int | None:
 class KillLog:
     """What happened to each launch: how it ended and what it said about resuming."""
 
+    seed: int = 0  # of the kill moments: rerun with it to replay a failure
     events: list[str] = field(default_factory=list)
     resumed_from: list[str] = field(default_factory=list)
     half_written_seen: list[str] = field(default_factory=list)
@@ -119,19 +122,21 @@ def run_with_kills(cmd: list[str], run_dir: Path, kills: list[str], n_steps: int
                    timeout: float = 240) -> KillLog:
     """Launch `cmd`, SIGKILL it once per entry of `kills` (at a random step), relaunch until it exits 0."""
     rng = random.Random(seed)
-    log = KillLog()
+    log = KillLog(seed=seed)
     launches = 0
     pending = list(kills)
+    # steps after which the kills come, spread over the run (a kill never lands before progress)
+    targets = sorted(rng.choices(range(0, max(1, n_steps - 2)), k=len(kills)))
     while True:
         launches += 1
-        assert launches <= len(kills) + 3, f"too many launches: {log.events}"
+        assert launches <= len(kills) + 3, f"too many launches: {log}"
         start_step = newest_step(run_dir)
         out_path = run_dir.parent / f"{run_dir.name}.launch{launches}.log"
         with open(out_path, "w") as out:
             proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT)
             if pending:
                 first = (start_step or 0) + (pending[0] != "checkpoint")  # a random kill after progress
-                after = rng.randint(first, max(first, n_steps - 2))
+                after = max(first, targets[len(kills) - len(pending)])
                 outcome = _wait_kill(proc, run_dir, pending[0], after, rng.uniform(0.0, 0.4), timeout)
                 if outcome != "exited":
                     pending.pop(0)
@@ -141,14 +146,14 @@ def run_with_kills(cmd: list[str], run_dir: Path, kills: list[str], n_steps: int
         text = out_path.read_text(errors="replace")
         if start_step is not None:
             expected = f"resuming from step-{start_step}"
-            assert expected in text, f"launch {launches} did not say {expected!r}:\n{text[-3000:]}"
+            assert expected in text, f"launch {launches} did not say {expected!r} ({log}):\n{text[-3000:]}"
             log.resumed_from.append(f"step-{start_step}")
         if outcome.startswith("killed while writing"):
             log.half_written_seen += [p.name for p in run_dir.glob(".tmp-step-*")]
         log.events.append(outcome)
         if outcome == "exited":
             assert proc.returncode == 0, f"launch {launches} failed ({proc.returncode}):\n{text[-3000:]}"
-            assert not pending, f"the run finished before kills {pending} landed: {log.events}"
+            assert not pending, f"the run finished before kills {pending} landed: {log}"
             return log
 
 
@@ -193,11 +198,11 @@ def _kill_resume_case(root: Path, extra: list[str], kills: list[str], n_steps: i
     clean = subprocess.run(clean_cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert clean.returncode == 0, clean.stdout[-2000:] + clean.stderr[-3000:]
     log = run_with_kills(killed_cmd, root / "runs" / "killed", kills, n_steps, seed)
-    assert "killed while writing" in " ".join(log.events), log.events
-    assert log.half_written_seen, "no kill landed inside a checkpoint write"
+    assert "killed while writing" in " ".join(log.events), log
+    assert log.half_written_seen, f"no kill landed inside a checkpoint write: {log}"
     assert_same_run(root / "runs" / "killed", root / "runs" / "clean", n_steps)
     # metrics.jsonl is cut back to the checkpoint on resume: each step logged exactly once, in order
-    assert train_steps(root / "runs" / "killed") == list(range(1, n_steps + 1))
+    assert train_steps(root / "runs" / "killed") == list(range(1, n_steps + 1)), log
     return log
 
 
@@ -205,7 +210,7 @@ def test_sigkill_resume_matches_uninterrupted_run(tmp_path):
     """8 SFT steps with warmup, a checkpoint every step; killed mid-checkpoint, then at random."""
     root = make_workspace(tmp_path, n_pairs=16)
     extra = ["loss=sft", "batch_size=2", "save_every=2", "n_epochs=1", "warmup_steps=3"]
-    log = _kill_resume_case(root, extra, ["checkpoint", "random"], n_steps=8, seed=int(time.time()))
+    log = _kill_resume_case(root, extra, ["checkpoint", "random"], n_steps=8, seed=SEED)
     print(log)
 
 
@@ -213,9 +218,9 @@ def test_sigkill_resume_matches_uninterrupted_run(tmp_path):
 def test_sigkill_resume_tdpo_accumulation_two_epochs(tmp_path):
     """TDPO2 with a reference model, accumulation 2, warmup 4, two epochs (epoch boundary crossed
     while resuming), five kills of both kinds."""
-    root = make_workspace(tmp_path, n_pairs=16)
+    root = make_workspace(tmp_path, n_pairs=32)
     extra = ["loss=tdpo", "loss.beta=0.5", "loss.alpha=0.5", "loss.if_tdpo2=true", "granular=true",
              "batch_size=4", "gradient_accumulation_steps=2", "save_every=4", "n_epochs=2", "warmup_steps=4"]
     kills = ["checkpoint", "random", "checkpoint", "random", "random"]
-    log = _kill_resume_case(root, extra, kills, n_steps=8, seed=int(time.time()))
+    log = _kill_resume_case(root, extra, kills, n_steps=16, seed=SEED)
     print(log)

@@ -99,7 +99,7 @@ def test_malicious_policy_pt_is_refused_not_executed(base_dir, tmp_path):
     torch.save({"step_idx": 1, "state": {"x": torch.zeros(1)}, "payload": _Evil(marker)}, archive)
     with pytest.raises(ModelLoadError, match="policy.pt") as err:
         load_policy_and_reference(_cfg(base_dir[0], str(archive)), True, device="cpu")
-    assert "refused" in str(err.value)
+    assert "refused" in str(err.value) and "io.open" in str(err.value)
     assert not marker.exists()
     torch.load(archive, weights_only=False)  # the payload is real: unsafe loading runs it
     assert marker.exists()
@@ -266,3 +266,22 @@ def test_failed_conversion_leaves_nothing_behind(monkeypatch, tmp_path):
     (tmp_path / "models" / "smollm2-135m-instruct").mkdir()
     with pytest.raises(ModelLoadError, match="incomplete"):
         resolve_model_path("smollm2-135m", tmp_path)
+
+
+def test_archive_formats_and_unreadable_files(base_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    _, base, _ = base_dir
+    state = {k: v.clone() for k, v in base.state_dict().items() if k != "lm_head.weight"}  # tied: absent
+    save_file(state, tmp_path / "w.safetensors")
+    assert models.load_archive_state(tmp_path / "w.safetensors").keys() == state.keys()
+    torch.save({"state": {"_orig_mod.module.x": torch.zeros(1)}}, tmp_path / "compiled.pt")
+    assert list(models.load_archive_state(tmp_path / "compiled.pt")) == ["x"]
+    torch.save({"state": {"model._fsdp_wrapped_module.x": torch.zeros(1)}}, tmp_path / "fsdp.pt")
+    assert list(models.load_archive_state(tmp_path / "fsdp.pt")) == ["model.x"]
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ModelLoadError, match="garbage.pt: refused.*Unsupported operand"):
+        models.load_archive_state(tmp_path / "garbage.pt")
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    with pytest.raises(ModelLoadError, match="list.pt: expected"):
+        models.load_archive_state(tmp_path / "list.pt")

@@ -12,8 +12,8 @@ from granular_po.data.synthetic import (
     generate_pairs,
     make_pair,
     split_train_eval,
-    wrong_result,
     write_json,
+    wrong_result,
 )
 
 

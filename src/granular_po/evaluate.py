@@ -22,8 +22,8 @@ _INT = r"-?\d+(?:,\d{3})*(?!\d)"  # 1,234 is one number; "56, so" is 56
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*\**\s*(" + _INT + ")", re.IGNORECASE)
 _EQUALS = re.compile(r"=\s*\**\s*(" + _INT + ")")
 _ANY_INT = re.compile(_INT)
-# end-of-turn tokens of common chat templates; generation also stops at these when they exist
-_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+# end-of-turn / end-of-text tokens of common models; generation also stops at these when they exist
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 
 
 def extract_answer(text: str) -> int | None:

@@ -109,6 +109,8 @@ def _write_default_model(out_dir: Path) -> None:
 
     logger.warning("converting the default model %s once into %s", gguf.name, out_dir.parent)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if not tokenizer.chat_template or tokenizer.eos_token not in ("<|im_end|>", "<|endoftext|>"):
+        raise ModelLoadError(f"{gguf}: unexpected tokenizer (eos {tokenizer.eos_token!r}, chat template missing?)")
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # transformers refuses save_pretrained on a GGUF-loaded model: rebuild a plain one from its config
     config_dict = loaded.config.to_dict()
@@ -123,6 +125,8 @@ def _write_default_model(out_dir: Path) -> None:
     tokenizer.save_pretrained(str(out_dir))
     marker = {"source": str(gguf), "source_bytes": gguf.stat().st_size, "eos_token": tokenizer.eos_token}
     (out_dir / _CONVERSION_MARKER).write_text(json.dumps(marker, indent=1))
+    for path in out_dir.iterdir():
+        path.chmod(0o644)  # safetensors writes 0600; the cache may be shared
 
 
 # ---------------------------------------------------------------- tokenizer
@@ -186,9 +190,8 @@ def runnable_dtype(name: str | torch.dtype | None, device: torch.device | str, w
 
 def disable_dropout(model: nn.Module) -> nn.Module:
     """Set every dropout probability to 0 (config attributes, nn.Dropout modules, float attributes)."""
-    configs = [getattr(model, "config", None)]
-    configs += [getattr(configs[0], sub, None) for sub in ("text_config",)] if configs[0] is not None else []
-    for config in filter(None, configs):
+    top = getattr(model, "config", None)
+    for config in filter(None, (top, getattr(top, "text_config", None))):
         for attr in DROPOUT_ATTRS:
             if isinstance(getattr(config, attr, None), float):
                 setattr(config, attr, 0.0)
@@ -202,26 +205,35 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 
 
 def load_archive_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A research-code `policy.pt` ({'step_idx','state','metrics'}) read with weights_only=True."""
-    import pickle
+    """A research-code `policy.pt` ({'step_idx','state','metrics'}) read with weights_only=True, or a .safetensors."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
 
+        return load_file(str(path))
     try:
         payload = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ModelLoadError(
-            f"{path}: refused to load; the archive holds objects other than tensors and plain "
-            f"containers (loading it would run arbitrary code). torch said: {str(err).splitlines()[0]}"
-        ) from None
+    except Exception as err:  # torch raises several types for unreadable files
+        text = str(err)
+        reason = text.split("WeightsUnpickler error:", 1)[-1].strip().split(". ")[0].splitlines()[0]
+        if "weights only load failed" in text.lower():
+            raise ModelLoadError(
+                f"{path}: refused to load: not a plain weights archive (tensors and containers only; "
+                f"unpickling anything else could run arbitrary code). weights_only=True said: {reason}"
+            ) from None
+        raise ModelLoadError(f"{path}: cannot read the archive: {reason}") from err
     state = payload.get("state", payload) if isinstance(payload, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"{path}: expected {{'state': state_dict}} or a state dict of tensors")
-    prefixes = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
-    cleaned = {}
-    for key, value in state.items():
-        for prefix in prefixes:
-            key = key.replace(prefix, "")
-        cleaned[key] = value
-    return cleaned
+    return {_clean_key(k): v for k, v in state.items()}
+
+
+def _clean_key(key: str) -> str:
+    """Strip the wrappers' names (DDP, torch.compile, FSDP, activation checkpointing) from a weight name."""
+    for wrapper in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        key = key.replace(wrapper, "")
+    while key.startswith(("module.", "_orig_mod.")):
+        key = key.split(".", 1)[1]
+    return key
 
 
 def _apply_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -244,6 +256,7 @@ def load_model(
     cache_dir: str | None = None,
     archive_state: dict[str, torch.Tensor] | None = None,
     archive_source: str = "archive",
+    role: str = "model",
 ) -> nn.Module:
     """One causal LM with dropout off, on `device` (None: cuda if available), optional archive weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -262,7 +275,7 @@ def load_model(
             if isinstance(getattr(config, attr, None), float):
                 setattr(config, attr, 0.0)
         model = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=runnable_dtype(dtype, device), **kwargs
+            path, config=config, dtype=runnable_dtype(dtype, device, role), **kwargs
         )
     except OSError as err:
         raise ModelLoadError(f"cannot load model {name_or_path!r} ({path}): {err}") from err
@@ -312,10 +325,10 @@ def load_policy_and_reference(
             raise ModelLoadError(f"archive {archive} does not exist")
     common = dict(trust_remote_code=trust_remote_code, device=device, cache_dir=cache_dir,
                   archive_state=state, archive_source=str(archive))
-    policy = load_model(source, policy_dtype, **common)
+    policy = load_model(source, policy_dtype, role="policy", **common)
     reference = None
     if loss_needs_reference and not use_lora:
-        reference = load_model(source, reference_dtype, **common).eval()
+        reference = load_model(source, reference_dtype, role="reference", **common).eval()
         reference.requires_grad_(False)
     if use_lora:
         policy = wrap_lora(policy, lora_cfg)

@@ -144,7 +144,7 @@ class GranularTrainer(Trainer):
     def _get_grad_norm(self, model, grad_norm=None):
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         value = float(norm) if norm is not None else 0.0
-        skip, self._skip_step = False, False
+        skip, self._skip_step = self._skip_step, False
         indices, self._step_indices = self._step_indices, []
         if not math.isfinite(value):
             where = f"step {self.state.global_step + 1}, records {indices}"
@@ -263,7 +263,7 @@ class GranularTrainer(Trainer):
             if not self.loss_settings.skip_nonfinite:
                 raise NonFiniteError(f"non-finite loss ({loss.item()}) at {where}; set skip_nonfinite=true to skip")
             logger.warning("skipping non-finite loss at %s", where)
-            self.nonfinite_skipped += 1  # counted, and the whole optimizer step dropped, in _get_grad_norm
+            self._skip_step = True  # counted, and the whole optimizer step dropped, in _get_grad_norm
             loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
         else:
             self._store(metrics, "train")

@@ -6,7 +6,7 @@ by one: 7 * 8 = 49; digits swapped: 65; a carry slip: 66; a digit off by one: 57
 regions sit exactly on the wrong digits, in the research code's JSON format:
 
     {"prompt": "What is 7 * 8?", "correct_response": "7 * 8 = 56. The answer is 56.",
-     "incorrect_response": "7 * 8 = 57. The answer is 57.", "masked_regions": [[7, 8, -1], [26, 27, -1]]}
+     "incorrect_response": "7 * 8 = 57. The answer is 57.", "masked_regions": [[9, 10, -1], [27, 28, -1]]}
 """
 
 from __future__ import annotations

@@ -1,0 +1,186 @@
+"""Preflight checks before training: will the chosen batch fit in memory (CPU), and a checkpoint on disk?
+
+Called once the models are loaded, before the first step, so that a run that cannot fit fails in a
+second with the figures and what to change, instead of being killed by the OOM killer an hour in or
+dying half-way through writing a checkpoint:
+
+    from granular_po.resources import preflight
+    preflight(cfg, policy, reference, settings)   # raises ResourceError (a ValueError) or returns
+
+The memory figure is an estimate, deliberately simple (shapes times a per-token factor), not a
+measurement; it errs on the large side for activations, since the cost of being wrong is an OOM kill.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+GIB = 1024**3
+# optimizer state tensors kept per trainable parameter (torch.optim defaults: SGD has no momentum)
+OPTIMIZER_STATES = {"SGD": 0, "Adagrad": 1, "RMSprop": 1, "ASGD": 2, "Adam": 2, "AdamW": 2, "Adamax": 2,
+                    "NAdam": 2, "RAdam": 2, "Adadelta": 2, "Rprop": 2, "SparseAdam": 2, "LBFGS": 2}
+# hidden-sized values kept per token and layer for the backward pass of a pre-norm decoder block:
+# norms, q/k/v/o inputs and outputs, the residual, and the MLP's ~3 x (2.7 x hidden) intermediates
+ACTIVATION_FACTOR = 18
+# with activation checkpointing only each layer's input is kept (plus one layer recomputed at a time)
+CHECKPOINTED_FACTOR = 2
+# logits chunk: logits, log_softmax and their gradient, in float32
+LOGIT_COPIES = 3
+# tokenizer, trainer state, RNG state, config files, and slack for the filesystem
+CHECKPOINT_MARGIN = 256 * 1024**2
+
+
+class ResourceError(ValueError):
+    """The run cannot fit: names the estimate, what is available, and what to change."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak memory of one training step, in bytes, by part."""
+
+    parameters: int  # policy weights
+    reference: int  # reference weights (0 without one)
+    gradients: int
+    optimizer: int
+    activations: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return self.parameters + self.reference + self.gradients + self.optimizer + self.activations + self.logits
+
+    @property
+    def beyond_loaded(self) -> int:
+        """What the first step adds to the already loaded weights."""
+        return self.total - self.parameters - self.reference
+
+    def describe(self) -> str:
+        parts = ("parameters", "reference", "gradients", "optimizer", "activations", "logits")
+        return ", ".join(f"{name} {_gib(getattr(self, name))}" for name in parts)
+
+
+def _gib(n_bytes: float) -> str:
+    return f"{n_bytes / GIB:.2f} GiB"
+
+
+def _config_int(config, names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    text_config = getattr(config, "text_config", None)
+    return _config_int(text_config, names, default) if text_config is not None else default
+
+
+def _bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def estimate_memory(policy: nn.Module, reference: nn.Module | None, per_device_batch: int, rows_per_example: int,
+                    max_length: int, optimizer: str, activation_checkpointing: bool = False,
+                    logprobs_impl: str = "chunked", chunk_size: int = 1024) -> MemoryEstimate:
+    """Estimated peak bytes of one training micro-batch of `per_device_batch` examples, each of
+    `rows_per_example` sequences (2 for preference pairs) of at most `max_length` tokens."""
+    params = list(policy.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    config = getattr(policy, "config", None)
+    hidden = _config_int(config, ("hidden_size", "n_embd", "d_model"), 1024)
+    layers = _config_int(config, ("num_hidden_layers", "n_layer", "num_layers"), 12)
+    heads = _config_int(config, ("num_attention_heads", "n_head"), 16)
+    vocab = _config_int(config, ("vocab_size",), 32000)
+    element = params[0].element_size() if params else 4
+
+    tokens = per_device_batch * rows_per_example * max_length  # (B * rows, T) flattened
+    factor = CHECKPOINTED_FACTOR if activation_checkpointing else ACTIVATION_FACTOR
+    per_token_layer = factor * hidden + heads * max_length  # + attention probabilities, one row per head
+    activations = tokens * layers * per_token_layer * element
+    if activation_checkpointing:  # one layer's full activations exist while it is recomputed
+        activations += tokens * (ACTIVATION_FACTOR * hidden + heads * max_length) * element
+    logit_rows = min(chunk_size, tokens) if logprobs_impl == "chunked" else tokens * (1 + (reference is not None))
+    states = OPTIMIZER_STATES.get(optimizer, 2)
+    return MemoryEstimate(
+        parameters=_bytes(params),
+        reference=_bytes(reference.parameters()) if reference is not None else 0,
+        gradients=_bytes(trainable),
+        optimizer=states * _bytes(trainable),
+        activations=activations,
+        logits=logit_rows * vocab * 4 * LOGIT_COPIES,
+    )
+
+
+def checkpoint_bytes(policy: nn.Module, optimizer: str) -> int:
+    """Bytes of one checkpoint: weights (the adapter only for LoRA) + optimizer state + margin."""
+    params = list(policy.parameters())
+    trainable = _bytes(p for p in params if p.requires_grad)
+    weights = trainable if hasattr(policy, "peft_config") else _bytes(params)
+    return weights + OPTIMIZER_STATES.get(optimizer, 2) * trainable + CHECKPOINT_MARGIN
+
+
+def _existing_parent(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _on_cpu(policy: nn.Module) -> bool:
+    first = next(iter(policy.parameters()), None)
+    return first is None or first.device.type == "cpu"
+
+
+def check_memory(cfg, policy: nn.Module, reference: nn.Module | None, settings) -> MemoryEstimate | None:
+    """On CPU: raise ResourceError when the step's estimate exceeds the available memory."""
+    if not _on_cpu(policy):
+        return None
+    estimate = estimate_memory(
+        policy, reference, per_device_batch=settings.per_device_batch_size,
+        rows_per_example=2 if settings.loss.is_preference else 1, max_length=int(cfg.max_length),
+        optimizer=str(cfg.optimizer), activation_checkpointing=bool(cfg.activation_checkpointing),
+        logprobs_impl=str(cfg.logprobs.impl), chunk_size=int(cfg.logprobs.chunk_size),
+    )
+    available = psutil.virtual_memory().available
+    logger.info("memory estimate per step: %s (%s); available %s", _gib(estimate.total), estimate.describe(),
+                _gib(available))
+    if estimate.beyond_loaded > available:
+        raise ResourceError(
+            f"not enough memory: one training step needs about {_gib(estimate.total)} "
+            f"({estimate.describe()}), {_gib(estimate.beyond_loaded)} beyond the loaded weights, but only "
+            f"{_gib(available)} is available. Per device: {settings.per_device_batch_size} examples x "
+            f"{'2 sequences x ' if settings.loss.is_preference else ''}max_length={cfg.max_length}. "
+            f"Lower batch_size={cfg.batch_size} or max_length={cfg.max_length}, or raise "
+            f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} (same batch, fewer examples at once)"
+            + ("" if cfg.activation_checkpointing else ", or set activation_checkpointing=true")
+        )
+    return estimate
+
+
+def check_disk(cfg, policy: nn.Module, settings) -> int | None:
+    """Raise ResourceError when the run directory's disk cannot hold one checkpoint (skipped for debug)."""
+    if cfg.debug:
+        return None
+    needed = checkpoint_bytes(policy, str(cfg.optimizer))
+    where = _existing_parent(settings.run_dir)
+    free = shutil.disk_usage(where).free
+    if needed > free:
+        raise ResourceError(
+            f"not enough disk space for a checkpoint in {settings.run_dir}: one needs about {_gib(needed)} "
+            f"(weights + {cfg.optimizer} state + {_gib(CHECKPOINT_MARGIN)} margin), {_gib(free)} free on the disk "
+            f"of {where}. Free space there or point local_dirs elsewhere."
+        )
+    return needed
+
+
+def preflight(cfg, policy: nn.Module, reference: nn.Module | None, settings) -> None:
+    """Both checks, before the first step; raises ResourceError with the figures and what to change."""
+    with torch.no_grad():
+        check_memory(cfg, policy, reference, settings)
+        check_disk(cfg, policy, settings)
