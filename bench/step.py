@@ -25,20 +25,29 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-# name -> what the worker runs; "kind" picks the worker in workloads.py
+# name -> what the worker runs; "kind" picks the worker in workloads.py. Ours use the shipped config's
+# logprobs.chunk_size unless "chunk_size" is given.
 CONFIGS = {
-    "sft": {"label": "SFT", "kind": "ours", "loss": "sft", "impl": "chunked", "granular": False},
+    "trl-dpo": {"label": "TRL DPOTrainer", "kind": "trl"},
     "dpo": {"label": "DPO", "kind": "ours", "loss": "dpo", "impl": "chunked", "granular": False},
-    "tdpo-naive": {"label": "TDPO naive", "kind": "ours", "loss": "tdpo", "impl": "naive", "granular": False},
     "tdpo": {"label": "TDPO chunked", "kind": "ours", "loss": "tdpo", "impl": "chunked", "granular": False},
     "tdpo-gran": {"label": "TDPO chunked, granular", "kind": "ours", "loss": "tdpo", "impl": "chunked",
                   "granular": True},
+    "tdpo-naive": {"label": "TDPO naive", "kind": "ours", "loss": "tdpo", "impl": "naive", "granular": False},
+    "sft": {"label": "SFT", "kind": "ours", "loss": "sft", "impl": "chunked", "granular": False},
     "tdpo-naive-gran": {"label": "TDPO naive, granular", "kind": "ours", "loss": "tdpo", "impl": "naive",
                         "granular": True},
-    "trl-dpo": {"label": "TRL DPOTrainer", "kind": "trl"},
+    "dpo-256": {"label": "DPO, chunk_size=256", "kind": "ours", "loss": "dpo", "impl": "chunked",
+                "granular": False, "chunk_size": 256},
+    "tdpo-256": {"label": "TDPO chunked, chunk_size=256", "kind": "ours", "loss": "tdpo", "impl": "chunked",
+                 "granular": False, "chunk_size": 256},
 }
-DEFAULT_CONFIGS = ["sft", "dpo", "tdpo-naive", "tdpo", "tdpo-gran", "trl-dpo"]
-QUICK_CONFIGS = ["sft", "dpo", "tdpo", "tdpo-gran", "trl-dpo"]
+# in this order: the pairs compared with each other run next to each other (the load of a shared machine drifts)
+DEFAULT_CONFIGS = ["trl-dpo", "dpo", "tdpo", "tdpo-gran", "tdpo-naive", "sft"]
+# run last, and only while the projected end stays inside --budget-min
+OPTIONAL_CONFIGS = ["dpo-256", "tdpo-256"]
+QUICK_CONFIGS = ["trl-dpo", "dpo", "tdpo", "tdpo-gran", "sft"]
+MICRO_CHUNK = 256  # the logits micro-benchmark also runs at this chunk size
 
 # the issue's targets (issue 7), checked against the measured ratios
 TARGET_DPO_THROUGHPUT = 1.3  # our DPO tokens/s >= 1.3 x TRL's
@@ -59,6 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-6)
     p.add_argument("--configs", default=None, help=f"comma-separated subset of {','.join(CONFIGS)}")
     p.add_argument("--quick", action="store_true", help="1 measured step each, TDPO naive left out")
+    p.add_argument("--budget-min", type=float, default=14.0,
+                   help="optional configurations are skipped when they would end the run after this many minutes")
     p.add_argument("--matmul-size", type=int, default=4096, help="side of the square matmuls timed for the peak")
     p.add_argument("--no-micro", action="store_true", help="skip the logits-memory and matmul-peak micro-benchmarks")
     p.add_argument("--profile", default=None, metavar="DIR",
@@ -97,13 +108,17 @@ def run_spec(spec: dict, in_process: bool, log_dir: Path) -> dict:
 
 
 def specs(args: argparse.Namespace) -> list[dict]:
-    names = args.configs.split(",") if args.configs else (QUICK_CONFIGS if args.quick else DEFAULT_CONFIGS)
+    if args.configs:
+        names = args.configs.split(",")
+    else:
+        names = QUICK_CONFIGS if args.quick else DEFAULT_CONFIGS + OPTIONAL_CONFIGS
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
     common = {"model": args.model, "steps": args.steps, "warmup": args.warmup, "batch": args.batch,
               "seq_len": args.seq_len, "optimizer": args.optimizer, "lr": args.lr}
-    out = [{**CONFIGS[n], **common, "name": n} for n in names]
+    out = [{**CONFIGS[n], **common, "name": n, "optional": not args.configs and n in OPTIONAL_CONFIGS}
+           for n in names]
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
         for spec in out:
@@ -114,10 +129,13 @@ def specs(args: argparse.Namespace) -> list[dict]:
 def micro_specs(args: argparse.Namespace, hidden: int, vocab: int, chunk_size: int) -> list[dict]:
     logits = {"kind": "logits", "rows": 2 * args.batch, "seq_len": args.seq_len, "hidden": hidden,
               "vocab": vocab, "need_kl": True, "chunk_size": chunk_size}
-    return [
+    out = [
         {**logits, "name": "logits-naive", "impl": "naive"},
         {**logits, "name": "logits-chunked", "impl": "chunked"},
     ]
+    if chunk_size != MICRO_CHUNK:
+        out.append({**logits, "name": f"logits-chunked-{MICRO_CHUNK}", "impl": "chunked", "chunk_size": MICRO_CHUNK})
+    return out
 
 
 def model_shape(model: str) -> tuple[int, int]:
@@ -170,96 +188,127 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("met" if ok else "**not met**")
 
 
-def build_table(args, results: dict[str, dict], micro: dict[str, dict], peak_flops: float | None) -> str:
-    """The markdown report: one row per configuration, ratios to TRL and to our DPO, then the targets."""
+def _tokens_per_s(r: dict) -> float:
+    return r["tokens_per_step"] / r["median_s"]
+
+
+def _flops_per_step(name: str, r: dict) -> float:
+    """6 x params per token trained (forward + backward), plus 2 x params per token of reference forward."""
+    flops = 6 * r["params"] * r["tokens_per_step"]
+    if CONFIGS[name].get("loss", "dpo") != "sft":
+        flops += 2 * r["params"] * r["tokens_per_step"]
+    return flops
+
+
+def results_table(results: dict[str, dict], peak_flops: float | None) -> list[str]:
+    """One row per configuration: absolute figures, then ratios to TRL's DPO and to our DPO."""
     trl, dpo = results.get("trl-dpo"), results.get("dpo")
     lines = [
-        "| configuration | weighted share | s / step | CPU s / step | tokens / s | peak RSS (GiB) | time / TRL | "
-        "throughput / TRL | memory / TRL | time / our DPO | memory / our DPO | MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| configuration | chunk_size | weighted tokens | s / step | CPU s / step | tokens / s | peak RSS (GiB) "
+        "| time / TRL | throughput / TRL | memory / TRL | time / our DPO | memory / our DPO | MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        tps = r["tokens_per_step"] / r["median_s"]
-        # training: 6 x params per token (forward + backward); the reference forward: 2 x params per token
-        flops = 6 * r["params"] * r["tokens_per_step"]
-        if CONFIGS[name].get("loss", "dpo") != "sft":
-            flops += 2 * r["params"] * r["tokens_per_step"]
-        mfu = f"{100 * flops / r['median_s'] / peak_flops:.0f}%" if peak_flops else ""
-        trl_tps = trl["tokens_per_step"] / trl["median_s"] if trl else None
+        tps = _tokens_per_s(r)
+        mfu = f"{100 * _flops_per_step(name, r) / r['median_s'] / peak_flops:.0f}%" if peak_flops else ""
+        chunk = "" if CONFIGS[name]["kind"] == "trl" else ("-" if CONFIGS[name]["impl"] == "naive" else r["chunk_size"])
         lines.append(
-            f"| {CONFIGS[name]['label']} | {100 * r['weighted_share']:.0f}% | {r['median_s']:.2f} | "
-            f"{r['median_cpu_s']:.1f} | {tps:.0f} | "
-            f"{r['peak_rss_mb'] / 1024:.2f} | {_ratio(r['median_s'], trl and trl['median_s'])} | "
-            f"{_ratio(tps, trl_tps)} | {_ratio(r['peak_rss_mb'], trl and trl['peak_rss_mb'])} | "
-            f"{_ratio(r['median_s'], dpo and dpo['median_s'])} | "
+            f"| {CONFIGS[name]['label']} | {chunk} | {100 * r['weighted_share']:.0f}% | {r['median_s']:.2f} | "
+            f"{r['median_cpu_s']:.1f} | {tps:.0f} | {r['peak_rss_mb'] / 1024:.2f} | "
+            f"{_ratio(r['median_s'], trl and trl['median_s'])} | {_ratio(tps, trl and _tokens_per_s(trl))} | "
+            f"{_ratio(r['peak_rss_mb'], trl and trl['peak_rss_mb'])} | {_ratio(r['median_s'], dpo and dpo['median_s'])} | "
             f"{_ratio(r['peak_rss_mb'], dpo and dpo['peak_rss_mb'])} | {mfu} |"
         )
-    lines += ["", *targets(results, micro)]
-    if micro.get("logits-naive") and micro.get("logits-chunked"):
-        naive, chunked = micro["logits-naive"], micro["logits-chunked"]
-        lines += [
-            "",
-            f"Logits-related peak (compute_token_stats forward + backward with the KL, {2 * args.batch} rows x "
-            f"{args.seq_len} tokens, V = {micro['vocab']}, chunk_size = {micro['chunk_size']}; peak RSS above "
-            f"its inputs, fresh process each): naive {naive['logits_peak_mb']:.0f} MiB "
-            f"({naive['seconds']:.1f} s), chunked {chunked['logits_peak_mb']:.0f} MiB ({chunked['seconds']:.1f} s).",
-        ]
-    return "\n".join(lines)
+    return lines
 
 
-def targets(results: dict[str, dict], micro: dict[str, dict]) -> list[str]:
+def targets_table(results: dict[str, dict], micro: dict) -> list[str]:
+    """The issue's targets beside the measured ratios."""
     r = results
-    tps = {k: v["tokens_per_step"] / v["median_s"] for k, v in r.items()}
     out = ["| target (issue 7) | measured | |", "|---|---|---|"]
 
     def row(text: str, value: str, ok: bool | None):
         out.append(f"| {text} | {value} | {_verdict(ok)} |")
 
     if "dpo" in r and "trl-dpo" in r:
-        ratio = tps["dpo"] / tps["trl-dpo"]
-        row(f"our DPO throughput >= {TARGET_DPO_THROUGHPUT}x TRL DPOTrainer", f"{ratio:.2f}x",
+        ratio = _tokens_per_s(r["dpo"]) / _tokens_per_s(r["trl-dpo"])
+        row(f"our DPO throughput >= {TARGET_DPO_THROUGHPUT}x TRL's DPOTrainer", f"{ratio:.2f}x",
             ratio >= TARGET_DPO_THROUGHPUT)
         mem = r["dpo"]["peak_rss_mb"] / r["trl-dpo"]["peak_rss_mb"]
         row("our DPO peak memory <= TRL's", f"{mem:.2f}x", mem <= 1.0)
-    if "dpo" in r and "tdpo" in r:
-        t = r["tdpo"]["median_s"] / r["dpo"]["median_s"]
-        row(f"TDPO chunked time <= {TARGET_TDPO_TIME}x our DPO", f"{t:.2f}x", t <= TARGET_TDPO_TIME)
-        m = r["tdpo"]["peak_rss_mb"] / r["dpo"]["peak_rss_mb"]
-        row(f"TDPO chunked peak memory <= {TARGET_TDPO_MEMORY}x our DPO", f"{m:.2f}x", m <= TARGET_TDPO_MEMORY)
-    if micro.get("logits-naive") and micro.get("logits-chunked"):
-        m = micro["logits-naive"]["logits_peak_mb"] / max(micro["logits-chunked"]["logits_peak_mb"], 1.0)
-        row(f"logits-related peak: naive >= {TARGET_LOGITS_MEMORY}x chunked (V={micro['vocab']}, "
-            f"T={micro['seq_len']})", f"{m:.1f}x", m >= TARGET_LOGITS_MEMORY)
+    for name, base in (("tdpo", "dpo"), ("tdpo-256", "dpo-256" if "dpo-256" in r else "dpo")):
+        if base in r and name in r:
+            label = f"TDPO chunked (chunk_size {r[name]['chunk_size']})"
+            versus = f"our DPO (chunk_size {r[base]['chunk_size']})"
+            t = r[name]["median_s"] / r[base]["median_s"]
+            row(f"{label} time <= {TARGET_TDPO_TIME}x {versus}", f"{t:.2f}x", t <= TARGET_TDPO_TIME)
+            m = r[name]["peak_rss_mb"] / r[base]["peak_rss_mb"]
+            row(f"{label} peak memory <= {TARGET_TDPO_MEMORY}x {versus}", f"{m:.2f}x", m <= TARGET_TDPO_MEMORY)
+    naive = micro.get("logits-naive")
+    for key in sorted(k for k in micro if isinstance(micro[k], dict) and k.startswith("logits-chunked")):
+        if naive:
+            m = naive["logits_peak_mb"] / max(micro[key]["logits_peak_mb"], 1.0)
+            row(f"logits-related peak of chunked (chunk_size {micro[key]['chunk_size']}) >= "
+                f"{TARGET_LOGITS_MEMORY:g}x below naive (V={micro['vocab']}, T={micro['seq_len']})", f"{m:.1f}x",
+                m >= TARGET_LOGITS_MEMORY)
     if "tdpo" in r and "tdpo-gran" in r:
         t = r["tdpo-gran"]["median_s"] / r["tdpo"]["median_s"]
         share = 100 * r["tdpo-gran"]["weighted_share"]
-        row(f"granular TDPO ({share:.0f}% weighted) measurably cheaper than all weights 1 (< {GRANULAR_CHEAPER}x)",
-            f"{t:.2f}x time", t < GRANULAR_CHEAPER)
-    row("GPU (bf16): same ratios; >= 1B model, TDPO at batch 8 x 1024 on one H100 where naive runs out",
-        "no GPU lent to this run", None)
+        row(f"granular TDPO ({share:.0f}% of response tokens weighted) measurably cheaper than all weights 1 "
+            f"(< {GRANULAR_CHEAPER}x the time)", f"{t:.2f}x time", t < GRANULAR_CHEAPER)
+    row("GPU (bf16): the same ratios; a >= 1B model with TDPO at batch 8 x 1024 on one H100 where naive "
+        "runs out of memory", "no GPU lent to this run", None)
     return out
 
 
-def report(args, results, micro, peak, started: float, load_before, load_after) -> str:
+def micro_lines(args, micro: dict) -> list[str]:
+    runs = [v for v in micro.values() if isinstance(v, dict)]
+    if not runs:
+        return []
+    parts = []
+    for v in runs:
+        what = "naive" if v["impl"] == "naive" else f"chunked (chunk_size {v['chunk_size']})"
+        parts.append(f"{what}: {v['logits_peak_mb']:.0f} MiB, {v['seconds']:.1f} s")
+    return [
+        f"Logits-related peak memory: `compute_token_stats` forward + backward with the KL (TDPO), on random "
+        f"hidden states, {2 * args.batch} rows x {args.seq_len} tokens, H = {runs[0]['hidden']}, "
+        f"V = {micro['vocab']}, the first quarter of each row unweighted (the prompt); peak RSS above its "
+        "inputs: " + "; ".join(parts) + ".",
+    ]
+
+
+def report(args, results, micro, peak, started: float, loads: tuple[str, str], notes: list[str]) -> str:
     first = next(iter(results.values()), {})
-    header = [
+    where = ("every configuration in this one process (--in-process: peak RSS accumulates, not comparable)"
+             if args.in_process else "each configuration in a fresh process (peak RSS = its ru_maxrss: models, "
+             "gradients, optimizer state and activations)")
+    lines = [
         "# Benchmark: seconds per optimizer step, throughput, peak memory (issue 7)",
         "",
-        f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; wall time of the whole run: "
+        f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; the whole run took "
         f"{(time.time() - started) / 60:.1f} min",
-        f"- machine: {machine()}; load average {load_before} before, {load_after} after "
-        "(the machine may be shared: compare the ratios, which are measured side by side, not absolute times)",
+        f"- machine: {machine()}; load average {loads[0]} before, {loads[1]} after. The machine may be "
+        "shared: the ratios, measured side by side in one run, carry over; absolute times do not",
         f"- software: {versions()}; Python {platform.python_version()}",
         f"- work: model `{args.model}` ({first.get('params', 0) / 1e6:.1f}M parameters), {args.batch} pairs "
-        f"(SFT: {args.batch} rows) x {args.seq_len} tokens, no padding, fp32 on CPU, optimizer {args.optimizer}, "
-        f"lr {args.lr}; median of {args.steps} optimizer step(s) after {args.warmup} warm-up step(s); "
-        "each configuration in a fresh process (peak RSS = its ru_maxrss, models and optimizer included)",
+        f"(SFT: {args.batch} rows) x {args.seq_len} tokens, every row full (no padding), fp32 on CPU, "
+        f"optimizer {args.optimizer} (lr {args.lr}), no activation checkpointing; the median of {args.steps} "
+        f"optimizer step(s) after {args.warmup} warm-up step(s); {where}",
+        "- ours: `run_training` with the shipped config and overrides (loss, logprobs.impl, granular.enabled, "
+        "batch_size, max_length, optimizer, debug=true); TRL: `DPOTrainer` + `DPOConfig` (precompute off, "
+        "bf16 and gradient checkpointing off to match) on the same token ids, models and optimizer class",
         "- matmul peak (best fp32 square matmul, same threads): "
-        + (f"{peak / 1e9:.0f} GFLOP/s; MFU = (6 x params x tokens, + 2 x params x tokens for the reference) "
-           "/ step time / peak" if peak else "not measured"),
+        + (f"{peak / 1e9:.0f} GFLOP/s. MFU = (6 x params x tokens, + 2 x params x tokens for the reference "
+           "forward) / step time / that peak" if peak else "not measured"),
+        *[f"- note: {n}" for n in notes],
         "",
+        *results_table(results, peak),
+        "",
+        *targets_table(results, micro),
+        "",
+        *micro_lines(args, micro),
     ]
-    return "\n".join(header) + build_table(args, results, micro, peak) + "\n"
+    return "\n".join(lines) + "\n"
 
 
 def _load() -> str:
@@ -278,26 +327,50 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.result).write_text(json.dumps(run_worker(json.loads(args.worker))))
         return 0
     started, load_before = time.time(), _load()
-    results, micro, peak = {}, {}, None
+    results, micro, peak, notes, wall = {}, {}, None, [], {}
+
+    def stamp(name: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}, {(time.time() - started) / 60:.1f} min] {name} ...", flush=True)
+
     with tempfile.TemporaryDirectory(prefix="granular-bench-logs-") as tmp:
         log_dir = Path(tmp)
         if not args.no_micro:
-            peak = run_spec({"kind": "matmul", "name": "matmul", "sizes": [args.matmul_size // 2, args.matmul_size]},
-                            args.in_process, log_dir)["matmul_flops"]
-        for spec in specs(args):
-            print(f"[{time.strftime('%H:%M:%S')}] {spec['name']} ...", flush=True)
-            results[spec["name"]] = run_spec(spec, args.in_process, log_dir)
-            r = results[spec["name"]]
-            print(f"    {r['median_s']:.2f} s/step (steps {[round(s, 2) for s in r['step_s']]}), "
+            stamp("matmul peak")
+            spec = {"kind": "matmul", "name": "matmul", "sizes": [args.matmul_size // 2, args.matmul_size]}
+            peak = run_spec(spec, args.in_process, log_dir)["matmul_flops"]
+
+        def measure(spec: dict) -> None:
+            stamp(spec["name"])
+            begin = time.time()
+            r = results[spec["name"]] = run_spec(spec, args.in_process, log_dir)
+            wall[spec["name"]] = time.time() - begin
+            print(f"    {r['median_s']:.2f} s/step (steps {[round(x, 2) for x in r['step_s']]}), "
                   f"peak RSS {r['peak_rss_mb']:.0f} MiB", flush=True)
+
+        todo = specs(args)
+        for spec in [s for s in todo if not s["optional"]]:
+            measure(spec)
+        default_chunk = next((r["chunk_size"] for r in results.values() if r.get("chunk_size")), 1024)
         if not args.no_micro:
             hidden, vocab = model_shape(args.model)
-            chunk = next((r["chunk_size"] for r in results.values() if r.get("chunk_size")), 1024)
-            micro = {"vocab": vocab, "seq_len": args.seq_len, "chunk_size": chunk}
-            for spec in micro_specs(args, hidden, vocab, chunk):
-                print(f"[{time.strftime('%H:%M:%S')}] {spec['name']} ...", flush=True)
-                micro[spec["name"]] = run_spec(spec, args.in_process, log_dir)
-    text = report(args, results, micro, peak, started, load_before, _load())
+            micro = {"vocab": vocab, "seq_len": args.seq_len}
+            for spec in micro_specs(args, hidden, vocab, default_chunk):
+                stamp(spec["name"])
+                micro[spec["name"]] = {**run_spec(spec, args.in_process, log_dir), "impl": spec["impl"],
+                                       "chunk_size": spec["chunk_size"], "hidden": hidden}
+        for spec in [s for s in todo if s["optional"]]:
+            if spec.get("chunk_size") == default_chunk:
+                continue  # the shipped default already: its row is above
+            guess = wall.get(spec.get("loss", ""), 0.0)  # as long as the same loss at the default chunk size
+            if (time.time() - started + guess) / 60 > args.budget_min:
+                notes.append(f"{CONFIGS[spec['name']]['label']} skipped: it would end the run after "
+                             f"--budget-min {args.budget_min:g} min")
+                continue
+            measure(spec)
+    for name, r in results.items():
+        if CONFIGS[name].get("impl") == "chunked" and not r.get("hidden_path", True):
+            notes.append(f"{CONFIGS[name]['label']} took the full-logits route (supports_hidden_path was false)")
+    text = report(args, results, micro, peak, started, (load_before, _load()), notes)
     print("\n" + text)
     Path(args.out).write_text(text)
     print(f"written to {args.out}")

@@ -179,8 +179,11 @@ def run_ours(spec: dict) -> dict:
         data = Path(tmp) / "pairs.json"
         write_pairs(data, spec)
         cfg = compose_config(_overrides(spec, data, Path(tmp) / "runs"))
-        run.GranularTrainer = TimedGranularTrainer
-        run.run_training(cfg)
+        shipped, run.GranularTrainer = run.GranularTrainer, TimedGranularTrainer
+        try:
+            run.run_training(cfg)
+        finally:
+            run.GranularTrainer = shipped
         trainer = seen["trainer"]
         # the weighted share and row lengths of exactly what was trained on
         tokenizer = load_tokenizer(resolve_model_path(spec["model"]))

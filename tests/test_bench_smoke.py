@@ -58,7 +58,7 @@ def test_bench_runs_one_step_per_configuration(tiny_model_dir, tmp_path, one_thr
     assert "our DPO throughput" in text and "logits-related peak" in text
     # the granular run really weighs a fraction of the response tokens; the others all of them
     row = next(line for line in text.splitlines() if line.startswith("| TDPO chunked, granular |"))
-    share = int(row.split("|")[2].strip().rstrip("%"))
+    share = int(row.split("|")[3].strip().rstrip("%"))
     assert 3 <= share <= 30
 
 

@@ -7,6 +7,9 @@
 - A non-finite gradient norm with a finite loss: a hook on the embedding output turns its gradient
   into inf for batches holding the poison token. Same two behaviours.
 - A batch whose token weights are all zero is reported by record index, and its loss stays finite.
+- Resource limits (`granular_po.resources.preflight`): too little memory for the batch (CPU) or too
+  little disk for a checkpoint stops the run before its first step, with the figures and what to
+  change (psutil / shutil figures monkeypatched); real figures let a tiny run through.
 """
 
 from __future__ import annotations
@@ -14,15 +17,18 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
+import psutil
 import pytest
 import torch
 
-from granular_po import models
+from granular_po import models, resources
 from granular_po.cli import train_main
+from granular_po.config import compose_config, validate
 from granular_po.testing import tiny_llama, tiny_tokenizer
-from granular_po.trainer import NonFiniteError
 
 POISON = "Q"  # a byte token that only the poison record's text holds (special tokens in text are split)
 POISON_RECORD = 5
@@ -115,8 +121,7 @@ class ParameterTrace:
         return any(not torch.equal(before[k].nan_to_num(), after[k].nan_to_num()) for k in before)  # NaN row
 
 
-def _assert_stops(error: NonFiniteError, what: str, run_dir: Path) -> int:
-    message = str(error)
+def _assert_stops(message: str, what: str, run_dir: Path) -> int:
     match = re.search(rf"non-finite {what} \((nan|inf|-inf)\) at step (\d+), records \[([\d, ]+)\]", message)
     assert match, message
     step, indices = int(match.group(2)), [int(i) for i in match.group(3).split(",")]
@@ -129,10 +134,18 @@ def _assert_stops(error: NonFiniteError, what: str, run_dir: Path) -> int:
     return step
 
 
-def test_nonfinite_loss_stops_naming_step_and_records(tiny_dirs, tmp_path):
-    with pytest.raises(NonFiniteError) as info:
-        train_main(argv(tiny_dirs, tmp_path, "nan_embedding", records(), ["loss=sft"]))
-    _assert_stops(info.value, "loss", tmp_path / "runs" / "run")
+def _stops_with_message(run_argv: list[str], capsys) -> str:
+    """The CLI stops with exit status 1 and a one-line `error:` (a NonFiniteError), no traceback."""
+    capsys.readouterr()
+    assert train_main(run_argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.split("error: ", 1)[1]
+
+
+def test_nonfinite_loss_stops_naming_step_and_records(tiny_dirs, tmp_path, capsys):
+    message = _stops_with_message(argv(tiny_dirs, tmp_path, "nan_embedding", records(), ["loss=sft"]), capsys)
+    _assert_stops(message, "loss", tmp_path / "runs" / "run")
 
 
 def test_nonfinite_loss_skipped_and_counted(tiny_dirs, tmp_path, monkeypatch):
@@ -148,14 +161,13 @@ def test_nonfinite_loss_skipped_and_counted(tiny_dirs, tmp_path, monkeypatch):
     assert all(trace.changed(i) for i in range(len(trace.snapshots)) if i != bad)
 
 
-def test_nonfinite_grad_norm_stops_naming_step_and_records(tiny_dirs, tmp_path, monkeypatch):
+def test_nonfinite_grad_norm_stops_naming_step_and_records(tiny_dirs, tmp_path, monkeypatch, capsys):
     poison_id = tiny_tokenizer("byte_level").convert_tokens_to_ids(POISON)
     ParameterTrace(monkeypatch, poison_id, inf_grad=True)
     # accumulation 2: the step's records come from two micro-batches and all must be named
     extra = ["loss=dpo", "loss.beta=0.5", "granular=true", "batch_size=2", "gradient_accumulation_steps=2"]
-    with pytest.raises(NonFiniteError) as info:
-        train_main(argv(tiny_dirs, tmp_path, "clean", records(), extra))
-    _assert_stops(info.value, "gradient norm", tmp_path / "runs" / "run")
+    message = _stops_with_message(argv(tiny_dirs, tmp_path, "clean", records(), extra), capsys)
+    _assert_stops(message, "gradient norm", tmp_path / "runs" / "run")
 
 
 def test_nonfinite_grad_norm_skipped_and_counted(tiny_dirs, tmp_path, monkeypatch):
@@ -191,3 +203,74 @@ def test_all_zero_weight_batch_is_reported_not_divided_by_zero(tiny_dirs, tmp_pa
     zero_steps = [r for r in logged if r["grad_norm"] == 0.0]
     assert len(zero_steps) == 2
     assert all(r["loss/train"] == pytest.approx(0.6931, abs=1e-4) for r in zero_steps)
+
+
+# ---------------------------------------------------------------- resource limits
+
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the memory check applies to CPU training")
+
+
+@cpu_only
+def test_too_little_memory_stops_before_training(tiny_dirs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=64 * 1024))
+    extra = ["loss=dpo", "loss.beta=0.5", "batch_size=4", "gradient_accumulation_steps=2"]
+    assert train_main(argv(tiny_dirs, tmp_path, "clean", records(None), extra)) == 2
+    err = capsys.readouterr().err
+    match = re.search(r"error: not enough memory: one training step needs about ([\d.]+ MiB) \(.*\), "
+                      r"[\d.]+ MiB more than this process holds now, but only ([\d.]+ MiB) is available", err)
+    assert match, err
+    assert float(match.group(1).split()[0]) > 1 and match.group(2) == "0.1 MiB"
+    for hint in ("2 examples x 2 sequences x max_length=48", "batch_size=4", "max_length=48",
+                 "gradient_accumulation_steps=2", "activation_checkpointing=true"):
+        assert hint in err, hint
+    assert not list((tmp_path / "runs" / "run").glob("step-*")) and not (tmp_path / "runs" / "run" / "metrics.jsonl").exists()
+
+
+def test_too_little_disk_for_a_checkpoint_stops_before_training(tiny_dirs, tmp_path, monkeypatch, capsys):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=10 * 1024**2))
+    assert train_main(argv(tiny_dirs, tmp_path, "clean", records(None), ["loss=sft"])) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"error: not enough disk space for a checkpoint in {re.escape(str(tmp_path / 'runs' / 'run'))}: "
+                     r"one needs about [\d.]+ MiB .*, 10.0 MiB free", err), err
+    assert "local_dirs" in err
+    assert not list((tmp_path / "runs" / "run").glob("step-*"))
+
+
+def _tiny_setup(tmp_path, overrides):
+    cfg = compose_config([f"local_dirs=[{tmp_path}]", "model.name_or_path=unused", *overrides])
+    model = tiny_llama(len(tiny_tokenizer("byte_level")), hidden_size=32)
+    return cfg, model, validate(cfg)
+
+
+def test_preflight_passes_with_real_figures_and_skips_disk_for_debug(tmp_path, monkeypatch):
+    cfg, model, settings = _tiny_setup(tmp_path, ["loss=dpo", "loss.beta=0.1"])
+    resources.preflight(cfg, model, model, settings)  # a tiny model fits anywhere
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=1, used=1, free=0))
+    with pytest.raises(resources.ResourceError, match="disk space"):
+        resources.check_disk(cfg, model, settings)
+    cfg_debug, _, settings_debug = _tiny_setup(tmp_path, ["loss=dpo", "loss.beta=0.1", "debug=true"])
+    resources.preflight(cfg_debug, model, model, settings_debug)  # debug saves nothing: no disk check
+
+
+def test_memory_estimate_scales_with_batch_length_and_optimizer():
+    """Activations grow with batch x length (x2 for pairs); AdamW keeps two states per parameter,
+    SGD none; the checkpoint holds weights + optimizer state + margin."""
+    model = tiny_llama(300, hidden_size=32)
+    n_bytes = sum(p.numel() * 4 for p in model.parameters())
+
+    def estimate(**kw):
+        args = dict(per_device_batch=2, rows_per_example=2, max_length=64, optimizer="AdamW")
+        return resources.estimate_memory(model, None, **{**args, **kw})
+
+    base = estimate()
+    assert base.parameters == base.gradients == n_bytes and base.optimizer == 2 * n_bytes
+    assert estimate(optimizer="SGD").optimizer == 0
+    assert estimate(per_device_batch=4).activations == 2 * base.activations
+    assert estimate(rows_per_example=1).activations * 2 == base.activations
+    assert estimate(max_length=128).activations == 2 * base.activations  # sdpa keeps no (T, T) scores
+    model.config._attn_implementation = "eager"
+    assert estimate(max_length=128).activations > 2 * estimate().activations  # eager does
+    model.config._attn_implementation = "sdpa"
+    assert estimate(activation_checkpointing=True).activations < base.activations
+    assert resources.checkpoint_bytes(model, "AdamW") == 3 * n_bytes + resources.CHECKPOINT_MARGIN

@@ -224,3 +224,74 @@ def test_sigkill_resume_tdpo_accumulation_two_epochs(tmp_path):
     kills = ["checkpoint", "random", "checkpoint", "random", "random"]
     log = _kill_resume_case(root, extra, kills, n_steps=16, seed=SEED)
     print(log)
+
+
+# ---------------------------------------------------------------- in-process faults around checkpoints
+
+
+def in_process_args(root: Path, exp: str, extra: list[str]) -> list[str]:
+    return command(root, exp, extra)[3:]  # without `python -u train.py`
+
+
+def test_truncate_metrics_drops_rerun_steps_and_a_torn_line(tmp_path):
+    from granular_po.checkpoints import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss/train": float(s)}) for s in (0, 1, 2, 3, 4)]
+    path.write_text("\n".join(lines) + '\n{"step": 5, "loss/tr')  # killed mid-append
+    assert truncate_metrics(path, 2) == 3
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
+    assert truncate_metrics(path, 2) == 0
+    assert truncate_metrics(path, 0) == 3 and path.read_text() == ""  # from scratch: nothing kept
+    assert truncate_metrics(tmp_path / "absent.jsonl", 3) == 0
+
+
+def test_disk_full_during_a_checkpoint_leaves_the_previous_one_and_resumes(tmp_path, monkeypatch, capsys):
+    """ENOSPC while writing step-2's optimizer state: the run stops, step-1 and LATEST stay intact, the
+    half-written `.tmp-step-2` is removed by the next launch, which resumes from step-1 and finishes."""
+    import errno
+
+    from granular_po.cli import train_main
+    from granular_po.trainer import GranularTrainer
+
+    root = make_workspace(tmp_path, n_pairs=8)
+    args = in_process_args(root, "full", ["loss=sft", "batch_size=2", "save_every=2", "warmup_steps=0"])
+    original = GranularTrainer._save_optimizer_and_scheduler
+
+    def disk_full(self, output_dir):
+        if self.state.global_step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", output_dir)
+        return original(self, output_dir)
+
+    monkeypatch.setattr(GranularTrainer, "_save_optimizer_and_scheduler", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train_main(args)
+    run_dir = root / "runs" / "full"
+    assert (run_dir / "LATEST").resolve().name == "step-1"
+    assert (run_dir / ".tmp-step-2").is_dir() and not (run_dir / "step-2").exists()
+    assert not (run_dir / ".tmp-step-2" / "COMPLETE").exists()
+
+    monkeypatch.setattr(GranularTrainer, "_save_optimizer_and_scheduler", original)
+    capsys.readouterr()
+    assert train_main(args) == 0
+    out = capsys.readouterr().out
+    assert "removed half-written checkpoint .tmp-step-2" in out and "resuming from step-1" in out
+    assert (run_dir / "LATEST").resolve().name == "step-4"
+    assert train_steps(run_dir) == [1, 2, 3, 4]
+
+
+def test_stale_latest_is_repointed_on_resume(tmp_path, capsys):
+    """A kill between renaming `.tmp-step-N` to `step-N` and swapping LATEST leaves LATEST one behind;
+    the next launch (here after the last step: nothing left to train) points it at step-N."""
+    from granular_po.checkpoints import point_latest
+    from granular_po.cli import train_main
+
+    root = make_workspace(tmp_path, n_pairs=4)
+    args = in_process_args(root, "stale", ["loss=sft", "batch_size=2", "save_every=2", "warmup_steps=0"])
+    assert train_main(args) == 0
+    run_dir = root / "runs" / "stale"
+    point_latest(run_dir, "step-1")  # the state such a kill leaves
+    assert train_main(args) == 0
+    assert "resuming from step-2" in capsys.readouterr().out
+    assert (run_dir / "LATEST").resolve().name == "step-2"
+    assert train_steps(run_dir) == [1, 2]

@@ -55,11 +55,17 @@ def train_main(argv: list[str] | None = None) -> int:
     except Exception as error:  # Hydra names the unknown key or bad value
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    from granular_po.models import ModelLoadError
+    from granular_po.trainer import NonFiniteError
+
     try:
         run_training(cfg, argv=[sys.argv[0], *argv] if sys.argv[0].endswith("train.py") else None)
-    except (DataError, ValueError, ConfigKeyError) as error:
+    except (DataError, ValueError, ConfigKeyError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteError as error:  # the run stopped; its last complete checkpoint is intact
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

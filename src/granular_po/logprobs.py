@@ -77,6 +77,9 @@ def _row_stats(
     Shape: policy_logits (R, V), ref_logits (R, V) or None, targets (R,) -> three (R,) or None.
     """
     policy_lp = _upcast(policy_logits).log_softmax(-1)  # (R, V)
+    # drop the (R, V) logits as soon as they are used: with the KL this chunk otherwise holds two more
+    # vocabulary-sized tensors at its peak (the callers pass them without keeping a reference)
+    del policy_logits
     policy_tok = policy_lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     ref_tok = kl = None
     if reference_free:
@@ -88,6 +91,7 @@ def _row_stats(
             kl = -log_v - policy_lp.mean(-1)
     elif ref_logits is not None:
         ref_lp = _upcast(ref_logits).log_softmax(-1)
+        del ref_logits
         ref_tok = ref_lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         if need_kl:
             kl = sequential_kl(ref_lp, policy_lp)
@@ -147,12 +151,20 @@ def _naive(policy_hidden, policy_head, ref_hidden, ref_head, input_ids, weights,
 
 def _chunk_stats(policy_rows, ref_rows, targets, *, policy_head, ref_head, need_kl, reference_free):
     """One chunk: head, log_softmax, gather (and KL). Run under checkpoint, so recomputed in backward."""
-    ref_logits = None
-    if ref_rows is not None:
-        # the reference is a constant even when it shares the policy's head module
-        with torch.no_grad():
-            ref_logits = ref_head(ref_rows)
-    return _row_stats(policy_head(policy_rows), ref_logits, targets, need_kl, reference_free)
+    # no local name holds the logits, so `_row_stats` can free each (R, V) tensor once it is used
+    return _row_stats(
+        policy_head(policy_rows),
+        None if ref_rows is None else _constant_head(ref_head, ref_rows),
+        targets,
+        need_kl,
+        reference_free,
+    )
+
+
+def _constant_head(head: Head, rows: torch.Tensor) -> torch.Tensor:
+    """The reference's logits, a constant even when it shares the policy's head module. Shape: (R, V)."""
+    with torch.no_grad():
+        return head(rows)
 
 
 def _ref_target_logps(ref_rows, ref_head, targets) -> torch.Tensor:

@@ -29,14 +29,18 @@ GIB = 1024**3
 OPTIMIZER_STATES = {"SGD": 0, "Adagrad": 1, "RMSprop": 1, "ASGD": 2, "Adam": 2, "AdamW": 2, "Adamax": 2,
                     "NAdam": 2, "RAdam": 2, "Adadelta": 2, "Rprop": 2, "SparseAdam": 2, "LBFGS": 2}
 # hidden-sized values kept per token and layer for the backward pass of a pre-norm decoder block:
-# norms, q/k/v/o inputs and outputs, the residual, and the MLP's ~3 x (2.7 x hidden) intermediates
-ACTIVATION_FACTOR = 18
+# norms, q/k/v/o inputs and outputs, the residual, and the MLP's ~3 x (2.7 x hidden) intermediates.
+# Measured on SmolLM2-135M, CPU, fp32, sdpa (peak RSS less the ~0.5 GiB held before loading):
+# SFT/SGD 2 x 1024 tokens 3.9 GiB (estimate 4.2); DPO/AdamW 4 pairs x 128 tokens 4.1 GiB (estimate 4.4).
+ACTIVATION_FACTOR = 20
 # with activation checkpointing only each layer's input is kept (plus one layer recomputed at a time)
 CHECKPOINTED_FACTOR = 2
 # logits chunk: logits, log_softmax and their gradient, in float32
 LOGIT_COPIES = 3
 # tokenizer, trainer state, RNG state, config files, and slack for the filesystem
 CHECKPOINT_MARGIN = 256 * 1024**2
+# resident memory of the process before any weights (interpreter, torch, transformers, the dataset)
+PROCESS_BASELINE = 512 * 1024**2
 
 
 class ResourceError(ValueError):
@@ -59,9 +63,8 @@ class MemoryEstimate:
         return self.parameters + self.reference + self.gradients + self.optimizer + self.activations + self.logits
 
     @property
-    def beyond_loaded(self) -> int:
-        """What the first step adds to the already loaded weights."""
-        return self.total - self.parameters - self.reference
+    def weights(self) -> int:
+        return self.parameters + self.reference
 
     def describe(self) -> str:
         parts = ("parameters", "reference", "gradients", "optimizer", "activations", "logits")
@@ -69,7 +72,7 @@ class MemoryEstimate:
 
 
 def _gib(n_bytes: float) -> str:
-    return f"{n_bytes / GIB:.2f} GiB"
+    return f"{n_bytes / GIB:.2f} GiB" if abs(n_bytes) >= GIB else f"{n_bytes / 1024**2:.1f} MiB"
 
 
 def _config_int(config, names: tuple[str, ...], default: int) -> int:
@@ -101,10 +104,12 @@ def estimate_memory(policy: nn.Module, reference: nn.Module | None, per_device_b
 
     tokens = per_device_batch * rows_per_example * max_length  # (B * rows, T) flattened
     factor = CHECKPOINTED_FACTOR if activation_checkpointing else ACTIVATION_FACTOR
-    per_token_layer = factor * hidden + heads * max_length  # + attention probabilities, one row per head
+    per_token_layer = factor * hidden
+    if getattr(config, "_attn_implementation", "sdpa") == "eager":  # scores and probabilities, per head
+        per_token_layer += 2 * heads * max_length
     activations = tokens * layers * per_token_layer * element
     if activation_checkpointing:  # one layer's full activations exist while it is recomputed
-        activations += tokens * (ACTIVATION_FACTOR * hidden + heads * max_length) * element
+        activations += tokens * (per_token_layer - factor * hidden + ACTIVATION_FACTOR * hidden) * element
     logit_rows = min(chunk_size, tokens) if logprobs_impl == "chunked" else tokens * (1 + (reference is not None))
     states = OPTIMIZER_STATES.get(optimizer, 2)
     return MemoryEstimate(
@@ -148,12 +153,16 @@ def check_memory(cfg, policy: nn.Module, reference: nn.Module | None, settings) 
         logprobs_impl=str(cfg.logprobs.impl), chunk_size=int(cfg.logprobs.chunk_size),
     )
     available = psutil.virtual_memory().available
-    logger.info("memory estimate per step: %s (%s); available %s", _gib(estimate.total), estimate.describe(),
-                _gib(available))
-    if estimate.beyond_loaded > available:
+    # Weights read from safetensors are memory-mapped and mostly not resident yet (they still count in
+    # `available`); weights converted on load are. Credit what the process holds beyond its baseline.
+    resident = max(0, psutil.Process().memory_info().rss - PROCESS_BASELINE)
+    needed = estimate.total - min(estimate.weights, resident)
+    logger.info("memory estimate per step: %s (%s); %s more needed, %s available", _gib(estimate.total),
+                estimate.describe(), _gib(needed), _gib(available))
+    if needed > available:
         raise ResourceError(
             f"not enough memory: one training step needs about {_gib(estimate.total)} "
-            f"({estimate.describe()}), {_gib(estimate.beyond_loaded)} beyond the loaded weights, but only "
+            f"({estimate.describe()}), {_gib(needed)} more than this process holds now, but only "
             f"{_gib(available)} is available. Per device: {settings.per_device_batch_size} examples x "
             f"{'2 sequences x ' if settings.loss.is_preference else ''}max_length={cfg.max_length}. "
             f"Lower batch_size={cfg.batch_size} or max_length={cfg.max_length}, or raise "

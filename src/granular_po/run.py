@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from transformers import TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from granular_po import checkpoints
+from granular_po import checkpoints, resources
 from granular_po.config import RunSettings, redacted_yaml, validate
 from granular_po.data.collate import PreferenceCollator, SFTCollator
 from granular_po.data.encode import EncodeOptions, build_dataset
@@ -161,6 +161,7 @@ def run_training(cfg: DictConfig, argv: list[str] | None = None) -> Path:
         lora_cfg=cfg.lora if cfg.lora.enabled else None, trust_remote_code=cfg.trust_remote_code,
         cache_dir=cfg.cache_dir,
     )
+    resources.preflight(cfg, policy, reference, settings)  # memory (CPU) and checkpoint disk space
     collator_cls = SFTCollator if loss_type is LossType.SFT else PreferenceCollator
     loss_settings = LossSettings(
         loss=loss_type, beta=cfg.loss.get("beta", 0.1) or 0.1, alpha=cfg.loss.get("alpha", 0.5),
@@ -283,4 +284,6 @@ def _resume_point(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path | None:
             print(f"resume=true but no complete checkpoint in {run_dir}: starting from scratch", flush=True)
         return None
     print(f"resuming from {latest.name}", flush=True)
+    if is_main:  # a kill between a checkpoint's rename and the LATEST swap leaves LATEST one behind
+        checkpoints.point_latest(run_dir, latest.name)
     return latest

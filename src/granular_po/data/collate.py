@@ -39,18 +39,22 @@ def _pad_rows(
             "response_mask": response_mask}
 
 
-class PreferenceCollator:
-    """Pairs -> one batch of 2B rows: [0:B] prompt + chosen, [B:2B] prompt + rejected (same order).
-
-    Shape: input_ids, attention_mask, response_mask (2B, T) long; loss_weights (2B, T) float32;
-    index (B,) long; ref_logps (2B,) float32 when the features carry precomputed reference log-probs.
-    """
+class _Collator:
+    """Holds the padding settings both collators share."""
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
         if pad_token_id is None:
             raise ValueError("pad_token_id is None: give the tokenizer a pad token (or use its EOS id)")
         self.pad_token_id = int(pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
+
+
+class PreferenceCollator(_Collator):
+    """Pairs -> one batch of 2B rows: [0:B] prompt + chosen, [B:2B] prompt + rejected (same order).
+
+    Shape: input_ids, attention_mask, response_mask (2B, T) long; loss_weights (2B, T) float32;
+    index (B,) long; ref_logps (2B,) float32 when the features carry precomputed reference log-probs.
+    """
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows = [(f["prompt_ids"], f["chosen_ids"], f["chosen_weights"]) for f in features]
@@ -63,17 +67,11 @@ class PreferenceCollator:
         return batch
 
 
-class SFTCollator:
+class SFTCollator(_Collator):
     """Chosen responses only, weighted by `sft_weights` (rejected-side regions projected onto chosen).
 
     Shape: input_ids, attention_mask (B, T) long; loss_weights (B, T) float32; index (B,) long.
     """
-
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
-        if pad_token_id is None:
-            raise ValueError("pad_token_id is None: give the tokenizer a pad token (or use its EOS id)")
-        self.pad_token_id = int(pad_token_id)
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows = [(f["prompt_ids"], f["chosen_ids"], f["sft_weights"]) for f in features]
