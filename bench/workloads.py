@@ -36,6 +36,18 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def _busy_cpu_seconds() -> float:
+    """CPU seconds spent by every process on the machine so far (all cores, idle and iowait excluded)."""
+    import psutil
+
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def _mark() -> tuple[float, float, float]:
+    return time.perf_counter(), time.process_time(), _busy_cpu_seconds()
+
+
 def step_callback(warmup: int = 0, profile_to: str | None = None):
     """A `TrainerCallback` recording wall and CPU time at train start and after every optimizer step.
 
@@ -46,13 +58,13 @@ def step_callback(warmup: int = 0, profile_to: str | None = None):
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.marks: list[tuple[float, float]] = []  # (wall, process CPU) seconds
+            self.marks: list[tuple[float, float, float]] = []  # (wall, this process's CPU, machine's busy CPU)
             self.rss_at_start = 0.0
             self.profiler = None
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.rss_at_start = rss_mb()
-            self.marks = [(time.perf_counter(), time.process_time())]
+            self.marks = [_mark()]
 
         def on_step_begin(self, args, state, control, **kwargs):
             if profile_to and self.profiler is None and state.global_step == warmup:
@@ -62,18 +74,24 @@ def step_callback(warmup: int = 0, profile_to: str | None = None):
                 self.profiler.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.marks.append((time.perf_counter(), time.process_time()))
+            self.marks.append(_mark())
             if self.profiler is not None and state.global_step == warmup + 1:
                 self.profiler.__exit__(None, None, None)
                 table = self.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
                 Path(profile_to).write_text(table)
 
         def step_seconds(self, cpu: bool = False) -> list[float]:
-            """Wall (or CPU) time of each optimizer step after the first `warmup`: data, forward, backward,
-            update and logging, everything a user waits for."""
+            """Wall (or this process's CPU) time of each optimizer step after the first `warmup`: data,
+            forward, backward, update and logging, everything a user waits for."""
             k = 1 if cpu else 0
             gaps = [b[k] - a[k] for a, b in zip(self.marks, self.marks[1:])]
             return gaps[warmup:]
+
+        def other_load(self) -> float:
+            """Cores kept busy by other processes during the timed steps (0 on an otherwise idle machine)."""
+            first, last = self.marks[min(warmup, len(self.marks) - 1)], self.marks[-1]
+            wall = max(last[0] - first[0], 1e-9)
+            return max(0.0, (last[2] - first[2]) - (last[1] - first[1])) / wall
 
     return StepTimer()
 
@@ -211,6 +229,7 @@ def _common_result(spec: dict, timer, model, encoded, rows: int) -> dict:
         "step_s": step_s,
         "median_s": statistics.median(step_s),
         "median_cpu_s": statistics.median(cpu_s),
+        "other_load": timer.other_load(),
         "tokens_per_step": rows * spec["seq_len"],
         "params": sum(p.numel() for p in model.parameters()),
         "rss_start_mb": timer.rss_at_start,

@@ -30,7 +30,7 @@ def workspace(tmp_path_factory) -> Path:
 def compare_args(root: Path) -> list[str]:
     return ["--sft", str(root / "sft"), "--model", str(root / "sft"), "--train", str(root / "train.json"),
             "--eval", str(root / "eval.json"), "--out", str(root / "out"), "--steps", "2", "--batch-size", "2",
-            "--checkpoints", "1", "--lr-granular", "0.001", "--lr-response", "0.0001", "--max-new-tokens", "4"]
+            "--checkpoints", "1", "--evals", "1", "--lr-granular", "0.001", "--lr-response", "0.0001", "--max-new-tokens", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_table_and_plots(grid):
     for cell in CELLS:
         assert f"| {cell.label} |" in text
     header = next(line for line in text.splitlines() if line.startswith("| cell |"))
-    for column in ("task accuracy, SFT", "task accuracy, step 2", "eval reward accuracy", "eval margin"):
+    for column in ("task accuracy, SFT", "task accuracy, final", "eval reward accuracy", "eval margin"):
         assert column in header
     for name in ("task_accuracy.png", "eval_reward_accuracy.png", "eval_margin.png"):
         assert (grid / name).read_bytes()[:8] == PNG_SIGNATURE
@@ -85,6 +85,7 @@ def test_rerun_reuses_every_cell(grid, workspace, capsys):
 def test_sweep_groups_never_retrain_a_finished_cell():
     full = list(CELLS)
     assert sweep_groups(full) == [full]
+    assert sweep_groups([]) == []
     partial = [Cell("tdpo", True), Cell("dpo", False), Cell("tdpo", False)]
     assert sweep_groups(partial) == [[Cell("tdpo", True)], [Cell("dpo", False), Cell("tdpo", False)]]
 

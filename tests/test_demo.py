@@ -109,3 +109,21 @@ def test_real_default_model_quick_demo(tmp_path):
     assert "Model `smollm2-135m`" in report and "| final (SFT + TDPO2) |" in report
     base = json.loads((out / "eval" / "0.json").read_text())
     assert base["n"] == demo.QUICK["n_eval"] and any(r["completion"].strip() for r in base["rows"])
+
+
+def test_finished_means_a_complete_checkpoint_at_or_past_the_final_step(tmp_path):
+    """The train command itself, re-run on a run at its final step, trains one step more: the demo checks."""
+    from granular_po import checkpoints
+
+    def complete(step):
+        path = tmp_path / f"step-{step}"
+        path.mkdir()
+        (path / checkpoints.COMPLETE_MARKER).write_text(f"{step}\n")
+        (path / "trainer_state.json").write_text("{}")
+
+    assert not demo.finished(tmp_path, 4)
+    complete(2)
+    (tmp_path / "step-4").mkdir()  # no COMPLETE marker: a save cut short
+    assert not demo.finished(tmp_path, 4)
+    complete(5)
+    assert demo.finished(tmp_path, 4)

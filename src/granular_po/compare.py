@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", default=None, help="eval pairs: eval split and task-accuracy questions")
     p.add_argument("--out", default="report/compare", help="runs, eval cache, compare.md and plots")
     p.add_argument("--demo-out", default="report", help="where the demo's data and SFT run live")
-    p.add_argument("--steps", type=int, default=24, help="optimizer steps per cell")
+    p.add_argument("--steps", type=int, default=16, help="optimizer steps per cell")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step")
     p.add_argument("--lr", type=float, default=5e-6, help="learning rate of every cell")
     p.add_argument("--lr-granular", type=float, default=None, help="learning rate of the granular cells")
@@ -83,8 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--alpha", type=float, default=0.5, help="TDPO2's KL weight")
-    p.add_argument("--checkpoints", type=int, default=3, help="saved checkpoints per cell (task accuracy at each)")
-    p.add_argument("--n-eval", type=int, default=None, help="use the first N eval pairs (default: all)")
+    p.add_argument("--checkpoints", type=int, default=2, help="saved checkpoints per cell (task accuracy at each)")
+    p.add_argument("--evals", type=int, default=4, help="evaluations on the eval split per cell (reward accuracy)")
+    p.add_argument("--n-eval", type=int, default=None, help="task accuracy on the first N eval questions "
+                   "(default: all)")
+    p.add_argument("--n-eval-pairs", type=int, default=24, help="eval pairs of the trainer's preference evaluation")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a smoke run: 4 steps, 2 checkpoints")
@@ -124,19 +127,23 @@ def demo_sft(args: argparse.Namespace) -> tuple[Path, Path, Path]:
 def grid_overrides(args, train_path: Path, eval_path: Path, sft: Path, runs: Path) -> list[str]:
     """Overrides shared by every cell (loss, granular and lr are added per half)."""
     s = DemoSettings(seed=args.seed, optimizer=args.optimizer, warmup_steps=args.warmup_steps,
-                     n_eval=args.n_eval if args.n_eval is not None else 256)
-    every = max(1, -(-args.steps // max(1, args.checkpoints)))
+                     n_eval_pairs=args.n_eval_pairs)
+    save = max(1, -(-args.steps // max(1, args.checkpoints)))
+    every = max(1, -(-args.steps // max(1, args.evals)))
     return [
         *common_overrides(args.model, train_path, eval_path, runs, s), f"model.archive={hydra_value(sft)}",
         f"++loss.beta={args.beta:g}", "++loss.if_tdpo2=true", f"++loss.alpha={args.alpha:g}",
+        "do_first_eval=false",  # policy = reference before step 1: every reward 0
         f"batch_size={args.batch_size}", f"n_examples={args.steps * args.batch_size}",
-        f"eval_every={every * args.batch_size}", f"save_every={every * args.batch_size}",
+        f"eval_every={every * args.batch_size}", f"save_every={save * args.batch_size}",
     ]
 
 
 def sweep_groups(todo: list[Cell]) -> list[list[Cell]]:
     """Cells to train as multiruns: one sweep when they form a full loss x granular product, else one per
     granular value (a sweep always runs the whole product, and finished cells must not be retrained)."""
+    if not todo:
+        return []
     losses = dict.fromkeys(c.loss for c in todo)
     granulars = dict.fromkeys(c.granular for c in todo)
     if len(todo) == len(losses) * len(granulars):
@@ -210,7 +217,7 @@ def write_outputs(args, out: Path, runs: Path, sft: Path, accuracy: dict[str, di
         final = by_step[steps[-1]]
         rows.append({
             "cell": cell.label, "lr": f"{(args.lr_granular if cell.granular else args.lr_response) or args.lr:g}",
-            "task accuracy, SFT": by_step[0]["accuracy"], f"task accuracy, step {steps[-1]}": final["accuracy"],
+            "steps": steps[-1], "task accuracy, SFT": by_step[0]["accuracy"], "task accuracy, final": final["accuracy"],
             "correct": f"{final['correct']}/{final['n']}",
             "eval reward accuracy": last_value(records, "rewards_eval/accuracies", "eval"),
             "eval margin": last_value(records, "rewards_eval/margins", "eval"),
@@ -258,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     passive_openmp()
     if args.quick:
-        args.steps, args.checkpoints = min(args.steps, 4), min(args.checkpoints, 2)
+        args.steps, args.checkpoints, args.evals = min(args.steps, 4), min(args.checkpoints, 2), min(args.evals, 2)
     out = Path(args.out).resolve()
     runs = out / "runs"
     if args.fresh:

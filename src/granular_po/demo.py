@@ -46,9 +46,9 @@ class DemoSettings:
     sft_steps: int = 24
     sft_batch_size: int = 8
     sft_lr: float = 3e-5
-    tdpo_steps: int = 30
-    tdpo_batch_size: int = 8
-    tdpo_lr: float = 1e-5
+    tdpo_steps: int = 24
+    tdpo_batch_size: int = 4  # a TDPO step costs ~2.5 SFT steps per pair: policy and reference, both responses
+    tdpo_lr: float = 5e-6  # 1e-5 made the answers unstable here (accuracy 0.65 after SFT -> 0.525)
     beta: float = 0.1
     alpha: float = 0.5
     # AdamW: the research default (SGD, lr 5e-6, 150 warmup steps) barely moves a model in a few dozen steps
@@ -56,12 +56,13 @@ class DemoSettings:
     warmup_steps: int = 4
     max_length: int = 128  # prompt (chat template included) + response tokens; ours are ~50
     max_prompt_length: int = 96
-    n_evals: int = 4  # trainer evaluations on the eval split per run, besides the one before step 1
+    n_evals: int = 3  # trainer evaluations on the eval split per run (SFT: one more, before step 1)
+    n_eval_pairs: int = 24  # eval pairs those evaluations use (task accuracy uses all n_eval questions)
     max_new_tokens: int = 48  # greedy generation budget per question
 
 
 QUICK = dict(n_train=32, n_eval=8, sft_steps=4, sft_batch_size=4, tdpo_steps=4, tdpo_batch_size=4,
-             n_evals=2, max_new_tokens=24)
+             n_evals=2, n_eval_pairs=8, max_new_tokens=24)
 
 
 # ---------------------------------------------------------------- running the train entry point
@@ -88,9 +89,13 @@ def shown_command(overrides: list[str]) -> str:
 
 
 def finished(run_dir: Path, steps: int) -> bool:
-    """The run's newest complete checkpoint is `step-{steps}`."""
-    latest = checkpoints.latest_complete_checkpoint(run_dir)
-    return latest is not None and latest.name == checkpoints.step_dir_name(steps)
+    """The run has a complete checkpoint at `steps` or later.
+
+    Checked here rather than left to the train command: re-running that command on a run already at its
+    final step resumes from it and trains one step more (transformers 5.24, measured).
+    """
+    found = checkpoints.complete_checkpoints(run_dir)
+    return bool(found) and found[-1][0] >= steps
 
 
 def check_stamp(run_dir: Path, stamp: dict, what: str) -> None:
@@ -162,7 +167,7 @@ def common_overrides(model: str, train_path: Path, eval_path: Path, runs: Path, 
         f"custom_train_path={hydra_value(train_path)}", f"custom_eval_path={hydra_value(eval_path)}",
         f"local_dirs=[{hydra_value(runs)}]", f"seed={s.seed}", f"optimizer={s.optimizer}",
         f"warmup_steps={s.warmup_steps}", f"max_length={s.max_length}", f"max_prompt_length={s.max_prompt_length}",
-        "eval_batch_size=16", f"n_eval_examples={s.n_eval}", "trainer=BasicTrainer",
+        "eval_batch_size=16", f"n_eval_examples={s.n_eval_pairs}", "trainer=BasicTrainer",
     ]
 
 
@@ -182,6 +187,7 @@ def tdpo_overrides(model: str, train_path: Path, eval_path: Path, runs: Path, s:
     archive = runs / "demo_sft" / "LATEST"
     return [*common_overrides(model, train_path, eval_path, runs, s), "loss=tdpo", f"loss.alpha={s.alpha:g}",
             f"loss.beta={s.beta:g}", "loss.if_tdpo2=true", "granular=true", "exp_name=demo_tdpo",
+            "do_first_eval=false",  # policy = reference before step 1: every reward 0, nothing to measure
             f"model.archive={hydra_value(archive)}",
             *schedule_overrides(s.tdpo_steps, s.tdpo_batch_size, s.n_evals, s.tdpo_lr)]
 
@@ -264,7 +270,7 @@ def write_plots(out: Path, sft_records: list[dict], tdpo_records: list[dict]) ->
 
     plot_panels({"stage 1: SFT": both(sft_records, "loss/train", "loss/eval"),
                  "stage 2: granular TDPO2": both(tdpo_records, "loss/train", "loss/eval")},
-                out / "loss.png", ylabel="loss", title="loss (SFT: weighted negative log-likelihood)")
+                out / "loss.png", ylabel="loss", title="loss (SFT: summed negative log-likelihood per response; TDPO2: preference loss)")
     plot_curves(both(tdpo_records, "rewards_train/accuracies", "rewards_eval/accuracies"), out / "reward_accuracy.png",
                 title="TDPO2 reward accuracy (chosen reward > rejected reward)", ylabel="accuracy")
     plot_curves(both(tdpo_records, "rewards_train/margins", "rewards_eval/margins"), out / "margins.png",
@@ -274,6 +280,16 @@ def write_plots(out: Path, sft_records: list[dict], tdpo_records: list[dict]) ->
     return [("loss.png", "Loss, train (every step) and eval"),
             ("reward_accuracy.png", "TDPO2 reward accuracy, train batches and the eval split"),
             ("margins.png", "TDPO2 reward margin"), ("kl.png", "TDPO2 sequential KL margin")]
+
+
+def preference_rows(records: list[dict]) -> list[dict]:
+    """One row per preference metric, one column per evaluation step."""
+    from granular_po.report import curve
+
+    evals = {key: dict(zip(*curve(records, key, "eval"))) for key in PREFERENCE_KEYS}
+    steps = sorted({step for values in evals.values() for step in values})
+    return [{"metric": key, **{f"step {step}": evals[key].get(step) for step in steps}}
+            for key in PREFERENCE_KEYS if evals[key]]
 
 
 def changed_answers(results: dict[str, dict], limit: int = 10) -> list[dict]:
@@ -314,8 +330,7 @@ def write_report(out: Path, s: DemoSettings, model: str, sft: dict, tdpo: dict, 
     table = markdown_table(accuracy_rows(results, out))
     labels = list(results)
     base, final = results[labels[0]], results[labels[-1]]
-    pref_rows = [{"metric": key, "before step 1 (policy = reference)": first_value(tdpo_records, key, "eval"),
-                  f"final (step {s.tdpo_steps})": last_value(tdpo_records, key, "eval")} for key in PREFERENCE_KEYS]
+    pref_rows = preference_rows(tdpo_records)
     sft_eval = (first_value(sft_records, "loss/eval", "eval"), last_value(sft_records, "loss/eval", "eval"))
     runtime = {name: last_value(recs, "train_runtime", "summary") for name, recs in
                (("SFT", sft_records), ("TDPO2", tdpo_records))}
@@ -344,7 +359,8 @@ def write_report(out: Path, s: DemoSettings, model: str, sft: dict, tdpo: dict, 
         "",
         "Rewards are beta x the weighted log-ratio (policy vs reference) over the *highlighted* tokens and the "
         "end-of-response token, as trained (granular=true); reward accuracy is the share of eval pairs whose "
-        "chosen reward exceeds the rejected one (0 before step 1, when policy and reference are equal).",
+        "chosen reward exceeds the rejected one. Before step 1 policy and reference are the same model (every "
+        "reward 0, loss log 2), so the first evaluation is after the first steps.",
         "",
         markdown_table(pref_rows, float_format=".4g"),
         f"SFT eval loss (summed negative log-likelihood per response): {sft_eval[0]:.3f} before step 1, "
