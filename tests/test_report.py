@@ -119,3 +119,11 @@ def test_markdown_table_formats_cells():
     assert lines[4] == "| nan | n/a | n/a | n/a |"
     assert markdown_table(rows, columns=["accuracy"], float_format=".1%").splitlines()[2] == "| 40.0% |"
     assert markdown_table([]) == ""
+
+
+def test_binomial_standard_error():
+    from granular_po.report import binomial_se
+
+    assert binomial_se(0.5, 100) == pytest.approx(0.05)
+    assert binomial_se(1.0, 40) == 0.0
+    assert binomial_se(None, 40) is None and binomial_se(0.5, 0) is None

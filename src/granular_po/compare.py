@@ -204,7 +204,7 @@ def evaluate_cells(runs: Path, out: Path, sft: Path, questions, max_new_tokens: 
 def write_outputs(args, out: Path, runs: Path, sft: Path, accuracy: dict[str, dict[int, dict]],
                   timings: dict[str, float], n_questions: int) -> tuple[Path, str]:
     """compare.md, task_accuracy.png, eval_reward_accuracy.png, eval_margin.png; returns (path, table)."""
-    from granular_po.report import curve, last_value, markdown_table, plot_curves, read_metrics
+    from granular_po.report import binomial_se, curve, last_value, markdown_table, plot_curves, read_metrics
 
     rows, task_curves, reward_curves, margin_curves = [], {}, {}, {}
     for cell in CELLS:
@@ -218,7 +218,7 @@ def write_outputs(args, out: Path, runs: Path, sft: Path, accuracy: dict[str, di
         rows.append({
             "cell": cell.label, "lr": f"{(args.lr_granular if cell.granular else args.lr_response) or args.lr:g}",
             "steps": steps[-1], "task accuracy, SFT": by_step[0]["accuracy"], "task accuracy, final": final["accuracy"],
-            "correct": f"{final['correct']}/{final['n']}",
+            "± s.e.": binomial_se(final["accuracy"], final["n"]), "correct": f"{final['correct']}/{final['n']}",
             "eval reward accuracy": last_value(records, "rewards_eval/accuracies", "eval"),
             "eval margin": last_value(records, "rewards_eval/margins", "eval"),
             "eval KL margin": last_value(records, "kl_eval/margin", "eval"),
@@ -239,6 +239,8 @@ def write_outputs(args, out: Path, runs: Path, sft: Path, accuracy: dict[str, di
         "response-level: every response token), so they compare within a row, not across the granular axis.",
         "",
         table,
+        "s.e.: binomial standard error of the final task accuracy, sqrt(p (1 - p) / n).",
+        "",
         "![task accuracy vs steps](task_accuracy.png)",
         "",
         "![eval reward accuracy vs steps](eval_reward_accuracy.png)",

@@ -107,8 +107,8 @@ def check_stamp(run_dir: Path, stamp: dict, what: str) -> None:
             was = [o for o in old.get("overrides", []) if o not in stamp["overrides"]]
             now = [o for o in stamp["overrides"] if o not in old.get("overrides", [])]
             changed = f"overrides were {was}, now {now}" if was or now else "its data or starting model changed"
-            raise SystemExit(f"{what}: {run_dir} was made with other settings ({changed}); pass --fresh to "
-                             "train again, or choose another --out")
+            raise SystemExit(f"{what}: {run_dir} was made with other settings ({changed}); delete it to train "
+                             "it again (--fresh does that for this command's own runs), or choose another --out")
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(stamp, indent=1))
@@ -200,14 +200,17 @@ def train_stage(name: str, overrides: list[str], run_dir: Path, steps: int, fing
     check_stamp(run_dir, {"overrides": overrides, "data": fingerprint}, name)
     info = {"name": name, "run_dir": run_dir, "overrides": overrides, "command": shown_command(overrides),
             "steps": steps}
+    seconds_file = run_dir / "granular_po_demo_seconds.json"
     if finished(run_dir, steps):
         print(f"{name}: reusing {run_dir} (finished at step {steps})", flush=True)
-        return {**info, "seconds": 0.0, "reused": True}
+        earlier = json.loads(seconds_file.read_text())["seconds"] if seconds_file.is_file() else None
+        return {**info, "seconds": 0.0, "seconds_when_run": earlier, "reused": True}
     print(f"{name}: {shown_command(overrides)}", flush=True)
     seconds = run_stage(train_command(overrides), name)
     if not finished(run_dir, steps):
         raise SystemExit(f"{name}: the run ended without a checkpoint at step {steps} in {run_dir}")
-    return {**info, "seconds": seconds, "reused": False}
+    seconds_file.write_text(json.dumps({"seconds": seconds}))
+    return {**info, "seconds": seconds, "seconds_when_run": seconds, "reused": False}
 
 
 def checkpoint_key(model_dir: Path) -> str:
@@ -252,12 +255,14 @@ PREFERENCE_KEYS = ("rewards_eval/accuracies", "rewards_eval/margins", "rewards_e
 
 
 def accuracy_rows(results: dict[str, dict], out: Path) -> list[dict]:
+    from granular_po.report import binomial_se
+
     rows = []
     for label, r in results.items():
         model = Path(r["model"])
         shown = model.resolve().relative_to(out) if model.resolve().is_relative_to(out) else model.name
         rows.append({"model": label, "weights": str(shown), "task accuracy": r["accuracy"],
-                     "correct": f"{r['correct']}/{r['n']}"})
+                     "± s.e.": binomial_se(r["accuracy"], r["n"]), "correct": f"{r['correct']}/{r['n']}"})
     return rows
 
 
@@ -334,13 +339,15 @@ def write_report(out: Path, s: DemoSettings, model: str, sft: dict, tdpo: dict, 
     sft_eval = (first_value(sft_records, "loss/eval", "eval"), last_value(sft_records, "loss/eval", "eval"))
     runtime = {name: last_value(recs, "train_runtime", "summary") for name, recs in
                (("SFT", sft_records), ("TDPO2", tdpo_records))}
+    when_ran = "seconds when it ran"
     time_rows = [
-        {"stage": "default model ready (converted once, then cached)", "seconds": timings["model"]},
-        {"stage": "SFT" + (" (reused from an earlier run)" if sft["reused"] else ""), "seconds": timings["sft"],
-         "Trainer's train_runtime": runtime["SFT"]},
-        {"stage": "TDPO2" + (" (reused from an earlier run)" if tdpo["reused"] else ""), "seconds": timings["tdpo"],
-         "Trainer's train_runtime": runtime["TDPO2"]},
-        {"stage": "task accuracy, 3 models (cached results take no time)", "seconds": timings["eval"]},
+        {"stage": "default model ready (converted once, then read from the cache)", "seconds": timings["model"]},
+        {"stage": "SFT" + (" (reused)" if sft["reused"] else ""), "seconds": timings["sft"],
+         when_ran: sft["seconds_when_run"], "Trainer's train_runtime": runtime["SFT"]},
+        {"stage": "TDPO2" + (" (reused)" if tdpo["reused"] else ""), "seconds": timings["tdpo"],
+         when_ran: tdpo["seconds_when_run"], "Trainer's train_runtime": runtime["TDPO2"]},
+        {"stage": "task accuracy of 3 models (cached results are reused)", "seconds": timings["eval"],
+         when_ran: sum(r.get("seconds", 0.0) for r in results.values())},
         {"stage": "total, this invocation", "seconds": timings["total"]},
     ]
     example = json.dumps(train_pairs[0], ensure_ascii=False)
@@ -355,6 +362,9 @@ def write_report(out: Path, s: DemoSettings, model: str, sft: dict, tdpo: dict, 
         "## Task accuracy on the held-out questions",
         "",
         table,
+        f"s.e.: the binomial standard error, sqrt(p (1 - p) / n); one question is {1 / max(1, base['n']):.3f} "
+        "of accuracy, so differences of a few questions are within noise.",
+        "",
         "## Preference metrics of the final run (TDPO2, eval split, from `runs/demo_tdpo/metrics.jsonl`)",
         "",
         "Rewards are beta x the weighted log-ratio (policy vs reference) over the *highlighted* tokens and the "
@@ -382,7 +392,9 @@ def write_report(out: Path, s: DemoSettings, model: str, sft: dict, tdpo: dict, 
         f"- Stage 1 (run directory `runs/demo_sft`):\n\n  ```bash\n  {sft['command']}\n  ```",
         f"- Stage 2 (run directory `runs/demo_tdpo`, from the stage-1 output):\n\n  ```bash\n  {tdpo['command']}\n  ```",
         "- `python -u train.py` at the repository root takes the same overrides. Steps are given as the research "
-        "code's example counts (`n_examples` = steps x `batch_size`; `eval_every` in examples).",
+        "code's example counts (`n_examples` = steps x `batch_size`; `eval_every` in examples). The trainer's "
+        f"evaluations use the first {s.n_eval_pairs} eval pairs (`n_eval_examples`); task accuracy all "
+        f"{s.n_eval} eval questions, greedy, at most {s.max_new_tokens} new tokens.",
         f"- Optimizer: {s.optimizer} instead of the research default SGD with lr 5e-6 and 150 warmup steps, which "
         "barely moves the model in a few dozen steps.",
         "",

@@ -93,10 +93,14 @@ def _moving_average(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+_DASHES = ("-", "--", "-.", ":")
+
+
 def _draw(ax, curves: Mapping[str, Curve], smooth_above: int) -> bool:
     """Draw each curve on `ax`; long noisy ones faint, with a trailing moving average on top."""
     drawn = False
-    for label, (xs, ys) in curves.items():
+    for i, (label, (xs, ys)) in enumerate(curves.items()):
         if not len(xs):
             continue
         drawn = True
@@ -105,8 +109,9 @@ def _draw(ax, curves: Mapping[str, Curve], smooth_above: int) -> bool:
             window = max(2, len(xs) // 15)
             ax.plot(xs, _moving_average(ys, window), color=line.get_color(),
                     label=f"{label} (mean of last {window})", linewidth=1.8)
-        else:
-            ax.plot(xs, ys, marker="o", markersize=4, label=label, linewidth=1.5)
+        else:  # marker and dash differ per curve, so curves lying on top of each other stay visible
+            ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], markersize=7 - 1.2 * (i % 4), label=label,
+                    linestyle=_DASHES[i % len(_DASHES)], linewidth=1.5, alpha=0.85)
     if drawn:
         ax.legend(fontsize=8)
     else:
@@ -161,6 +166,13 @@ def plot_curves(
 ) -> Path:
     """One PNG, one axes: label -> (xs, ys) for each curve (see `plot_panels`). Returns the path."""
     return plot_panels({title: curves}, path, ylabel=ylabel, xlabel=xlabel, smooth_above=smooth_above)
+
+
+def binomial_se(p: float | None, n: int) -> float | None:
+    """Standard error of an accuracy `p` measured on `n` questions, sqrt(p (1 - p) / n)."""
+    if p is None or n <= 0 or not math.isfinite(p):
+        return None
+    return math.sqrt(max(p * (1 - p), 0.0) / n)
 
 
 def format_cell(value: Any, float_format: str = ".3f") -> str:
