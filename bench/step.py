@@ -42,11 +42,12 @@ CONFIGS = {
     "tdpo-256": {"label": "TDPO chunked, chunk_size=256", "kind": "ours", "loss": "tdpo", "impl": "chunked",
                  "granular": False, "chunk_size": 256},
 }
-# in this order: the pairs compared with each other run next to each other (the load of a shared machine drifts)
-DEFAULT_CONFIGS = ["trl-dpo", "dpo", "tdpo", "tdpo-gran", "tdpo-naive", "sft"]
+# Groups run interleaved (one process each, taking turns step by step), so the configurations whose
+# ratios the targets compare are timed under the same conditions; groups run one after another.
+DEFAULT_GROUPS = [["trl-dpo", "dpo", "tdpo"], ["tdpo-gran", "tdpo-naive", "sft"]]
 # run last, and only while the projected end stays inside --budget-min
-OPTIONAL_CONFIGS = ["dpo-256", "tdpo-256"]
-QUICK_CONFIGS = ["trl-dpo", "dpo", "tdpo", "tdpo-gran", "sft"]
+OPTIONAL_GROUPS = [["dpo-256", "tdpo-256"]]
+QUICK_GROUPS = [["trl-dpo", "dpo", "tdpo"], ["tdpo-gran", "sft"]]
 MICRO_CHUNK = 256  # the logits micro-benchmark also runs at this chunk size
 
 # the issue's targets (issue 7), checked against the measured ratios
@@ -89,6 +90,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # ---------------------------------------------------------------- running configurations
 
 
+def _worker_command(spec: dict, result: Path) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--result", str(result)]
+
+
+_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+
+
+def _failed(name: str, log: Path, why: str) -> RuntimeError:
+    return RuntimeError(f"configuration {name} {why}; end of its log:\n{log.read_text()[-3000:]}")
+
+
 def run_spec(spec: dict, in_process: bool, log_dir: Path) -> dict:
     """Run one worker spec in a fresh Python process (or this one); returns its result dict."""
     if in_process:
@@ -96,34 +108,97 @@ def run_spec(spec: dict, in_process: bool, log_dir: Path) -> dict:
         from workloads import run_worker
 
         return run_worker(spec)
-    result = log_dir / f"{spec['name']}.json"
-    log = log_dir / f"{spec['name']}.log"
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec), "--result", str(result)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    result, log = log_dir / f"{spec['name']}.json", log_dir / f"{spec['name']}.log"
     with open(log, "w") as handle:
-        code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        code = subprocess.call(_worker_command(spec, result), stdout=handle, stderr=subprocess.STDOUT,
+                               env={**os.environ, **_ENV})
     if code != 0 or not result.is_file():
-        tail = log.read_text()[-3000:]
-        raise RuntimeError(f"configuration {spec['name']} failed (exit {code}); end of its log:\n{tail}")
+        raise _failed(spec["name"], log, f"failed (exit {code})")
     return json.loads(result.read_text())
 
 
-def specs(args: argparse.Namespace) -> list[dict]:
+def run_interleaved(group: list[dict], log_dir: Path) -> dict[str, dict]:
+    """Run training configurations side by side, one fresh process each, taking turns step by step.
+
+    Every process loads its models at once; then the first runs one optimizer step while the others
+    wait on a pipe, then the second, and so on, round after round. A burst of load from elsewhere on
+    the machine then lands on neighbouring steps of all of them alike, and each process's peak RSS is
+    still its own. Returns {name: result}.
+    """
+    running = []
+    try:
+        for spec in group:
+            go_read, go_write = os.pipe()
+            done_read, done_write = os.pipe()
+            result, log = log_dir / f"{spec['name']}.json", log_dir / f"{spec['name']}.log"
+            with open(log, "w") as handle:
+                proc = subprocess.Popen(
+                    _worker_command({**spec, "baton": [go_read, done_write]}, result), stdout=handle,
+                    stderr=subprocess.STDOUT, env={**os.environ, **_ENV}, pass_fds=(go_read, done_write),
+                )  # fmt: skip
+            os.close(go_read)
+            os.close(done_write)
+            running.append((spec["name"], proc, go_write, done_read, result, log))
+        for _ in range(group[0]["warmup"] + group[0]["steps"]):
+            for name, _proc, go, done, _result, log in running:
+                answer = _answer(done) if _say_go(go) else b""
+                if answer != b".":
+                    raise _failed(name, log, "stopped before its last step" if answer == b"E" else "died")
+        for name, _proc, go, done, _result, log in running:
+            if _answer(done) != b"E":  # its training is over: let it write its result and exit
+                raise _failed(name, log, "ran more steps than asked")
+            _say_go(go)
+        out = {}
+        for name, proc, _go, _done, result, log in running:
+            if proc.wait() != 0 or not result.is_file():
+                raise _failed(name, log, f"failed (exit {proc.returncode})")
+            out[name] = json.loads(result.read_text())
+        return out
+    finally:
+        for _name, proc, go, done, _result, _log in running:
+            for fd in (go, done):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _say_go(fd: int) -> bool:
+    try:
+        os.write(fd, b"g")
+        return True
+    except BrokenPipeError:  # the process is gone
+        return False
+
+
+def _answer(fd: int) -> bytes:
+    """"." a step is done, "E" its training is over, b"" the process died."""
+    return os.read(fd, 1)
+
+
+def groups(args: argparse.Namespace) -> list[list[dict]]:
+    """The configurations to run, as interleaved groups of worker specs (`--configs a+b,c`: a and b together)."""
     if args.configs:
-        names = args.configs.split(",")
+        names = [g.split("+") for g in args.configs.split(",")]
+        optional = []
     else:
-        names = QUICK_CONFIGS if args.quick else DEFAULT_CONFIGS + OPTIONAL_CONFIGS
-    unknown = [n for n in names if n not in CONFIGS]
+        names = QUICK_GROUPS if args.quick else DEFAULT_GROUPS
+        optional = [] if args.quick else OPTIONAL_GROUPS
+    unknown = [n for g in names + optional for n in g if n not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
     common = {"model": args.model, "steps": args.steps, "warmup": args.warmup, "batch": args.batch,
               "seq_len": args.seq_len, "optimizer": args.optimizer, "lr": args.lr}
-    out = [{**CONFIGS[n], **common, "name": n, "optional": not args.configs and n in OPTIONAL_CONFIGS}
-           for n in names]
-    if args.profile:
-        Path(args.profile).mkdir(parents=True, exist_ok=True)
-        for spec in out:
-            spec["profile_to"] = str(Path(args.profile).resolve() / f"{spec['name']}.txt")
+    out = []
+    for group in names + optional:
+        out.append([{**CONFIGS[n], **common, "name": n, "optional": group in optional} for n in group])
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            for spec in out[-1]:
+                spec["profile_to"] = str(Path(args.profile).resolve() / f"{spec['name']}.txt")
     return out
 
 
@@ -342,40 +417,50 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.result).write_text(json.dumps(run_worker(json.loads(args.worker))))
         return 0
     started, load_before = time.time(), _load()
-    results, micro, peaks, notes, wall = {}, {}, [], [], {}
-    todo = specs(args)
+    results, micro, peaks, notes, wall = {}, {}, [], [], []
+    todo = groups(args)
 
-    def run(spec: dict) -> dict:
-        print(f"[{time.strftime('%H:%M:%S')}, {(time.time() - started) / 60:.1f} min] {spec['name']} ...", flush=True)
+    def stamp(what: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}, {(time.time() - started) / 60:.1f} min] {what} ...", flush=True)
+
+    def run_group(group: list[dict]) -> None:
+        stamp(" + ".join(spec["name"] for spec in group))
         begin = time.time()
-        out = run_spec(spec, args.in_process, log_dir)
-        wall[spec["name"]] = time.time() - begin
-        if "median_s" in out:
-            print(f"    {out['median_s']:.2f} s/step (steps {[round(x, 2) for x in out['step_s']]}), "
-                  f"peak RSS {out['peak_rss_mb']:.0f} MiB", flush=True)
-        return out
+        if args.in_process or len(group) == 1:
+            done = {spec["name"]: run_spec(spec, args.in_process, log_dir) for spec in group}
+        else:
+            done = run_interleaved(group, log_dir)
+        wall.append(time.time() - begin)
+        for name, r in done.items():
+            results[name] = r
+            print(f"    {name}: {r['median_s']:.2f} s/step (steps {[round(x, 2) for x in r['step_s']]}), "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MiB, between steps {r['idle_rss_mb']:.0f} MiB", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="granular-bench-logs-") as tmp:
         log_dir = Path(tmp)
         matmul = {"kind": "matmul", "name": "matmul", "sizes": [args.matmul_size // 2, args.matmul_size]}
         if not args.no_micro:
-            peaks.append(run(matmul)["matmul_flops"])
-        for spec in [s for s in todo if not s["optional"]]:
-            results[spec["name"]] = run(spec)
+            stamp("matmul peak")
+            peaks.append(run_spec(matmul, args.in_process, log_dir)["matmul_flops"])
+        for group in [g for g in todo if not g[0]["optional"]]:
+            run_group(group)
         default_chunk = next((r["chunk_size"] for r in results.values() if r.get("chunk_size")), 1024)
         if not args.no_micro:
             hidden, vocab = model_shape(args.model)
             micro = {"vocab": vocab, "seq_len": args.seq_len}
             for spec in micro_specs(args, hidden, vocab, default_chunk):
-                micro[spec["name"]] = {**run(spec), **spec}
-        for spec in [s for s in todo if s["optional"] and s.get("chunk_size") != default_chunk]:
-            guess = wall.get(spec.get("loss", ""), 0.0)  # about as long as the same loss at the default chunk size
-            if (time.time() - started + guess) / 60 > args.budget_min:
-                notes.append(f"{spec['label']} skipped: it would end the run after --budget-min {args.budget_min:g} min")
-                continue
-            results[spec["name"]] = run(spec)
+                stamp(spec["name"])
+                micro[spec["name"]] = {**run_spec(spec, args.in_process, log_dir), **spec}
+        for group in [g for g in todo if g[0]["optional"]]:
+            group = [spec for spec in group if spec.get("chunk_size") != default_chunk]  # else: rows above
+            if group and (time.time() - started + max(wall, default=0.0)) / 60 > args.budget_min:
+                labels = " and ".join(spec["label"] for spec in group)
+                notes.append(f"{labels} skipped: they would end the run after --budget-min {args.budget_min:g} min")
+            elif group:
+                run_group(group)
         if not args.no_micro:  # again at the end: the best of two is nearer the machine's real peak
-            peaks.append(run(matmul)["matmul_flops"])
+            stamp("matmul peak")
+            peaks.append(run_spec(matmul, args.in_process, log_dir)["matmul_flops"])
     text = report(args, results, micro, max(peaks, default=None), started, (load_before, _load()),
                   notes + run_notes(results))
     print("\n" + text)

@@ -13,6 +13,7 @@ configuration runs in a process of its own.
 from __future__ import annotations
 
 import json
+import os
 import random
 import resource
 import statistics
@@ -48,50 +49,78 @@ def _mark() -> tuple[float, float, float]:
     return time.perf_counter(), time.process_time(), _busy_cpu_seconds()
 
 
-def step_callback(warmup: int = 0, profile_to: str | None = None):
-    """A `TrainerCallback` recording wall and CPU time at train start and after every optimizer step.
+class Baton:
+    """Turn-taking with `bench/step.py` when configurations run interleaved: before each optimizer step
+    wait for its "go", after it say "done" (".") and at the end of training say "E" and wait for a last
+    "go", so that no sibling process is ever busy while another one is timed. Without pipes: no waiting."""
+
+    def __init__(self, fds: list[int] | None):
+        self.go, self.done = fds if fds else (None, None)
+
+    def wait(self) -> None:
+        if self.go is not None and os.read(self.go, 1) == b"":
+            raise RuntimeError("bench/step.py went away")
+
+    def say(self, token: bytes) -> None:
+        if self.done is not None:
+            os.write(self.done, token)
+
+
+def step_callback(warmup: int = 0, profile_to: str | None = None, baton: list[int] | None = None):
+    """A `TrainerCallback` timing each optimizer step, from `on_step_begin` to `on_step_end`: forward,
+    backward, gradient clipping and the optimizer update (collating the next batch and logging, a few
+    milliseconds here, fall outside).
 
     With `profile_to`, the first step after `warmup` runs under `torch.profiler` and the ops that took
     the most CPU time are written there as a table.
     """
     from transformers import TrainerCallback
 
+    turn = Baton(baton)
+
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.marks: list[tuple[float, float, float]] = []  # (wall, this process's CPU, machine's busy CPU)
-            self.rss_at_start = 0.0
-            self.profiler = None
+            # (begin, end) of each step; a mark is (wall, this process's CPU, the machine's busy CPU)
+            self.windows: list[tuple[tuple[float, float, float], tuple[float, float, float]]] = []
+            self.rss_at_start = self.idle_rss = 0.0
+            self.profiler = self.begin = None
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.rss_at_start = rss_mb()
-            self.marks = [_mark()]
 
         def on_step_begin(self, args, state, control, **kwargs):
+            turn.wait()
+            self.idle_rss = max(self.idle_rss, rss_mb())  # what this process holds between steps
             if profile_to and self.profiler is None and state.global_step == warmup:
                 import torch
 
                 self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                 self.profiler.__enter__()
+            self.begin = _mark()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.marks.append(_mark())
+            self.windows.append((self.begin, _mark()))
             if self.profiler is not None and state.global_step == warmup + 1:
                 self.profiler.__exit__(None, None, None)
                 table = self.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
                 Path(profile_to).write_text(table)
+            turn.say(b".")
+
+        def on_train_end(self, args, state, control, **kwargs):
+            turn.say(b"E")
+            turn.wait()
 
         def step_seconds(self, cpu: bool = False) -> list[float]:
-            """Wall (or this process's CPU) time of each optimizer step after the first `warmup`: data,
-            forward, backward, update and logging, everything a user waits for."""
+            """Wall (or this process's CPU) seconds of each optimizer step after the first `warmup`."""
             k = 1 if cpu else 0
-            gaps = [b[k] - a[k] for a, b in zip(self.marks, self.marks[1:])]
-            return gaps[warmup:]
+            return [end[k] - begin[k] for begin, end in self.windows[warmup:]]
 
         def other_load(self) -> float:
             """Cores kept busy by other processes during the timed steps (0 on an otherwise idle machine)."""
-            first, last = self.marks[min(warmup, len(self.marks) - 1)], self.marks[-1]
-            wall = max(last[0] - first[0], 1e-9)
-            return max(0.0, (last[2] - first[2]) - (last[1] - first[1])) / wall
+            timed = self.windows[warmup:]
+            wall = sum(end[0] - begin[0] for begin, end in timed)
+            others = sum((end[2] - begin[2]) - (end[1] - begin[1]) for begin, end in timed)
+            return max(0.0, others) / max(wall, 1e-9)
 
     return StepTimer()
 
@@ -182,7 +211,7 @@ def run_ours(spec: dict) -> dict:
     from granular_po.data.records import load_records
     from granular_po.models import load_tokenizer, resolve_model_path
 
-    timer = step_callback(spec["warmup"], spec.get("profile_to"))
+    timer = step_callback(spec["warmup"], spec.get("profile_to"), spec.get("baton"))
     seen = {}
 
     class TimedGranularTrainer(run.GranularTrainer):
@@ -233,6 +262,7 @@ def _common_result(spec: dict, timer, model, encoded, rows: int) -> dict:
         "tokens_per_step": rows * spec["seq_len"],
         "params": sum(p.numel() for p in model.parameters()),
         "rss_start_mb": timer.rss_at_start,
+        "idle_rss_mb": timer.idle_rss,
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -254,7 +284,7 @@ def run_trl(spec: dict) -> dict:
     datasets.disable_progress_bars()
     path = resolve_model_path(spec["model"])
     tokenizer = load_tokenizer(path)
-    timer = step_callback(spec["warmup"], spec.get("profile_to"))
+    timer = step_callback(spec["warmup"], spec.get("profile_to"), spec.get("baton"))
     with tempfile.TemporaryDirectory(prefix="granular-bench-trl-") as tmp:
         data = Path(tmp) / "pairs.json"
         pairs = write_pairs(data, spec)

@@ -6,7 +6,6 @@ TRL's DPOTrainer, the micro-benchmarks, the report) still work with the code the
 """
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -62,9 +61,26 @@ def test_bench_runs_one_step_per_configuration(tiny_model_dir, tmp_path, one_thr
     assert 3 <= share <= 30
 
 
-def test_worker_subprocess_writes_its_result(tmp_path):
-    """The fresh-process path, on the cheapest worker (a matmul), so the test stays fast."""
+def test_interleaved_processes_take_turns(tiny_model_dir, tmp_path, monkeypatch):
+    """Two configurations in fresh processes, step by step in turn: both finish with their own figures."""
+    pytest.importorskip("trl")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     step = load_step()
-    result = step.run_spec({"kind": "matmul", "name": "matmul", "sizes": [64], "repeats": 1}, False, tmp_path)
-    assert result["matmul_flops"] > 0
-    assert json.loads((tmp_path / "matmul.json").read_text()) == result
+    argv = ["--model", str(tiny_model_dir), "--steps", "2", "--warmup", "1", "--batch", "2", "--seq-len", "48",
+            "--configs", "trl-dpo+tdpo-gran", "--no-micro", "--out", str(tmp_path / "results.md")]
+    args = step.parse_args(argv)
+    (group,) = step.groups(args)
+    results = step.run_interleaved(group, tmp_path)
+    assert set(results) == {"trl-dpo", "tdpo-gran"}
+    for r in results.values():
+        assert len(r["step_s"]) == 2 and all(t > 0 for t in r["step_s"])
+        assert r["peak_rss_mb"] > 0
+    assert 0 < results["tdpo-gran"]["weighted_share"] < 0.5
+
+
+def test_a_worker_that_dies_is_reported(tmp_path):
+    """A process that dies before its turn: the driver names it and shows its log instead of hanging."""
+    step = load_step()
+    broken = {"kind": "matmul", "name": "broken", "sizes": ["not a size"], "warmup": 0, "steps": 1}
+    with pytest.raises(RuntimeError, match="configuration broken died"):
+        step.run_interleaved([broken], tmp_path)
