@@ -126,6 +126,9 @@ def test_resumed_run_continues_from_saved_step(workspace, sft_run):
     steps = [m["step"] for m in read_metrics(run_dir) if "loss/train" in m]
     assert steps == list(range(1, 17))  # 1..8 once, then 9..16: nothing repeated, nothing lost
     assert (run_dir / "LATEST").resolve().name == "step-16"
+    assert train_main(base + ["n_epochs=2"]) == 0  # the same command on a finished run trains nothing
+    assert (run_dir / "LATEST").resolve().name == "step-16" and not (run_dir / "step-17").exists()
+    assert [m["step"] for m in read_metrics(run_dir) if "loss/train" in m] == list(range(1, 17))
 
 
 def test_lora_dpo_keeps_one_copy_and_saves_adapter_and_merged(workspace, sft_run):

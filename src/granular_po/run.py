@@ -202,6 +202,12 @@ def run_training(cfg: DictConfig, argv: list[str] | None = None) -> Path:
     resume_from = _resume_point(cfg, run_dir, is_main)
     if resume_from is not None:
         trainer.args.eval_on_start = False  # do_first_eval: before the first step, not at every restart
+    total_steps = settings.max_steps if settings.max_steps > 0 else (
+        -(-len(train_ds) // cfg.batch_size) * cfg.n_epochs)
+    done = resume_from is not None and int(resume_from.name.removeprefix("step-")) >= total_steps
+    if done:  # the same command again on a finished run: nothing to train (Trainer would add a step)
+        print(f"run already complete at {resume_from.name} of {total_steps} steps", flush=True)
+        return run_dir
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if not cfg.debug:
         last = checkpoints.latest_complete_checkpoint(run_dir)
