@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             done = {spec["name"]: run_spec(spec, args.in_process, log_dir) for spec in group}
         else:
             done = run_interleaved(group, log_dir)
-        wall.append(time.time() - begin)
+        wall.append((time.time() - begin) / len(group))  # per configuration
         for name, r in done.items():
             results[name] = r
             print(f"    {name}: {r['median_s']:.2f} s/step (steps {[round(x, 2) for x in r['step_s']]}), "
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                 micro[spec["name"]] = {**run_spec(spec, args.in_process, log_dir), **spec}
         for group in [g for g in todo if g[0]["optional"]]:
             group = [spec for spec in group if spec.get("chunk_size") != default_chunk]  # else: rows above
-            if group and (time.time() - started + max(wall, default=0.0)) / 60 > args.budget_min:
+            if group and (time.time() - started + max(wall, default=0.0) * len(group)) / 60 > args.budget_min:
                 labels = " and ".join(spec["label"] for spec in group)
                 notes.append(f"{labels} skipped: they would end the run after --budget-min {args.budget_min:g} min")
             elif group:
