@@ -1,0 +1,43 @@
+"""What `bench/step.py` runs: the configurations, how they are grouped, and the issue's targets."""
+
+from __future__ import annotations
+
+# name -> what the worker runs; "kind" picks the worker in workloads.py. Ours use the shipped config's
+# logprobs.chunk_size unless "chunk_size" is given.
+CONFIGS = {
+    "trl-dpo": {"label": "TRL DPOTrainer", "kind": "trl"},
+    "dpo": {"label": "DPO", "kind": "ours", "loss": "dpo", "impl": "chunked", "granular": False},
+    "tdpo": {"label": "TDPO chunked", "kind": "ours", "loss": "tdpo", "impl": "chunked", "granular": False},
+    "tdpo-gran": {"label": "TDPO chunked, granular", "kind": "ours", "loss": "tdpo", "impl": "chunked",
+                  "granular": True},
+    "tdpo-naive": {"label": "TDPO naive", "kind": "ours", "loss": "tdpo", "impl": "naive", "granular": False},
+    "sft": {"label": "SFT", "kind": "ours", "loss": "sft", "impl": "chunked", "granular": False},
+    "tdpo-naive-gran": {"label": "TDPO naive, granular", "kind": "ours", "loss": "tdpo", "impl": "naive",
+                        "granular": True},
+    "dpo-256": {"label": "DPO, chunk_size=256", "kind": "ours", "loss": "dpo", "impl": "chunked",
+                "granular": False, "chunk_size": 256},
+    "tdpo-256": {"label": "TDPO chunked, chunk_size=256", "kind": "ours", "loss": "tdpo", "impl": "chunked",
+                 "granular": False, "chunk_size": 256},
+}  # fmt: skip
+
+# The processes of a group run side by side, taking turns step by step, so a burst of load from
+# elsewhere lands on all of them alike; groups run one after another, and a configuration that runs in
+# two groups (TDPO chunked, the anchor) carries the ratios from one group to the next. Each group
+# holds what the targets compare. Waiting processes keep their models and allocator caches (about
+# 4.5 GiB each for SmolLM2-135M at this batch), the one in its step its full peak: at most three a group.
+# (TDPO naive runs alone: its time is compared with nothing the targets name, its memory needs no pairing.)
+DEFAULT_GROUPS = [["trl-dpo", "dpo", "tdpo"], ["tdpo", "tdpo-gran", "sft"], ["tdpo-naive"]]
+# run last, and only while the projected end stays inside --budget-min
+OPTIONAL_GROUPS = [["dpo-256", "tdpo-256"]]
+QUICK_GROUPS = [["trl-dpo", "dpo", "tdpo"], ["tdpo", "tdpo-gran", "sft"]]
+MICRO_CHUNK = 256  # the logits micro-benchmark also runs at this chunk size
+
+# issue 7's targets, checked against the measured ratios
+TARGETS = {
+    "dpo_throughput": 1.3,  # our DPO tokens/s >= 1.3 x TRL's DPOTrainer
+    "tdpo_time": 1.2,  # TDPO chunked s/step <= 1.2 x our DPO's
+    "tdpo_memory": 1.1,  # TDPO chunked peak <= 1.1 x our DPO's
+    "logits_memory": 4.0,  # the chunked logits-related peak >= 4 x below naive
+    "granular_cheaper": 0.95,  # "measurably cheaper": at least 5% less time per step than all weights 1
+}
+OTHER_LOAD_WARNING = 0.25  # cores used by other processes during a row's timed steps: above this, say so

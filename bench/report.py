@@ -1,0 +1,256 @@
+"""The markdown report of `bench/step.py`: one table of figures and ratios, then the issue's targets.
+
+Results are keyed by run ("tdpo", "tdpo@2", ...); each carries its configuration ("config") and the
+index of the interleaved group it ran in ("group"). A time ratio between two configurations is taken
+inside a group that ran both (side by side, step by step); else through a configuration that ran in
+both groups (an anchor: a/anchor in one group times anchor/b in the other); else, marked, across groups.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+from pathlib import Path
+
+from configs import CONFIGS, TARGETS
+
+CHAINED, SEPARATE = "†", "‡"  # marks on ratios: through an anchor / across groups, not side by side
+
+
+# ---------------------------------------------------------------- ratios
+
+
+def runs_of(results: dict[str, dict], config: str) -> list[dict]:
+    return [r for r in results.values() if r["config"] == config]
+
+
+def first(results: dict[str, dict], config: str) -> dict | None:
+    runs = runs_of(results, config)
+    return runs[0] if runs else None
+
+
+def time_ratio(results: dict[str, dict], a: str, b: str) -> tuple[float, str] | None:
+    """(s/step of a over s/step of b, mark): "" side by side, CHAINED through an anchor, SEPARATE else."""
+    runs_a, runs_b = runs_of(results, a), runs_of(results, b)
+    if not runs_a or not runs_b:
+        return None
+    for ra in runs_a:
+        for rb in runs_b:
+            if ra["group"] == rb["group"]:
+                return ra["median_s"] / rb["median_s"], ""
+    for ra in runs_a:
+        for rb in runs_b:
+            for anchor in {r["config"] for r in results.values()} - {a, b}:
+                near_a = [r for r in runs_of(results, anchor) if r["group"] == ra["group"]]
+                near_b = [r for r in runs_of(results, anchor) if r["group"] == rb["group"]]
+                if near_a and near_b:
+                    ratio = ra["median_s"] / near_a[0]["median_s"] * near_b[0]["median_s"] / rb["median_s"]
+                    return ratio, CHAINED
+    return runs_a[0]["median_s"] / runs_b[0]["median_s"], SEPARATE
+
+
+def memory_ratio(results: dict[str, dict], a: str, b: str) -> float | None:
+    """Peak RSS of a over b (each its own process: no load dependence, no pairing needed)."""
+    ra, rb = first(results, a), first(results, b)
+    return None if ra is None or rb is None else ra["peak_rss_mb"] / rb["peak_rss_mb"]
+
+
+def _fmt(value: float | None, mark: str = "") -> str:
+    return "" if value is None else f"{value:.2f}{mark}"
+
+
+def _tokens_per_s(r: dict) -> float:
+    return r["tokens_per_step"] / r["median_s"]
+
+
+def _flops_per_step(r: dict) -> float:
+    """6 x params per token trained (forward + backward), plus 2 x params per token of reference forward."""
+    flops = 6 * r["params"] * r["tokens_per_step"]
+    if CONFIGS[r["config"]].get("loss", "dpo") != "sft":
+        flops += 2 * r["params"] * r["tokens_per_step"]
+    return flops
+
+
+# ---------------------------------------------------------------- tables
+
+
+def results_table(results: dict[str, dict], peak_flops: float | None) -> list[str]:
+    """One row per configuration (its first run): absolute figures, ratios to TRL's DPO and to our DPO."""
+    lines = [
+        "| configuration | chunk_size | weighted tokens | s / step | CPU s / step | other load | tokens / s "
+        "| peak RSS (GiB) | time / TRL | throughput / TRL | memory / TRL | time / our DPO | memory / our DPO "
+        "| MFU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    shown = []
+    for r in results.values():
+        if r["config"] in shown:
+            continue
+        shown.append(name := r["config"])
+        config = CONFIGS[name]
+        columns = []
+        for ref in ("trl-dpo", "dpo"):
+            t = time_ratio(results, name, ref)
+            ref_run = first(results, ref)
+            columns.append(_fmt(*t) if t else "")
+            if ref == "trl-dpo":
+                tps = None if t is None else r["tokens_per_step"] / ref_run["tokens_per_step"] / t[0]
+                columns.append(_fmt(tps, t[1] if t else ""))
+            columns.append(_fmt(memory_ratio(results, name, ref)))
+        mfu = ""
+        if peak_flops:
+            mfu = f"{100 * _flops_per_step(r) / r['median_s'] / peak_flops:.0f}%"
+            mfu = f"({mfu})" if config.get("granular") else mfu
+        chunk = "" if config["kind"] == "trl" else ("-" if config["impl"] == "naive" else str(r["chunk_size"]))
+        lines.append(
+            f"| {config['label']} | {chunk} | {100 * r['weighted_share']:.0f}% | {r['median_s']:.2f} | "
+            f"{r['median_cpu_s']:.1f} | {r['other_load']:.1f} | {_tokens_per_s(r):.0f} | "
+            f"{r['peak_rss_mb'] / 1024:.2f} | {' | '.join(columns)} | {mfu} |"
+        )
+    return lines
+
+
+def targets_table(results: dict[str, dict], micro: dict) -> list[str]:
+    """The issue's targets beside the measured ratios."""
+    out = ["| target (issue 7) | measured | |", "|---|---|---|"]
+
+    def row(text: str, value: str, ok: bool | None):
+        verdict = "n/a" if ok is None else ("met" if ok else "**not met**")
+        out.append(f"| {text} | {value} | {verdict} |")
+
+    t = time_ratio(results, "trl-dpo", "dpo")
+    if t:
+        throughput = t[0] * first(results, "dpo")["tokens_per_step"] / first(results, "trl-dpo")["tokens_per_step"]
+        row(f"our DPO throughput >= {TARGETS['dpo_throughput']:g}x TRL's DPOTrainer", f"{throughput:.2f}x{t[1]}",
+            throughput >= TARGETS["dpo_throughput"])
+        m = memory_ratio(results, "dpo", "trl-dpo")
+        row("our DPO peak memory <= TRL's", f"{m:.2f}x", m <= 1.0)
+    for tdpo, dpo in (("tdpo", "dpo"), ("tdpo-256", "dpo-256")):
+        t = time_ratio(results, tdpo, dpo)
+        if t:
+            versus = f"our DPO at chunk_size {first(results, dpo)['chunk_size']}"
+            label = f"TDPO chunked (chunk_size {first(results, tdpo)['chunk_size']})"
+            row(f"{label} time <= {TARGETS['tdpo_time']:g}x {versus}", f"{t[0]:.2f}x{t[1]}",
+                t[0] <= TARGETS["tdpo_time"])
+            m = memory_ratio(results, tdpo, dpo)
+            row(f"{label} peak memory <= {TARGETS['tdpo_memory']:g}x {versus}", f"{m:.2f}x",
+                m <= TARGETS["tdpo_memory"])
+    naive = micro.get("logits-naive")
+    for key in sorted(k for k in micro if k.startswith("logits-chunked")):
+        if naive:
+            m = naive["logits_peak_mb"] / max(micro[key]["logits_peak_mb"], 1.0)
+            row(f"logits-related peak of chunked (chunk_size {micro[key]['chunk_size']}) >= "
+                f"{TARGETS['logits_memory']:g}x below naive (V={micro[key]['vocab']}, T={micro[key]['seq_len']})",
+                f"{m:.1f}x", m >= TARGETS["logits_memory"])
+    t = time_ratio(results, "tdpo-gran", "tdpo")
+    if t:
+        share = 100 * first(results, "tdpo-gran")["weighted_share"]
+        row(f"granular TDPO ({share:.0f}% of response tokens weighted) measurably cheaper than all weights 1 "
+            f"(< {TARGETS['granular_cheaper']:g}x the time)", f"{t[0]:.2f}x time{t[1]}",
+            t[0] < TARGETS["granular_cheaper"])
+    row("GPU (bf16): the same ratios; a >= 1B model with TDPO at batch 8 x 1024 on one H100 where naive "
+        "runs out of memory", "no GPU lent to this run", None)
+    return out
+
+
+def micro_lines(micro: dict) -> list[str]:
+    runs = [v for k, v in micro.items() if k.startswith("logits-")]
+    if not runs:
+        return []
+    parts = []
+    for v in runs:
+        what = "naive" if v["impl"] == "naive" else f"chunked (chunk_size {v['chunk_size']})"
+        parts.append(f"{what}: {v['logits_peak_mb']:.0f} MiB, {v['seconds']:.1f} s")
+    v = runs[0]
+    return [
+        f"Logits-related peak memory: `compute_token_stats` forward + backward with the KL (TDPO) on random "
+        f"hidden states, {v['rows']} rows x {v['seq_len']} positions, H = {v['hidden']}, V = {v['vocab']}, the "
+        "first quarter of each row unweighted (the prompt); peak RSS above its inputs, a fresh process each: "
+        + "; ".join(parts) + ".",
+    ]
+
+
+# ---------------------------------------------------------------- the whole report
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import psutil
+
+    ram = psutil.virtual_memory().total / 2**30
+    return f"{cpu}, {os.cpu_count()} cores, {ram:.0f} GiB RAM, {platform.system()} {platform.release()}"
+
+
+def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in ("torch", "transformers", "trl"):
+        try:
+            out.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            out.append(f"{name} (not installed)")
+    return ", ".join(out) + f"; Python {platform.python_version()}"
+
+
+def anchor_lines(results: dict[str, dict]) -> list[str]:
+    """Where a configuration ran more than once (an anchor between groups), its other timings."""
+    out = []
+    for config in dict.fromkeys(r["config"] for r in results.values()):
+        runs = runs_of(results, config)
+        if len(runs) > 1:
+            times = ", ".join(f"group {r['group'] + 1}: {r['median_s']:.2f} s" for r in runs)
+            out.append(f"- {CONFIGS[config]['label']} ran in several groups (the anchor between them): {times}")
+    return out
+
+
+def report(args, results: dict, micro: dict, peak: float | None, groups: list[list[str]], started: float,
+           loads: tuple[str, str], notes: list[str]) -> str:
+    r0 = next(iter(results.values()), {})
+    if args.in_process:
+        where = "every configuration in this one process (--in-process: peak RSS accumulates, not comparable)"
+    else:
+        where = ("each configuration in a fresh process (peak RSS = its ru_maxrss: models, gradients, optimizer "
+                 "state, activations); the processes of a group take turns step by step")
+    lines = [
+        "# Benchmark: seconds per optimizer step, throughput, peak memory (issue 7)",
+        "",
+        f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; the whole run took "
+        f"{(time.time() - started) / 60:.1f} min: `{' '.join(['python bench/step.py', *args.argv])}`",
+        f"- machine: {machine()}; load average {loads[0]} before, {loads[1]} after (a shared machine: compare "
+        "ratios, not absolute times)",
+        f"- software: {versions()}",
+        f"- work: model `{args.model}` ({r0.get('params', 0) / 1e6:.1f}M parameters), {args.batch} pairs "
+        f"(SFT: {args.batch} rows) x {args.seq_len} tokens, every row full (no padding), fp32 on CPU, optimizer "
+        f"{args.optimizer} (lr {args.lr}), no activation checkpointing",
+        "- ours: `run_training` with the shipped config and overrides (loss, logprobs.impl, granular.enabled, "
+        "batch_size, max_length, optimizer, debug=true); TRL: `DPOTrainer` + `DPOConfig` (precompute off; bf16 "
+        "and gradient checkpointing off, as ours) on the same token ids, models and optimizer class",
+        f"- s / step: the median of {args.steps} optimizer step(s) after {args.warmup} warm-up step(s), each "
+        f"timed from `on_step_begin` to `on_step_end` (forward, backward, clipping, update); {where}",
+        *([] if args.in_process else ["- groups (interleaved, one after another): "
+                                      + "; ".join(" + ".join(CONFIGS[n]["label"] for n in g) for g in groups)]),
+        f"- ratios: plain = side by side in one group; {CHAINED} = through a configuration run in both groups; "
+        f"{SEPARATE} = across groups (exposed to load changes between them)",
+        "- MFU: (6 x params x tokens, + 2 x params x tokens for the reference forward) / step time / the best fp32 "
+        "matmul rate measured in this run" + (f" ({peak / 1e9:.0f} GFLOP/s)" if peak else " (not measured)")
+        + "; in parentheses for granular runs, whose nominal count includes lm_head work they skip",
+        *anchor_lines(results),
+        *[f"- note: {n}" for n in notes],
+        "",
+        *results_table(results, peak),
+        "",
+        *targets_table(results, micro),
+        "",
+        *micro_lines(micro),
+    ]
+    return "\n".join(lines) + "\n"
