@@ -14,10 +14,10 @@ CONFIGS = {
     "sft": {"label": "SFT", "kind": "ours", "loss": "sft", "impl": "chunked", "granular": False},
     "tdpo-naive-gran": {"label": "TDPO naive, granular", "kind": "ours", "loss": "tdpo", "impl": "naive",
                         "granular": True},
-    "dpo-256": {"label": "DPO, chunk_size=256", "kind": "ours", "loss": "dpo", "impl": "chunked",
-                "granular": False, "chunk_size": 256},
-    "tdpo-256": {"label": "TDPO chunked, chunk_size=256", "kind": "ours", "loss": "tdpo", "impl": "chunked",
-                 "granular": False, "chunk_size": 256},
+    "dpo-1024": {"label": "DPO, chunk_size=1024", "kind": "ours", "loss": "dpo", "impl": "chunked",
+                "granular": False, "chunk_size": 1024},
+    "tdpo-1024": {"label": "TDPO chunked, chunk_size=1024", "kind": "ours", "loss": "tdpo", "impl": "chunked",
+                 "granular": False, "chunk_size": 1024},
 }  # fmt: skip
 
 # The processes of a group run side by side, taking turns step by step, so a burst of load from
@@ -28,9 +28,9 @@ CONFIGS = {
 # (TDPO naive runs alone: its time is compared with nothing the targets name, its memory needs no pairing.)
 DEFAULT_GROUPS = [["trl-dpo", "dpo", "tdpo"], ["tdpo", "tdpo-gran", "sft"], ["tdpo-naive"]]
 # run last, and only while the projected end stays inside --budget-min
-OPTIONAL_GROUPS = [["dpo-256", "tdpo-256"]]
+OPTIONAL_GROUPS = [["dpo-1024", "tdpo-1024"]]
 QUICK_GROUPS = [["trl-dpo", "dpo", "tdpo"], ["tdpo", "tdpo-gran", "sft"]]
-MICRO_CHUNK = 256  # the logits micro-benchmark also runs at this chunk size
+MICRO_CHUNK = 1024  # the logits micro-benchmark also runs at this chunk size (the tradeoff)
 
 # issue 7's targets, checked against the measured ratios
 TARGETS = {

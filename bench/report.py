@@ -127,7 +127,7 @@ def targets_table(results: dict[str, dict], micro: dict) -> list[str]:
             throughput >= TARGETS["dpo_throughput"])
         m = memory_ratio(results, "dpo", "trl-dpo")
         row("our DPO peak memory <= TRL's", f"{m:.2f}x", m <= 1.0)
-    for tdpo, dpo in (("tdpo", "dpo"), ("tdpo-256", "dpo-256")):
+    for tdpo, dpo in (("tdpo", "dpo"), ("tdpo-1024", "dpo-1024")):
         t = time_ratio(results, tdpo, dpo)
         if t:
             versus = f"our DPO at chunk_size {first(results, dpo)['chunk_size']}"

@@ -1,7 +1,7 @@
 """Seconds per optimizer step, tokens per second and peak memory: our SFT / DPO / TDPO beside TRL's DPO.
 
     python bench/step.py                      # the full table (make bench); writes bench/results.md
-    python bench/step.py --quick              # 1 measured step each, no TDPO naive, no chunk_size=256 rows
+    python bench/step.py --quick              # 1 measured step each, no TDPO naive, no chunk_size=1024 rows
     python bench/step.py --configs trl-dpo+dpo,sft --steps 5   # a+b: one interleaved group; groups in turn
     python bench/step.py --model /path/to/hf-model --seq-len 512 --optimizer AdamW
 
@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=5e-6)
     p.add_argument("--configs", default=None,
                    help=f"groups to run: 'a+b,c' runs a and b interleaved, then c; names: {', '.join(CONFIGS)}")
-    p.add_argument("--quick", action="store_true", help="1 measured step each; no TDPO naive, no chunk_size=256")
+    p.add_argument("--quick", action="store_true", help="1 measured step each; no TDPO naive, no chunk_size=1024")
     p.add_argument("--budget-min", type=float, default=14.0,
                    help="the optional group is skipped when it would end the run after this many minutes")
     p.add_argument("--gib-per-process", type=float, default=4.5,

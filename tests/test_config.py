@@ -91,10 +91,12 @@ def test_not_applicable_key_is_a_notice(tmp_path, caplog):
         ("trainer=Nope", "trainer='Nope'"),
         ("on_invalid=maybe", "on_invalid='maybe'"),
         ("logprobs.impl=fast", "logprobs.impl='fast'"),
+        ("logprobs.chunk_size=0", "logprobs.chunk_size=0: must be >= 1"),
+        ("loss=dpo loss.beta=0", r"loss.beta=0: must be > 0"),  # once silently turned into 0.1
     ],
 )
 def test_bad_values_name_the_key(override, message, tmp_path):
-    cfg = compose_config(["gradient_accumulation_steps=2", override, f"local_dirs=[{tmp_path}]"])
+    cfg = compose_config(["gradient_accumulation_steps=2", *override.split(), f"local_dirs=[{tmp_path}]"])
     with pytest.raises(ValueError, match=message):
         validate(cfg)
 

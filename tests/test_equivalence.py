@@ -2,10 +2,11 @@
 
 - accumulation: batch_size=8 with 1 accumulation step vs 8 accumulation steps of 1 record;
 - token statistics: `logprobs.impl=chunked` (hidden states, weighted positions only) vs `naive`;
+- padding-free: packed real tokens (`padding_free=true`) vs padded batches;
 - padding: a record's loss does not depend on how much right padding its batch carries;
 - concatenation: one forward over chosen + rejected rows equals separate forwards of each half.
 
-The first two train for real through `train_main` (SGD, 3 steps) and compare the per-step
+The first three train for real through `train_main` (SGD, 3 steps) and compare the per-step
 `loss/train` of metrics.jsonl and the final weights; the last two call the trainer's own methods.
 """
 
@@ -97,6 +98,12 @@ def test_accumulation_8x1_equals_1x8(workspace, baseline):
 def test_chunked_and_naive_logprobs_train_alike(workspace, baseline):
     naive = train(workspace, "naive", "gradient_accumulation_steps=1", "logprobs.impl=naive")
     assert_same_run(baseline, naive, load_file(str(workspace / "tiny" / "model.safetensors")))
+
+
+def test_padding_free_trains_alike(workspace, baseline):
+    """Packed real tokens (padding_free=true) train as the padded batches do, step by step."""
+    packed = train(workspace, "packed", "gradient_accumulation_steps=1", "padding_free=true")
+    assert_same_run(baseline, packed, load_file(str(workspace / "tiny" / "model.safetensors")))
 
 
 # ---------------------------------------------------------------- the trainer's own methods

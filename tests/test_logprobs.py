@@ -533,6 +533,7 @@ def test_forward_hidden_through_ddp():
     if dist.is_initialized():
         pytest.skip("a process group is already running")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    ddp = None
     try:
         model = tiny_llama(61, seed=7)
         ddp = nn.parallel.DistributedDataParallel(model)
@@ -546,4 +547,10 @@ def test_forward_hidden_through_ddp():
         compute_token_stats(hidden, head, None, None, ids, weights).policy_logps.sum().backward()
         assert all(p.grad is not None for p in model.parameters())
     finally:
+        # the DDP reducer holds the process group: free it first, or destroying the group's last
+        # reference later (at function exit) can hang joining gloo's worker threads
+        del ddp
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()

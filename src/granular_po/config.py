@@ -90,6 +90,10 @@ def validate(cfg: DictConfig, n_train_examples: int | None = None) -> RunSetting
         raise ValueError(f"trainer={cfg.trainer!r}: expected one of {TRAINERS}")
     if loss.is_preference and cfg.loss.get("beta") is None:
         raise ValueError(f"loss.beta must be set for loss={loss.value}")
+    if loss.is_preference and not float(cfg.loss.beta) > 0:
+        raise ValueError(f"loss.beta={cfg.loss.beta}: must be > 0 (it divides the implicit reward's scale)")
+    if int(cfg.logprobs.chunk_size) < 1:
+        raise ValueError(f"logprobs.chunk_size={cfg.logprobs.chunk_size}: must be >= 1")
     if cfg.on_invalid not in ("error", "skip"):
         raise ValueError(f"on_invalid={cfg.on_invalid!r}: expected 'error' or 'skip'")
     if cfg.prompt_format not in ("auto", "raw", "chat"):

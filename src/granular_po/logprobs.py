@@ -234,7 +234,7 @@ def compute_token_stats(
     ref_logits: torch.Tensor | None = None,
     reference_free: bool = False,
     impl: Impl = "chunked",
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> TokenStats:
     """Weighted per-sequence log-probs, log-ratios and sequential KL from final hidden states.
 
@@ -275,7 +275,7 @@ def compute_token_stats_from_logits(
     *,
     reference_free: bool = False,
     impl: Impl = "chunked",
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> TokenStats:
     """The same statistics from a model's own logits (models `supports_hidden_path` rejects).
 
@@ -328,13 +328,16 @@ def supports_hidden_path(model: nn.Module) -> bool:
 
 
 def forward_hidden(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, nn.Module]:
     """Final hidden states (after the final norm) and the lm_head, without the (N, T, V) logits.
 
     Runs the model's own forward, through any DDP / PEFT wrapper so their hooks fire, with
     `logits_to_keep=1` (one position of logits per row), and captures the backbone's output.
-    Shape: input_ids (N, T), attention_mask (N, T) -> hidden (N, T, H).
+    Shape: input_ids, attention_mask, position_ids (N, T) -> hidden (N, T, H).
     """
     backbone = _backbone(model)
     if backbone is None:
@@ -346,7 +349,8 @@ def forward_hidden(
 
     handle = backbone.register_forward_hook(grab)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+        extra = {} if position_ids is None else {"position_ids": position_ids}
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1, **extra)
     finally:
         handle.remove()
     if len(captured) != 1:

@@ -90,7 +90,7 @@ def _bytes(params) -> int:
 
 def estimate_memory(policy: nn.Module, reference: nn.Module | None, per_device_batch: int, rows_per_example: int,
                     max_length: int, optimizer: str, activation_checkpointing: bool = False,
-                    logprobs_impl: str = "chunked", chunk_size: int = 1024) -> MemoryEstimate:
+                    logprobs_impl: str = "chunked", chunk_size: int = 256) -> MemoryEstimate:
     """Estimated peak bytes of one training micro-batch of `per_device_batch` examples, each of
     `rows_per_example` sequences (2 for preference pairs) of at most `max_length` tokens."""
     params = list(policy.parameters())

@@ -164,7 +164,7 @@ def run_training(cfg: DictConfig, argv: list[str] | None = None) -> Path:
     resources.preflight(cfg, policy, reference, settings)  # memory (CPU) and checkpoint disk space
     collator_cls = SFTCollator if loss_type is LossType.SFT else PreferenceCollator
     loss_settings = LossSettings(
-        loss=loss_type, beta=cfg.loss.get("beta", 0.1) or 0.1, alpha=cfg.loss.get("alpha", 0.5),
+        loss=loss_type, beta=0.1 if cfg.loss.get("beta") is None else float(cfg.loss.beta), alpha=cfg.loss.get("alpha", 0.5),
         if_tdpo2=bool(cfg.loss.get("if_tdpo2", False)), label_smoothing=cfg.loss.get("label_smoothing", 0.0),
         reference_free=bool(cfg.loss.get("reference_free", False)),
         average_log_prob=bool(cfg.loss.get("average_log_prob", False)),
@@ -183,6 +183,7 @@ def run_training(cfg: DictConfig, argv: list[str] | None = None) -> Path:
         train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
         optimizer_cls_and_kwargs=(optimizer_cls, {"lr": cfg.lr}),
         warmup_steps=cfg.warmup_steps, group_by_length=bool(cfg.group_by_length), run_dir=run_dir,
+        padding_free=bool(cfg.padding_free),
         callbacks=[MetricsFileCallback(None if cfg.debug else run_dir / "metrics.jsonl")],
     )
     if cfg.sample_during_eval and eval_ds is not None and not cfg.debug:

@@ -28,6 +28,7 @@ from transformers.trainer_callback import ProgressCallback, TrainerCallback
 from granular_po import checkpoints
 from granular_po.logprobs import compute_token_stats, forward_hidden, supports_hidden_path
 from granular_po.losses import LossType, dpo_loss, sft_loss, tdpo_loss
+from granular_po.packing import PackedBatch, attention_cost, check_packing, pack_batch, packs_in_one_row
 from granular_po.sampler import SeededLengthGroupedSampler
 
 logger = logging.getLogger(__name__)
@@ -49,17 +50,25 @@ class LossSettings:
     reference_free: bool = False
     average_log_prob: bool = False
     logprobs_impl: str = "chunked"
-    chunk_size: int = 1024
+    chunk_size: int = 256
     skip_nonfinite: bool = False
 
 
-def hidden_states_and_head(model, input_ids, attention_mask, use_hidden_path: bool):
-    """`(hidden (N, T, H), head, None)` without full logits, or `(None, None, logits (N, T, V))`."""
+def hidden_states_and_head(model, input_ids, attention_mask, use_hidden_path: bool,
+                           packed: PackedBatch | None = None):
+    """`(hidden (N, T, H), head, None)` without full logits, or `(None, None, logits (N, T, V))`.
+
+    With `packed`, the model runs on the packed real tokens and the outputs come back padded.
+    """
+    position_ids = None
+    if packed is not None:
+        input_ids, attention_mask, position_ids = packed.input_ids, None, packed.position_ids
     if not use_hidden_path:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return None, None, out.logits
-    hidden, head = forward_hidden(model, input_ids, attention_mask)
-    return hidden, head, None
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits
+        return None, None, logits if packed is None else packed.unpack(logits)
+    hidden, head = forward_hidden(model, input_ids, attention_mask, position_ids=position_ids)
+    return (hidden if packed is None else packed.unpack(hidden)), head, None
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -97,7 +106,7 @@ class GranularTrainer(Trainer):
 
     def __init__(self, *args, ref_model=None, loss_settings: LossSettings, run_dir: Path | None = None,
                  warmup_steps: int = 0, group_by_length: bool = True, save_total_limit: int | None = None,
-                 **kwargs):
+                 padding_free: bool = False, **kwargs):
         self.loss_settings = loss_settings
         self.ref_model = ref_model
         self.run_dir = run_dir
@@ -121,6 +130,22 @@ class GranularTrainer(Trainer):
             self.ref_model.eval()
             self.ref_model.requires_grad_(False)
             self.ref_model.to(self.args.device)
+        self.padding_free = padding_free
+        self._attention_cost = None
+        if padding_free:  # refuse a model whose packed outputs differ, before any step
+            for name, m in (("policy", self.model), ("reference", self.ref_model)):
+                if m is not None:
+                    check_packing(m, what=name)
+            self._attention_cost = attention_cost(self.model)
+
+    def pack(self, model, batch) -> PackedBatch | None:
+        """The batch's real tokens packed for `model` (padding_free=true), or None to run it padded."""
+        if not self.padding_free:
+            return None
+        pad_id = getattr(self.data_collator, "pad_token_id", 0)
+        one_row = packs_in_one_row(self.accelerator.unwrap_model(model))
+        return pack_batch(batch["input_ids"], batch["attention_mask"], pad_id, one_row=one_row,
+                          attention_cost=self._attention_cost)
 
     # ---- data ----
     def _get_train_sampler(self, train_dataset=None):
@@ -172,12 +197,17 @@ class GranularTrainer(Trainer):
         """Per-sequence weighted log-probs, log-ratios and sequential KL for the batch's rows."""
         settings = self.loss_settings
         ids, mask, weights = batch["input_ids"], batch["attention_mask"], batch["loss_weights"]
-        hidden, head, logits = hidden_states_and_head(model, ids, mask, self.use_hidden_path)
+        packed = self.pack(model, batch)
+        hidden, head, logits = hidden_states_and_head(model, ids, mask, self.use_hidden_path, packed)
         ref_hidden = ref_head = ref_logits = None
         if need_reference:
             with torch.no_grad(), self._reference_context():
                 ref = self.ref_model if self.ref_model is not None else model
-                ref_hidden, ref_head, ref_logits = hidden_states_and_head(ref, ids, mask, self.use_hidden_path)
+                same_layout = ref is model or packed is None or (
+                    packs_in_one_row(ref) == packs_in_one_row(self.accelerator.unwrap_model(model)))
+                ref_packed = packed if same_layout else self.pack(ref, batch)
+                ref_hidden, ref_head, ref_logits = hidden_states_and_head(ref, ids, mask, self.use_hidden_path,
+                                                                          ref_packed)
         return compute_token_stats(
             policy_hidden=hidden, policy_head=head, ref_hidden=ref_hidden, ref_head=ref_head,
             policy_logits=logits, ref_logits=ref_logits, input_ids=ids, loss_weights=weights,
@@ -199,7 +229,7 @@ class GranularTrainer(Trainer):
             ref = self.ref_model if self.ref_model is not None else self.model
             with self._reference_context():
                 hidden, head, logits = hidden_states_and_head(ref, batch["input_ids"], batch["attention_mask"],
-                                                              self.use_hidden_path)
+                                                              self.use_hidden_path, self.pack(ref, batch))
             stats = compute_token_stats(
                 hidden, head, None, None, batch["input_ids"], batch["loss_weights"], False,
                 self.loss_settings.average_log_prob, policy_logits=logits,
