@@ -3,10 +3,11 @@
 - accumulation: batch_size=8 with 1 accumulation step vs 8 accumulation steps of 1 record;
 - token statistics: `logprobs.impl=chunked` (hidden states, weighted positions only) vs `naive`;
 - padding-free: packed real tokens (`padding_free=true`) vs padded batches;
+- shared prompt: one prompt forward for chosen and rejected (`share_prompt`, on by default) vs plain rows;
 - padding: a record's loss does not depend on how much right padding its batch carries;
 - concatenation: one forward over chosen + rejected rows equals separate forwards of each half.
 
-The first three train for real through `train_main` (SGD, 3 steps) and compare the per-step
+The first four train for real through `train_main` (SGD, 3 steps) and compare the per-step
 `loss/train` of metrics.jsonl and the final weights; the last two call the trainer's own methods.
 """
 
@@ -100,9 +101,18 @@ def test_chunked_and_naive_logprobs_train_alike(workspace, baseline):
     assert_same_run(baseline, naive, load_file(str(workspace / "tiny" / "model.safetensors")))
 
 
+def test_shared_prompt_forward_trains_alike(workspace, baseline):
+    """share_prompt=true (an error if it cannot be on) trains as the plain rows do, and as the default."""
+    initial = load_file(str(workspace / "tiny" / "model.safetensors"))
+    plain = train(workspace, "plain-rows", "gradient_accumulation_steps=1", "share_prompt=false")
+    shared = train(workspace, "shared-prompt", "gradient_accumulation_steps=1", "share_prompt=true")
+    assert_same_run(plain, shared, initial)
+    assert_same_run(baseline, shared, initial)
+
+
 def test_padding_free_trains_alike(workspace, baseline):
     """Packed real tokens (padding_free=true) train as the padded batches do, step by step."""
-    packed = train(workspace, "packed", "gradient_accumulation_steps=1", "padding_free=true")
+    packed = train(workspace, "packed", "gradient_accumulation_steps=1", "padding_free=true", "share_prompt=false")
     assert_same_run(baseline, packed, load_file(str(workspace / "tiny" / "model.safetensors")))
 
 

@@ -339,6 +339,21 @@ def forward_hidden(
     `logits_to_keep=1` (one position of logits per row), and captures the backbone's output.
     Shape: input_ids, attention_mask, position_ids (N, T) -> hidden (N, T, H).
     """
+    extra = {} if position_ids is None else {"position_ids": position_ids}
+    hidden, _ = capture_backbone_output(
+        model, input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1, **extra
+    )
+    # prompt-learning PEFT prepends virtual tokens: keep the positions of the real ones
+    hidden = hidden[:, -input_ids.shape[1] :]
+    return hidden, unwrap_model(model).get_output_embeddings()
+
+
+def capture_backbone_output(model: nn.Module, **forward_kwargs) -> tuple[torch.Tensor, object]:
+    """Run `model(**forward_kwargs)` (through its wrappers, so their hooks fire) and return the
+    backbone's final hidden states (after the final norm) with the model's own output.
+
+    Shape: -> hidden (N, T, H).
+    """
     backbone = _backbone(model)
     if backbone is None:
         raise ValueError(f"cannot find the backbone of {type(unwrap_model(model)).__name__}")
@@ -349,15 +364,12 @@ def forward_hidden(
 
     handle = backbone.register_forward_hook(grab)
     try:
-        extra = {} if position_ids is None else {"position_ids": position_ids}
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1, **extra)
+        output = model(**forward_kwargs)
     finally:
         handle.remove()
     if len(captured) != 1:
         raise RuntimeError(f"expected one backbone call, saw {len(captured)}")
-    # prompt-learning PEFT prepends virtual tokens: keep the positions of the real ones
-    hidden = captured[0][:, -input_ids.shape[1] :]
-    return hidden, unwrap_model(model).get_output_embeddings()
+    return captured[0], output
 
 
 @torch.no_grad()

@@ -26,9 +26,10 @@ from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback, TrainerCallback
 
 from granular_po import checkpoints
-from granular_po.logprobs import compute_token_stats, forward_hidden, supports_hidden_path
+from granular_po.logprobs import compute_token_stats, forward_hidden, supports_hidden_path, unwrap_model
 from granular_po.losses import LossType, dpo_loss, sft_loss, tdpo_loss
 from granular_po.packing import PackedBatch, attention_cost, check_packing, pack_batch, packs_in_one_row
+from granular_po.prompt_sharing import check_prompt_sharing, forward_hidden_shared, split_prompts
 from granular_po.sampler import SeededLengthGroupedSampler
 
 logger = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class GranularTrainer(Trainer):
 
     def __init__(self, *args, ref_model=None, loss_settings: LossSettings, run_dir: Path | None = None,
                  warmup_steps: int = 0, group_by_length: bool = True, save_total_limit: int | None = None,
-                 padding_free: bool = False, **kwargs):
+                 padding_free: bool = False, share_prompt: str | bool = False, **kwargs):
         self.loss_settings = loss_settings
         self.ref_model = ref_model
         self.run_dir = run_dir
@@ -137,6 +138,49 @@ class GranularTrainer(Trainer):
                 if m is not None:
                     check_packing(m, what=name)
             self._attention_cost = attention_cost(self.model)
+        self.share_prompt = self._resolve_share_prompt(str(share_prompt).lower(), padding_free)
+
+    def _resolve_share_prompt(self, mode: str, padding_free: bool) -> bool:
+        """Whether chosen and rejected rows share one prompt forward: `auto` turns it on where it is
+        exact (checked on the models at start-up), `true` insists (an error says why it cannot)."""
+        if mode not in ("auto", "true", "false"):
+            raise ValueError(f"share_prompt={mode!r}: expected auto, true or false")
+        if mode == "false":
+            return False
+        why_not = None
+        if not self.loss_settings.loss.is_preference:
+            why_not = "SFT has no response pairs"
+        elif not self.use_hidden_path:
+            why_not = "it needs logprobs.impl=chunked on a model whose logits are its lm_head's output"
+        elif self.args.gradient_checkpointing:
+            why_not = "activation checkpointing drops the key/value cache"
+        elif getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            why_not = "not verified with FSDP or DeepSpeed"
+        elif padding_free:
+            why_not = "padding_free=true packs the rows instead"
+        else:
+            try:
+                for name, m in (("policy", self.model), ("reference", self.ref_model)):
+                    if m is not None:
+                        check_prompt_sharing(m, what=name)
+            except ValueError as exc:
+                why_not = str(exc)
+        if why_not is not None and mode == "true":
+            raise ValueError(f"share_prompt=true: {why_not}")
+        if why_not is not None and self.loss_settings.loss.is_preference:
+            logger.info("share_prompt: off (%s)", why_not)
+        return why_not is None
+
+    def model_outputs(self, model, batch):
+        """`hidden_states_and_head` for the batch, by the cheapest exact route: one shared prompt forward
+        (`share_prompt`), packed real tokens (`padding_free`), or the padded rows."""
+        if self.share_prompt and "response_mask" in batch:
+            pad_id = getattr(self.data_collator, "pad_token_id", 0)
+            split = split_prompts(batch["input_ids"], batch["attention_mask"], batch["response_mask"], pad_id)
+            hidden = forward_hidden_shared(model, split)
+            return hidden, unwrap_model(model).get_output_embeddings(), None
+        return hidden_states_and_head(model, batch["input_ids"], batch["attention_mask"], self.use_hidden_path,
+                                      self.pack(model, batch))
 
     def pack(self, model, batch) -> PackedBatch | None:
         """The batch's real tokens packed for `model` (padding_free=true), or None to run it padded."""
@@ -197,17 +241,12 @@ class GranularTrainer(Trainer):
         """Per-sequence weighted log-probs, log-ratios and sequential KL for the batch's rows."""
         settings = self.loss_settings
         ids, mask, weights = batch["input_ids"], batch["attention_mask"], batch["loss_weights"]
-        packed = self.pack(model, batch)
-        hidden, head, logits = hidden_states_and_head(model, ids, mask, self.use_hidden_path, packed)
+        hidden, head, logits = self.model_outputs(model, batch)
         ref_hidden = ref_head = ref_logits = None
         if need_reference:
             with torch.no_grad(), self._reference_context():
                 ref = self.ref_model if self.ref_model is not None else model
-                same_layout = ref is model or packed is None or (
-                    packs_in_one_row(ref) == packs_in_one_row(self.accelerator.unwrap_model(model)))
-                ref_packed = packed if same_layout else self.pack(ref, batch)
-                ref_hidden, ref_head, ref_logits = hidden_states_and_head(ref, ids, mask, self.use_hidden_path,
-                                                                          ref_packed)
+                ref_hidden, ref_head, ref_logits = self.model_outputs(ref, batch)
         return compute_token_stats(
             policy_hidden=hidden, policy_head=head, ref_hidden=ref_hidden, ref_head=ref_head,
             policy_logits=logits, ref_logits=ref_logits, input_ids=ids, loss_weights=weights,
@@ -228,8 +267,7 @@ class GranularTrainer(Trainer):
             batch = self._prepare_inputs(batch)
             ref = self.ref_model if self.ref_model is not None else self.model
             with self._reference_context():
-                hidden, head, logits = hidden_states_and_head(ref, batch["input_ids"], batch["attention_mask"],
-                                                              self.use_hidden_path, self.pack(ref, batch))
+                hidden, head, logits = self.model_outputs(ref, batch)
             stats = compute_token_stats(
                 hidden, head, None, None, batch["input_ids"], batch["loss_weights"], False,
                 self.loss_settings.average_log_prob, policy_logits=logits,

@@ -1,0 +1,183 @@
+"""One forward of each prompt for both of its responses (`share_prompt`).
+
+A preference batch holds every prompt twice, once before the chosen and once before the rejected
+response. Here the prompts run once, their keys and values are cached, and the chosen and rejected
+responses run on top of that cache: the body of the transformer sees prompt + 2 responses tokens
+instead of 2 x (prompt + response), with the same outputs (attention to the prompt reads the
+cached keys; gradients flow back through them into the single prompt forward). The final hidden
+states are then laid out as the padded batch would have produced them, so the token statistics and
+losses downstream are unchanged.
+
+Needs a model whose cache holds the whole prompt (no sliding window shorter than the batch) and a
+forward without gradient checkpointing (which drops the cache); `check_prompt_sharing` runs both
+ways at start-up and refuses a model whose outputs differ.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from granular_po.logprobs import capture_backbone_output, unwrap_model
+
+
+@dataclass(frozen=True)
+class PromptSplit:
+    """A preference batch as (B) prompts and (2B) responses, responses interleaved c0, r0, c1, r1, ...
+
+    Shape: prompt_ids, prompt_mask (B, P); response_ids, response_mask (2B, R); position_ids (2B, R);
+    source_index, target_index (M,): token `source_index[i]` of the flattened
+    [prompt hidden (B * P) ; response hidden (2B * R)] goes to token `target_index[i]` of the flattened
+    padded batch (2B * T). `padded_shape` is (2B, T).
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    position_ids: torch.Tensor
+    source_index: torch.Tensor
+    target_index: torch.Tensor
+    padded_shape: tuple[int, int]
+
+    def assemble(self, prompt_hidden: torch.Tensor, response_hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states in the padded batch's layout, zeros at padding (differentiable).
+
+        Shape: prompt_hidden (B, P, H), response_hidden (2B, R, H) -> (2B, T, H).
+        """
+        h = prompt_hidden.shape[-1]
+        flat = torch.cat([prompt_hidden.reshape(-1, h), response_hidden.reshape(-1, h)])
+        rows, t = self.padded_shape
+        out = flat.new_zeros(rows * t, h).index_copy(0, self.target_index, flat.index_select(0, self.source_index))
+        return out.reshape(rows, t, h)
+
+
+def split_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
+                  pad_token_id: int = 0) -> PromptSplit:
+    """Split the collator's rows ([0:B] prompt + chosen, [B:2B] prompt + rejected, right-padded).
+
+    Raises ValueError when a chosen row's prompt is not its rejected row's prompt.
+    Shape: input_ids, attention_mask, response_mask (2B, T) -> PromptSplit.
+    """
+    rows, t = input_ids.shape
+    if rows % 2:
+        raise ValueError(f"share_prompt needs chosen + rejected rows, got {rows} rows")
+    n = rows // 2
+    device = input_ids.device
+    lengths = attention_mask.sum(-1)  # (2B,)
+    prompt_len = lengths - response_mask.sum(-1)  # (2B,)
+    response_len = lengths - prompt_len
+    positions = torch.arange(t, device=device)
+    in_prompt = positions < prompt_len[:, None]  # (2B, T)
+    same = torch.equal(prompt_len[:n], prompt_len[n:]) and bool(
+        ((input_ids[:n] == input_ids[n:]) | ~in_prompt[:n]).all()
+    )
+    if not same:
+        raise ValueError("share_prompt: a chosen row and its rejected row do not start with the same prompt")
+    p_max = max(int(prompt_len.max()), 1)
+    r_max = max(int(response_len.max()), 1)
+    prompt_ids = input_ids[:n, :p_max]
+    prompt_mask = (torch.arange(p_max, device=device) < prompt_len[:n, None]).long()  # (B, P)
+    # interleaved response order, as the cache's batch_repeat_interleave(2) lays out the prompts
+    order = torch.stack([torch.arange(n, device=device), torch.arange(n, device=device) + n], 1).reshape(-1)
+    k = torch.arange(r_max, device=device)
+    real = k < response_len[order, None]  # (2B, R)
+    cols = (prompt_len[order, None] + k).clamp(max=t - 1)
+    response_ids = torch.where(real, input_ids[order].gather(1, cols), torch.full_like(cols, pad_token_id))
+    position_ids = prompt_len[order, None] + k  # positions continue after each row's own prompt
+
+    # where every real token of the padded batch comes from
+    row = torch.arange(rows, device=device)
+    prompt_rows, prompt_cols = torch.nonzero(in_prompt & (attention_mask > 0), as_tuple=True)
+    prompt_source = (prompt_rows % n) * p_max + prompt_cols
+    j = 2 * (row % n) + (row >= n).long()  # the row's index in the interleaved responses
+    resp_rows, resp_k = torch.nonzero(k[None, :] < response_len[:, None], as_tuple=True)
+    response_source = n * p_max + j[resp_rows] * r_max + resp_k
+    return PromptSplit(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=real.long(),
+        position_ids=position_ids,
+        source_index=torch.cat([prompt_source, response_source]),
+        target_index=torch.cat([prompt_rows * t + prompt_cols, resp_rows * t + prompt_len[resp_rows] + resp_k]),
+        padded_shape=(rows, t),
+    )
+
+
+def _cache_argument(model: nn.Module) -> str:
+    """The forward's name for the key/value cache: `cache` (transformers >= 5.x) or `past_key_values`."""
+    params = inspect.signature(unwrap_model(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def forward_hidden_shared(model: nn.Module, split: PromptSplit) -> torch.Tensor:
+    """Final hidden states of the padded batch from one prompt forward and one response forward.
+
+    Both calls go through `model` itself (DDP / PEFT wrappers included). Shape: -> (2B, T, H).
+    """
+    cache_arg = _cache_argument(model)
+    prompt_hidden, out = capture_backbone_output(
+        model, input_ids=split.prompt_ids, attention_mask=split.prompt_mask, use_cache=True, logits_to_keep=1
+    )
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    if cache is None:
+        raise RuntimeError("share_prompt: the model returned no key/value cache (gradient checkpointing on?)")
+    cache.batch_repeat_interleave(2)
+    full_mask = torch.cat([split.prompt_mask.repeat_interleave(2, dim=0), split.response_mask], dim=1)
+    response_hidden, _ = capture_backbone_output(
+        model, input_ids=split.response_ids, attention_mask=full_mask, position_ids=split.position_ids,
+        use_cache=True, logits_to_keep=1, **{cache_arg: cache},
+    )  # fmt: skip
+    return split.assemble(prompt_hidden, response_hidden)
+
+
+@torch.no_grad()
+def check_prompt_sharing(model: nn.Module, what: str = "model") -> None:
+    """Refuse (ValueError) a model whose shared-prompt hidden states differ from the padded forward's.
+
+    Two pairs with prompts of different lengths and responses of different lengths, in eval mode.
+    """
+    from granular_po.logprobs import forward_hidden
+
+    param = next(model.parameters(), None)
+    if param is None or param.device.type == "meta":
+        return
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", None) or 100)
+    gen = torch.Generator().manual_seed(0)
+    prompts, responses = (5, 3), ((4, 6), (2, 5))  # (chosen, rejected) response lengths per pair
+    rows = [(p, r[0]) for p, r in zip(prompts, responses)] + [(p, r[1]) for p, r in zip(prompts, responses)]
+    t = max(p + r for p, r in rows)
+    ids = torch.zeros(len(rows), t, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    response_mask = torch.zeros_like(ids)
+    prompt_tokens = [torch.randint(1, max(2, min(vocab, 1000)), (p,), generator=gen) for p in prompts]
+    for i, (p, r) in enumerate(rows):
+        ids[i, :p] = prompt_tokens[i % len(prompts)]
+        ids[i, p : p + r] = torch.randint(1, max(2, min(vocab, 1000)), (r,), generator=gen)
+        mask[i, : p + r] = 1
+        response_mask[i, p : p + r] = 1
+    ids, mask, response_mask = (x.to(param.device) for x in (ids, mask, response_mask))
+    was_training = model.training
+    model.eval()
+    try:
+        expected, _ = forward_hidden(model, ids, mask)
+        got = forward_hidden_shared(model, split_prompts(ids, mask, response_mask))
+    except (TypeError, RuntimeError, AttributeError) as exc:
+        raise ValueError(f"share_prompt=true: the {what} model ({type(unwrap_model(model)).__name__}) cannot "
+                         f"run responses on a cached prompt ({exc}); set share_prompt=false") from exc
+    finally:
+        model.train(was_training)
+    real = mask.bool()
+    a, b = expected[real].float(), got[real].float()
+    tolerance = 1e-4 if param.dtype in (torch.float32, torch.float64) else 2e-2
+    error = (a - b).abs().max().item() / max(a.abs().max().item(), 1e-6)
+    if not error <= tolerance:
+        raise ValueError(
+            f"share_prompt=true: the {what} model ({type(unwrap_model(model)).__name__}) gives different hidden "
+            f"states on a cached prompt (max relative difference {error:.2e} > {tolerance:g}); "
+            "set share_prompt=false"
+        )
