@@ -42,7 +42,8 @@ compare: install
 
 bench: install
 	$(PIP) install -q -e ".[bench]"
-	HF_HUB_OFFLINE=1 $(PY) bench/step.py
+	HF_HUB_OFFLINE=1 $(PY) bench/step.py --budget-min 10.5
+	HF_HUB_OFFLINE=1 $(PY) bench/packing.py
 
 clean:
 	rm -rf .cache/runs report build dist

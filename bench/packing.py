@@ -1,6 +1,6 @@
 """Padded vs padding-free (`padding_free=true`) forward + backward on variable-length pairs.
 
-    python bench/packing.py                    # SmolLM2-135M, 4 pairs a batch, 3 batches per row
+    python bench/packing.py                    # SmolLM2-135M, 4 pairs a batch, 3 batches per row (~3.5 min)
     python bench/packing.py --model /path/to/hf-dir --batches 5
 
 `bench/step.py` trains on rows of exactly 256 tokens, where there is no padding to remove. Real
@@ -33,6 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=3, help="batches timed per configuration")
     p.add_argument("--pool", type=int, default=64, help="pairs drawn; batches are taken from these")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "packing.md"), help="write the table here")
     return p.parse_args(argv)
 
 
@@ -137,6 +138,8 @@ def main(argv=None) -> int:
             lines.append(f"| {r['batching']} | {what} | {', '.join(r['shapes'][name])} | {100 * r['padding'][name]:.0f}% | "
                          f"{r['seconds'][name]:.2f} | {r['seconds'][name] / r['seconds']['padded']:.2f} |")
     print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return 0
 
 

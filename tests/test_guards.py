@@ -29,6 +29,7 @@ from granular_po import models, resources
 from granular_po.cli import train_main
 from granular_po.config import compose_config, validate
 from granular_po.testing import tiny_llama, tiny_tokenizer
+from granular_po.trainer import GranularTrainer
 
 POISON = "Q"  # a byte token that only the poison record's text holds (special tokens in text are split)
 POISON_RECORD = 5
@@ -82,14 +83,17 @@ def train_records(run_dir: Path) -> list[dict]:
 
 
 class ParameterTrace:
-    """Wraps `models.load_policy_and_reference`: keeps the policy, snapshots its parameters at every
-    training forward, and (with `inf_grad`) makes the embedding gradient inf for poison batches."""
+    """Wraps `models.load_policy_and_reference` and `GranularTrainer.compute_loss`: keeps the policy,
+    snapshots its parameters at every training micro-batch (however many forwards it takes: with
+    share_prompt a prompt forward and a response forward), and (with `inf_grad`) makes the embedding
+    gradient inf for poison batches."""
 
     def __init__(self, monkeypatch, poison_id: int, inf_grad: bool):
         self.snapshots: list[dict[str, torch.Tensor]] = []
         self.poisoned_forwards: list[int] = []
         self.policy = None
         original = models.load_policy_and_reference
+        original_loss = GranularTrainer.compute_loss
 
         def load(*args, **kwargs):
             policy, reference = original(*args, **kwargs)
@@ -97,19 +101,21 @@ class ParameterTrace:
             embed = policy.get_input_embeddings()
 
             def hook(_module, inputs, output):
-                if not torch.is_grad_enabled():
-                    return None
-                self.snapshots.append({k: v.detach().clone() for k, v in policy.named_parameters()})
-                if bool((inputs[0] == poison_id).any()):
-                    self.poisoned_forwards.append(len(self.snapshots) - 1)
-                    if inf_grad:  # finite forward, infinite backward
-                        output.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+                if inf_grad and torch.is_grad_enabled() and bool((inputs[0] == poison_id).any()):
+                    output.register_hook(lambda grad: torch.full_like(grad, float("inf")))  # finite forward
                 return None
 
             embed.register_forward_hook(hook)
             return policy, reference
 
+        def compute_loss(trainer, model, inputs, *args, **kwargs):
+            self.snapshots.append({k: v.detach().clone() for k, v in self.policy.named_parameters()})
+            if bool((inputs["input_ids"] == poison_id).any()):
+                self.poisoned_forwards.append(len(self.snapshots) - 1)
+            return original_loss(trainer, model, inputs, *args, **kwargs)
+
         monkeypatch.setattr(models, "load_policy_and_reference", load)
+        monkeypatch.setattr(GranularTrainer, "compute_loss", compute_loss)
 
     def changed(self, forward: int) -> bool:
         """Did the optimizer step after training forward `forward` move any parameter?"""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 COMMANDS = {
@@ -66,7 +67,21 @@ def train_main(argv: list[str] | None = None) -> int:
     except NonFiniteError as error:  # the run stopped; its last complete checkpoint is intact
         print(f"error: {error}", file=sys.stderr)
         return 1
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Tear down the process group of a launched run (WORLD_SIZE > 1) before the interpreter exits:
+    left to exit-time destructors, gloo's worker threads can abort a finished rank
+    ("terminate called without an active exception")."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _hydra_app(overrides: list[str]) -> int:
