@@ -240,7 +240,7 @@ class GranularTrainer(Trainer):
     def token_stats(self, model, batch, need_reference: bool):
         """Per-sequence weighted log-probs, log-ratios and sequential KL for the batch's rows."""
         settings = self.loss_settings
-        ids, mask, weights = batch["input_ids"], batch["attention_mask"], batch["loss_weights"]
+        ids, weights = batch["input_ids"], batch["loss_weights"]
         hidden, head, logits = self.model_outputs(model, batch)
         ref_hidden = ref_head = ref_logits = None
         if need_reference:
