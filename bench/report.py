@@ -141,9 +141,11 @@ def targets_table(results: dict[str, dict], micro: dict) -> list[str]:
     for key in sorted(k for k in micro if k.startswith("logits-chunked")):
         if naive:
             m = naive["logits_peak_mb"] / max(micro[key]["logits_peak_mb"], 1.0)
-            row(f"logits-related peak of chunked (chunk_size {micro[key]['chunk_size']}) >= "
-                f"{TARGETS['logits_memory']:g}x below naive (V={micro[key]['vocab']}, T={micro[key]['seq_len']})",
-                f"{m:.1f}x", m >= TARGETS["logits_memory"])
+            shipped = key == "logits-chunked"  # the others show the trade-off, they are no target
+            row(f"logits-related peak of chunked (chunk_size {micro[key]['chunk_size']}"
+                f"{'' if shipped else ', for comparison'}) >= {TARGETS['logits_memory']:g}x below naive "
+                f"(V={micro[key]['vocab']}, T={micro[key]['seq_len']})",
+                f"{m:.1f}x", (m >= TARGETS["logits_memory"]) if shipped else None)
     t = time_ratio(results, "tdpo-gran", "tdpo")
     if t:
         share = 100 * first(results, "tdpo-gran")["weighted_share"]

@@ -25,25 +25,10 @@ from granular_po.data.encode import EncodeOptions, encode_record
 from granular_po.data.masks import GranularOptions
 from granular_po.data.schema import PreferenceRecord, Region, RegionFlag
 from granular_po.losses import LossType, tdpo_loss
-from granular_po.testing import tiny_llama, tiny_tokenizer
+from granular_po.testing import tiny_llama, tiny_tokenizer, toy_preference_pairs
 from granular_po.trainer import GranularTrainer, LossSettings
 
-WORDS = ["apple", "river", "stone", "cloud", "green", "music", "paper", "light", "sugar", "window"]
 N_RECORDS = 24  # 3 steps of 8
-
-
-def toy_pairs(n: int) -> list[dict]:
-    """Pairs of different lengths (batches of 8 pad, batches of 1 do not), a region on each rejected side."""
-    pairs = []
-    for i in range(n):
-        word = WORDS[i % len(WORDS)]
-        filler = " and so on" * (i % 4)
-        incorrect = f"About {word}{filler}: the answer is no."
-        start = incorrect.index("no.")
-        pairs.append({"prompt": f"Is {word} number {i} good?",
-                      "correct_response": f"About {word}{filler}: the answer is yes.",
-                      "incorrect_response": incorrect, "masked_region": [start, start + 2, -1]})
-    return pairs
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +37,7 @@ def workspace(tmp_path_factory):
     tokenizer = tiny_tokenizer("byte_level")
     tiny_llama(len(tokenizer), hidden_size=32).save_pretrained(root / "tiny")
     tokenizer.save_pretrained(root / "tiny")
-    (root / "train.json").write_text(json.dumps(toy_pairs(N_RECORDS)))
+    (root / "train.json").write_text(json.dumps(toy_preference_pairs(N_RECORDS, filler_cycle=4)))
     return root
 
 

@@ -45,7 +45,7 @@ def make_problem(bias: bool = True, seed: int = 0):
     return hidden, ref_hidden, head, ref_head, ids, weights
 
 
-def run(problem, dtype, impl, chunk_size=1024, need_kl=True, average=False, ref="model"):
+def run(problem, dtype, impl, chunk_size=1024, need_kl=True, average=False, ref="model", fused=True):
     """Stats and gradients of a fixed random combination of them w.r.t. hidden, head weight, bias."""
     hidden, ref_hidden, head, ref_head, ids, weights = problem
     hidden = hidden.to(dtype).requires_grad_(True)
@@ -53,6 +53,7 @@ def run(problem, dtype, impl, chunk_size=1024, need_kl=True, average=False, ref=
     stats = compute_token_stats(
         hidden, head, ref_hidden.to(dtype) if ref == "model" else None, ref_head if ref == "model" else None,
         ids, weights, need_kl, average, reference_free=ref == "uniform", impl=impl, chunk_size=chunk_size,
+        fused=fused,
     )  # fmt: skip
     coef = torch.linspace(-1.0, 2.0, N, dtype=torch.float64)
     objective = (stats.policy_logps * coef).sum()
@@ -87,15 +88,17 @@ CASES = [
 
 @pytest.mark.parametrize("need_kl,average,ref", CASES)
 @pytest.mark.parametrize("chunk_size", [1, 3, 10_000])
-def test_chunked_matches_naive_fp32(need_kl, average, ref, chunk_size):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "checkpointed"])
+def test_chunked_matches_naive_fp32(need_kl, average, ref, chunk_size, fused):
     problem = make_problem(bias=chunk_size != 3)
     truth = run(problem, torch.float64, "naive", need_kl=need_kl, average=average, ref=ref)
     naive32 = run(problem, torch.float32, "naive", need_kl=need_kl, average=average, ref=ref)
-    chunked32 = run(problem, torch.float32, "chunked", chunk_size, need_kl=need_kl, average=average, ref=ref)
+    kw = {"need_kl": need_kl, "average": average, "ref": ref, "fused": fused}
+    chunked32 = run(problem, torch.float32, "chunked", chunk_size, **kw)
     assert chunked32[0].policy_logps.dtype == torch.float32
     assert_same(chunked32, truth, atol=1e-5)
     assert_same(naive32, truth, atol=1e-5)
-    chunked64 = run(problem, torch.float64, "chunked", chunk_size, need_kl=need_kl, average=average, ref=ref)
+    chunked64 = run(problem, torch.float64, "chunked", chunk_size, **kw)
     assert_same(chunked64, truth, atol=1e-10)
 
 
@@ -111,7 +114,8 @@ def errors(result, truth):
 
 @pytest.mark.parametrize("need_kl,average", [(False, False), (True, True), (True, False)])
 @pytest.mark.parametrize("chunk_size", [1, 3, 10_000])
-def test_chunked_matches_naive_bf16(need_kl, average, chunk_size):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "checkpointed"])
+def test_chunked_matches_naive_bf16(need_kl, average, chunk_size, fused):
     """In bf16 both paths are as close to the float64 truth as bf16 allows, and chunked no worse.
 
     The paths cannot agree bit for bit: matmuls of different shapes round differently, and the head
@@ -120,7 +124,7 @@ def test_chunked_matches_naive_bf16(need_kl, average, chunk_size):
     problem = make_problem()
     truth = run(problem, torch.float64, "naive", need_kl=need_kl, average=average)
     naive = run(problem, torch.bfloat16, "naive", need_kl=need_kl, average=average)
-    chunked = run(problem, torch.bfloat16, "chunked", chunk_size, need_kl=need_kl, average=average)
+    chunked = run(problem, torch.bfloat16, "chunked", chunk_size, need_kl=need_kl, average=average, fused=fused)
     assert chunked[0].policy_logps.dtype == torch.float32  # log-probs are taken in fp32
     for (err, scale), (naive_err, _) in zip(errors(chunked, truth), errors(naive, truth)):
         assert err <= 2e-2 * scale
@@ -202,25 +206,29 @@ def test_zero_weight_positions_never_reach_the_head():
 
 
 def test_chunked_keeps_no_vocab_sized_tensor_for_backward():
-    """Under checkpointing no (rows, V) tensor is saved for backward; the naive path saves several."""
+    """Fused or under checkpointing, no (rows, V) activation is saved for backward (the head's own
+    parameters aside); the naive path saves several."""
     hidden, ref_hidden, head, ref_head, ids, weights = make_problem()
     hidden.requires_grad_(True)
+    parameters = {p.data_ptr() for m in (head, ref_head) for p in m.parameters()}
 
-    def saved_shapes(impl):
+    def saved_shapes(impl, fused=True):
         shapes = []
 
         def pack(x):
-            shapes.append(tuple(x.shape))
+            if x.data_ptr() not in parameters:
+                shapes.append(tuple(x.shape))
             return x
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
             stats = compute_token_stats(
-                hidden, head, ref_hidden, ref_head, ids, weights, True, impl=impl, chunk_size=3
+                hidden, head, ref_hidden, ref_head, ids, weights, True, impl=impl, chunk_size=3, fused=fused
             )
         (stats.logratio.sum() + stats.position_kl.sum()).backward()
         return shapes
 
     assert not [s for s in saved_shapes("chunked") if s and s[-1] == V]
+    assert not [s for s in saved_shapes("chunked", fused=False) if s and s[-1] == V]
     assert [s for s in saved_shapes("naive") if s and s[-1] == V]
 
 

@@ -26,25 +26,10 @@ import torch
 from safetensors.torch import load_file
 
 from granular_po.cli import train_main
-from granular_po.testing import tiny_llama, tiny_tokenizer
+from granular_po.testing import tiny_llama, tiny_tokenizer, toy_preference_pairs
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ["apple", "river", "stone", "cloud", "green", "music", "paper", "light", "sugar", "window"]
 N_RECORDS = 16
-
-
-def toy_pairs(n: int) -> list[dict]:
-    """Pairs of different lengths (so batches pad), each with a granular region on the rejected side."""
-    pairs = []
-    for i in range(n):
-        word = WORDS[i % len(WORDS)]
-        filler = " and so on" * (i % 3)
-        incorrect = f"About {word}{filler}: the answer is no."
-        start = incorrect.index("no.")
-        pairs.append({"prompt": f"Is {word} number {i} good?",
-                      "correct_response": f"About {word}{filler}: the answer is yes.",
-                      "incorrect_response": incorrect, "masked_region": [start, start + 2, -1]})
-    return pairs
 
 
 def _free_port() -> int:
@@ -59,7 +44,7 @@ def workspace(tmp_path_factory):
     tokenizer = tiny_tokenizer("byte_level")
     tiny_llama(len(tokenizer), hidden_size=32).save_pretrained(root / "tiny")
     tokenizer.save_pretrained(root / "tiny")
-    (root / "train.json").write_text(json.dumps(toy_pairs(N_RECORDS)))
+    (root / "train.json").write_text(json.dumps(toy_preference_pairs(N_RECORDS, filler_cycle=3)))
     return root
 
 

@@ -6,9 +6,11 @@ Two implementations give the same numbers:
 
 - "naive":   the lm_head on every position, a full (N, T, V) log_softmax, gather. The reference.
 - "chunked": only positions with a non-zero weight go through the lm_head, `chunk_size` rows at a
-             time, each chunk under activation checkpointing: no (N, T, V) tensor is ever built
-             and no chunk's (rows, V) logits outlive it; backward recomputes one chunk at a time
-             (one extra head matmul per chunk, plus the reference head's when the KL is needed).
+             time: no (N, T, V) tensor is ever built and no chunk's (rows, V) logits outlive it.
+             With a plain `nn.Linear` head a custom autograd function (`_FusedHeadStats`) keeps
+             only each row's log-normaliser and, in backward, recomputes the chunk's logits once
+             and forms their gradient in place; other heads (or `fused=False`, for weights sharded
+             by FSDP / DeepSpeed) run each chunk under activation checkpointing instead.
 
 Log-probabilities are computed in float32 (float64 stays float64) whatever the model dtype, as the
 research code did.
@@ -174,10 +176,80 @@ def _ref_target_logps(ref_rows, ref_head, targets) -> torch.Tensor:
         return lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product without an (R, V) temporary. Shape: (R, V), (R, V) -> (R,)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def fusable_head(head: Head | None) -> bool:
+    """Whether `head` is a plain `nn.Linear` with ordinary (not sharded / distributed) weights."""
+    if not isinstance(head, nn.Linear):
+        return False
+    return all(type(p) in (nn.Parameter, torch.Tensor) and not hasattr(p, "ds_id")
+               for p in (head.weight, head.bias) if p is not None)
+
+
+class _FusedHeadStats(torch.autograd.Function):
+    """Target log-probs and KL(ref || policy) of a chunk of rows, straight from hidden rows and the
+    head's weights. Nothing vocabulary-sized is kept between forward and backward (only each row's
+    log-normaliser): backward recomputes the chunk's logits once and builds their gradient in place,
+    d/dz = g_tok (onehot - softmax) + g_kl (softmax - p_ref), rather than replaying the whole forward
+    under autograd as activation checkpointing does (fewer (R, V) passes and allocations).
+    Shape: rows (R, H), weight (V, H), bias (V,) or None, targets (R,) -> token, kl, ref_token (R,)
+    (kl and ref_token zeros unless need_kl with a reference; ref_token is a constant).
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, targets, ref_rows, ref_weight, ref_bias, need_kl, uniform_ref):
+        logits = _upcast(nn.functional.linear(rows, weight, bias))  # (R, V)
+        target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        log_probs = logits.log_softmax(-1)
+        del logits
+        token = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (R,)
+        kl = torch.zeros_like(token)
+        ref_token = torch.zeros_like(token)
+        if need_kl and uniform_ref:
+            kl = -math.log(log_probs.shape[-1]) - log_probs.mean(-1)
+        elif need_kl:
+            ref_lp = _upcast(nn.functional.linear(ref_rows, ref_weight, ref_bias)).log_softmax(-1)
+            ref_token = ref_lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            # sum_v p_ref (log p_ref - log p): log p_ref is finite for finite logits, so 0 * it is 0
+            kl = _rowdot(ref_lp.exp(), ref_lp.sub_(log_probs))
+            del ref_lp
+        del log_probs
+        ctx.need_kl, ctx.uniform_ref = need_kl, uniform_ref
+        ctx.save_for_backward(rows, weight, bias, targets, ref_rows, ref_weight, ref_bias, target_logit - token)
+        ctx.mark_non_differentiable(ref_token)
+        return token, kl, ref_token
+
+    @staticmethod
+    def backward(ctx, grad_token, grad_kl, _grad_ref_token):
+        rows, weight, bias, targets, ref_rows, ref_weight, ref_bias, lse = ctx.saved_tensors
+        grad_token = torch.zeros_like(lse) if grad_token is None else grad_token.to(lse.dtype)
+        grad_kl = torch.zeros_like(lse) if (grad_kl is None or not ctx.need_kl) else grad_kl.to(lse.dtype)
+        # softmax of the recomputed logits, in place: exp(z - lse)
+        grad_logits = _upcast(nn.functional.linear(rows, weight, bias)).sub_(lse.unsqueeze(-1)).exp_()
+        grad_logits.mul_((grad_kl - grad_token).unsqueeze(-1))  # softmax x (g_kl - g_tok)
+        if ctx.need_kl and ctx.uniform_ref:
+            grad_logits.sub_((grad_kl / grad_logits.shape[-1]).unsqueeze(-1))
+        elif ctx.need_kl:
+            ref_probs = _upcast(nn.functional.linear(ref_rows, ref_weight, ref_bias)).softmax(-1)
+            grad_logits.addcmul_(ref_probs, grad_kl.unsqueeze(-1), value=-1.0)
+            del ref_probs
+        grad_logits.scatter_add_(-1, targets.unsqueeze(-1), grad_token.unsqueeze(-1))
+        grad_logits = grad_logits.to(rows.dtype)
+        grad_rows = grad_logits @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad_logits.t() @ rows if ctx.needs_input_grad[1] else None
+        grad_bias = grad_logits.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_rows, grad_weight, grad_bias, None, None, None, None, None, None
+
+
 def _chunked(
-    policy_hidden, policy_head, ref_hidden, ref_head, input_ids, weights, need_kl, reference_free, chunk_size
+    policy_hidden, policy_head, ref_hidden, ref_head, input_ids, weights, need_kl, reference_free, chunk_size,
+    fused=True,
 ):
-    """Only weighted positions, `chunk_size` rows at a time, each chunk checkpointed."""
+    """Only weighted positions, `chunk_size` rows at a time: through `_FusedHeadStats` where the heads
+    are plain linear layers (and `fused`), otherwise each chunk under activation checkpointing."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     n, t1 = weights.shape
@@ -199,14 +271,29 @@ def _chunked(
         reference_free=reference_free,
     )
     use_ckpt = torch.is_grad_enabled()
+    kl_ref = need_kl and ref_rows is not None
+    fuse = fused and fusable_head(policy_head) and (not kl_ref or fusable_head(ref_head))
     outs: list[tuple] = []
     # with no weighted position at all, one empty chunk still ties the (zero) result to the graph
     for start in range(0, max(targets.shape[0], 1), chunk_size):
         sl = slice(start, start + chunk_size)
         # the KL needs the reference logits inside the chunk; otherwise the reference is gathered apart
-        ref_chunk = ref_rows[sl] if (ref_rows is not None and need_kl) else None
-        args = (policy_rows[sl], ref_chunk, targets[sl])
-        policy, ref, kl = checkpoint(fn, *args, use_reentrant=False) if use_ckpt else fn(*args)
+        ref_chunk = ref_rows[sl] if kl_ref else None
+        if fuse:
+            ref_w, ref_b = (ref_head.weight, ref_head.bias) if kl_ref else (None, None)
+            policy, kl, ref = _FusedHeadStats.apply(
+                policy_rows[sl], policy_head.weight, policy_head.bias, targets[sl], ref_chunk,
+                None if ref_w is None else ref_w.detach(), None if ref_b is None else ref_b.detach(),
+                need_kl, reference_free,
+            )  # fmt: skip
+            if reference_free:
+                ref = torch.full_like(policy, -math.log(policy_head.weight.shape[0]))
+            elif not kl_ref:
+                ref = None
+            kl = kl if need_kl else None
+        else:
+            args = (policy_rows[sl], ref_chunk, targets[sl])
+            policy, ref, kl = checkpoint(fn, *args, use_reentrant=False) if use_ckpt else fn(*args)
         if ref is None and ref_rows is not None:
             ref = _ref_target_logps(ref_rows[sl], ref_head, targets[sl])
         outs.append((policy, ref, kl))
@@ -235,12 +322,15 @@ def compute_token_stats(
     reference_free: bool = False,
     impl: Impl = "chunked",
     chunk_size: int = 256,
+    fused: bool = True,
 ) -> TokenStats:
     """Weighted per-sequence log-probs, log-ratios and sequential KL from final hidden states.
 
     `ref_hidden` is treated as a constant; `ref_head` is called on it whenever the reference logits
     are needed (also in backward), so it must give the reference's logits at any time.
-    `reference_free` uses a uniform reference over the head's V outputs. Given `policy_logits`
+    `reference_free` uses a uniform reference over the head's V outputs. `fused=False` keeps the
+    chunked path on activation checkpointing (for heads whose weights are sharded: FSDP, DeepSpeed).
+    Given `policy_logits`
     (and `ref_logits`) instead of hidden states and heads, this is `compute_token_stats_from_logits`.
     Shape: policy_hidden (N, T, H), ref_hidden (N, T, H) or None, input_ids (N, T) long,
     loss_weights (N, T) float, policy_logits / ref_logits (N, T, V) -> TokenStats of (N,) tensors.
@@ -257,7 +347,7 @@ def compute_token_stats(
     _check_inputs(policy_hidden, ref_hidden, input_ids, loss_weights, need_kl, reference_free, impl)
     weights = _upcast(loss_weights[:, 1:])  # weight of the target at t, predicted from hidden t-1
     args = (policy_hidden, policy_head, ref_hidden, ref_head, input_ids, weights, need_kl, reference_free)
-    per_pos = _naive(*args) if impl == "naive" else _chunked(*args, chunk_size)
+    per_pos = _naive(*args) if impl == "naive" else _chunked(*args, chunk_size, fused)
     return _finish(per_pos, weights, average)
 
 

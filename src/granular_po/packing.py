@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from granular_po.exactness import materialised, measure_difference
+
 # attention implementations that take packed sequences as one row (variable-length kernels)
 FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_paged")
 
@@ -168,40 +170,34 @@ def packs_in_one_row(model: nn.Module) -> bool:
     return impl in FLASH_IMPLEMENTATIONS or "flash" in impl
 
 
-@torch.no_grad()
 def check_packing(model: nn.Module, what: str = "model") -> None:
     """Refuse (ValueError) a model whose packed forward differs from its padded one.
 
     Runs three short sequences (lengths 7, 4 and 3, so that two of them share a packed row) both
     ways in eval mode and compares the logits of every real token, to a tolerance set by the dtype.
     """
-    param = next(model.parameters(), None)
-    if param is None or param.device.type == "meta":
-        return  # weights not materialised on this process (sharded loading): nothing to run
+    if not materialised(model):
+        return  # weights not on this process (sharded loading): nothing to run
     lengths = (7, 4, 3)
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", None) or 100)
     ids = torch.randint(1, max(2, min(vocab, 1000)), (len(lengths), max(lengths)),
                         generator=torch.Generator().manual_seed(0))
     mask = torch.tensor([[1] * n + [0] * (max(lengths) - n) for n in lengths])
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
     packed = pack_batch(ids, mask, pad_token_id=0, one_row=packs_in_one_row(model))
-    device = param.device
-    was_training = model.training
-    model.eval()
+
+    def run_two_ways():
+        padded = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits
+        real = mask.bool()
+        return padded[real], packed.unpack(out)[real]
+
     try:
-        padded = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        out = model(input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device),
-                    use_cache=False).logits
+        error, tolerance = measure_difference(model, run_two_ways)
     except TypeError as exc:  # a forward without position_ids
         raise ValueError(f"padding_free=true: the {what} model ({type(model).__name__}) cannot take packed "
                          f"sequences ({exc}); set padding_free=false") from exc
-    finally:
-        model.train(was_training)
-    index = PackedBatch(packed.input_ids, packed.position_ids, packed.padded_index.to(device),
-                        packed.packed_index.to(device), packed.padded_shape)
-    real = mask.bool().to(device)
-    expected, got = padded[real].float(), index.unpack(out)[real].float()
-    tolerance = 1e-4 if param.dtype in (torch.float32, torch.float64) else 2e-2
-    error = (expected - got).abs().max().item() / max(expected.abs().max().item(), 1e-6)
     if not error <= tolerance:
         raise ValueError(
             f"padding_free=true: the {what} model ({type(model).__name__}, attention "

@@ -94,3 +94,21 @@ def tiny_llama(vocab_size: int, hidden_size: int = 32, layers: int = 2, seed: in
     )
     model = LlamaForCausalLM(config)
     return model
+
+
+TOY_WORDS = ["apple", "river", "stone", "cloud", "green", "music", "paper", "light", "sugar", "window"]
+
+
+def toy_preference_pairs(n: int, filler_cycle: int = 4) -> list[dict]:
+    """`n` records in the input format: pairs of different lengths (so batches pad), the word "no" of
+    each rejected response highlighted (flag -1), "yes" in the chosen one."""
+    pairs = []
+    for i in range(n):
+        word = TOY_WORDS[i % len(TOY_WORDS)]
+        filler = " and so on" * (i % filler_cycle)
+        incorrect = f"About {word}{filler}: the answer is no."
+        start = incorrect.index("no.")
+        pairs.append({"prompt": f"Is {word} number {i} good?",
+                      "correct_response": f"About {word}{filler}: the answer is yes.",
+                      "incorrect_response": incorrect, "masked_region": [start, start + 2, -1]})
+    return pairs

@@ -3,7 +3,8 @@
 Accumulation, mixed precision, DDP / FSDP / DeepSpeed (through Accelerate), LR schedules and logging
 integrations come from `transformers.Trainer`. What we change, and why:
 - `compute_loss`: the granular losses, metrics under the research code's names.
-- `_save_checkpoint`: atomic `step-N/` folders and a `LATEST` link (Trainer's are not crash-safe).
+- `_save_checkpoint`: atomic `step-N/` folders and a `LATEST` link (Trainer's are not crash-safe);
+  the arguments as `training_args.json`, not Trainer's pickled `training_args.bin`.
 - `create_scheduler`: the research code's warmup, `min(1, (step + 1) / (warmup_steps + 1))`.
 - `_get_train_sampler`: seeded by (seed, epoch), grouped by length; the resumed order is the same.
 - `_get_grad_norm`: a non-finite gradient norm stops the run, naming the step and records.
@@ -127,6 +128,8 @@ class GranularTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
         self.use_hidden_path = loss_settings.logprobs_impl == "chunked" and supports_hidden_path(self.model)
+        # the fused head reads the lm_head's weights directly: not where FSDP / DeepSpeed shard them
+        self.fused_head = not (getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False))
         if self.ref_model is not None:
             self.ref_model.eval()
             self.ref_model.requires_grad_(False)
@@ -252,7 +255,7 @@ class GranularTrainer(Trainer):
             policy_logits=logits, ref_logits=ref_logits, input_ids=ids, loss_weights=weights,
             need_kl=settings.loss.needs_kl, average=settings.average_log_prob,
             reference_free=settings.reference_free,
-            impl=settings.logprobs_impl, chunk_size=settings.chunk_size,
+            impl=settings.logprobs_impl, chunk_size=settings.chunk_size, fused=self.fused_head,
         )
 
     @torch.no_grad()
@@ -272,6 +275,7 @@ class GranularTrainer(Trainer):
                 hidden, head, None, None, batch["input_ids"], batch["loss_weights"], False,
                 self.loss_settings.average_log_prob, policy_logits=logits,
                 impl=self.loss_settings.logprobs_impl, chunk_size=self.loss_settings.chunk_size,
+                fused=self.fused_head,
             )
             n = batch["input_ids"].shape[0] // 2
             chosen += stats.policy_logps[:n].float().cpu().tolist()
@@ -376,6 +380,9 @@ class GranularTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         self.store_flos()
         self.save_model(str(staged), _internal_call=True)
+        if self.args.should_save:  # Trainer pickles its arguments; a pickle needs trust to load: JSON instead
+            (staged / "training_args.bin").unlink(missing_ok=True)
+            (staged / "training_args.json").write_text(self.args.to_json_string(), encoding="utf-8")
         if not self.args.save_only_model:
             self._save_optimizer_and_scheduler(str(staged))
             self._save_scaler(str(staged))
