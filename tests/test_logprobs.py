@@ -562,3 +562,23 @@ def test_forward_hidden_through_ddp():
 
         gc.collect()
         dist.destroy_process_group()
+
+
+def test_fused_head_backward_recomputes_in_the_forwards_autocast_precision():
+    """Mixed precision (fp32 weights, bf16 autocast): forward under autocast, backward outside it, as
+    Trainer runs them. The fused backward must recompute the logits in bf16 as its forward did;
+    recomputed in fp32 instead, softmax(z) no longer matches the saved bf16 log-normaliser."""
+    hidden, ref_hidden, head, ref_head, ids, weights = make_problem(bias=False)
+
+    def grads(fused):
+        h = hidden.clone().requires_grad_(True)
+        hd = copy.deepcopy(head)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            stats = compute_token_stats(h, hd, ref_hidden, ref_head, ids, weights, True, chunk_size=3, fused=fused)
+        objective = stats.logratio.sum() + 0.3 * stats.position_kl.sum()
+        return torch.autograd.grad(objective, [h, hd.weight])
+
+    fused, checkpointed = grads(True), grads(False)
+    for a, b in zip(fused, checkpointed):
+        scale = b.abs().max().item()
+        assert (a - b).abs().max().item() <= 2e-2 * scale

@@ -201,6 +201,9 @@ class _FusedHeadStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, weight, bias, targets, ref_rows, ref_weight, ref_bias, need_kl, uniform_ref):
+        # backward recomputes the logits under the same autocast state (as torch.amp.custom_bwd does)
+        device = rows.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         logits = _upcast(nn.functional.linear(rows, weight, bias))  # (R, V)
         target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         log_probs = logits.log_softmax(-1)
@@ -224,7 +227,14 @@ class _FusedHeadStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_token, grad_kl, _grad_ref_token):
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return _FusedHeadStats._backward(ctx, grad_token, grad_kl)
+
+    @staticmethod
+    def _backward(ctx, grad_token, grad_kl):
         rows, weight, bias, targets, ref_rows, ref_weight, ref_bias, lse = ctx.saved_tensors
+        _device, autocast_on, dtype = ctx.autocast
         grad_token = torch.zeros_like(lse) if grad_token is None else grad_token.to(lse.dtype)
         grad_kl = torch.zeros_like(lse) if (grad_kl is None or not ctx.need_kl) else grad_kl.to(lse.dtype)
         # softmax of the recomputed logits, in place: exp(z - lse)
@@ -237,10 +247,11 @@ class _FusedHeadStats(torch.autograd.Function):
             grad_logits.addcmul_(ref_probs, grad_kl.unsqueeze(-1), value=-1.0)
             del ref_probs
         grad_logits.scatter_add_(-1, targets.unsqueeze(-1), grad_token.unsqueeze(-1))
-        grad_logits = grad_logits.to(rows.dtype)
-        grad_rows = grad_logits @ weight if ctx.needs_input_grad[0] else None
-        grad_weight = grad_logits.t() @ rows if ctx.needs_input_grad[1] else None
-        grad_bias = grad_logits.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        # the matmuls in the forward's precision (under autocast: the autocast dtype)
+        grad_logits = grad_logits.to(dtype if autocast_on else rows.dtype)
+        grad_rows = (grad_logits @ weight).to(rows.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (grad_logits.t() @ rows).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = grad_logits.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return grad_rows, grad_weight, grad_bias, None, None, None, None, None, None
 
 
