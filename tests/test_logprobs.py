@@ -582,3 +582,32 @@ def test_fused_head_backward_recomputes_in_the_forwards_autocast_precision():
     for a, b in zip(fused, checkpointed):
         scale = b.abs().max().item()
         assert (a - b).abs().max().item() <= 2e-2 * scale
+
+
+@pytest.mark.parametrize("route", ["hidden", "logits"])
+@pytest.mark.parametrize("impl,fused", [("naive", True), ("chunked", True), ("chunked", False)])
+def test_reference_made_under_inference_mode_works_on_every_path(route, impl, fused):
+    """The trainer runs the reference under torch.inference_mode; its outputs feed the KL, whose
+    backward must not need to save an inference tensor. Same numbers as a no_grad reference."""
+    policy, reference = tiny_llama(61, seed=1), tiny_llama(61, seed=2)
+    ids = torch.randint(1, 60, (4, 9), generator=torch.Generator().manual_seed(0))
+    mask, weights = torch.ones_like(ids), torch.rand(4, 9, generator=torch.Generator().manual_seed(1))
+    results = []
+    for mode in (torch.no_grad, torch.inference_mode):
+        policy.zero_grad()
+        if route == "logits":
+            with mode():
+                ref_logits = reference(input_ids=ids, attention_mask=mask).logits
+            stats = compute_token_stats(None, None, None, None, ids, weights, True, impl=impl, fused=fused,
+                                        policy_logits=policy(input_ids=ids, attention_mask=mask).logits,
+                                        ref_logits=ref_logits)
+        else:
+            hidden, head = forward_hidden(policy, ids, mask)
+            with mode():
+                ref_hidden, ref_head = forward_hidden(reference, ids, mask)
+            stats = compute_token_stats(hidden, head, ref_hidden, ref_head, ids, weights, True, impl=impl,
+                                        fused=fused)
+        (stats.logratio.sum() + stats.position_kl.sum()).backward()
+        results.append((stats.position_kl.detach(), policy.get_input_embeddings().weight.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)

@@ -247,7 +247,7 @@ class GranularTrainer(Trainer):
         hidden, head, logits = self.model_outputs(model, batch)
         ref_hidden = ref_head = ref_logits = None
         if need_reference:
-            with torch.no_grad(), self._reference_context():
+            with torch.inference_mode(), self._reference_context():
                 ref = self.ref_model if self.ref_model is not None else model
                 ref_hidden, ref_head, ref_logits = self.model_outputs(ref, batch)
         return compute_token_stats(
@@ -258,7 +258,7 @@ class GranularTrainer(Trainer):
             impl=settings.logprobs_impl, chunk_size=settings.chunk_size, fused=self.fused_head,
         )
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def reference_logps(self, dataset, batch_size: int) -> tuple[list[float], list[float]]:
         """The reference's weighted log-probs of every (chosen, rejected) of `dataset`, in order (DPO only:
         TDPO's KL needs the live reference distribution at every step)."""
