@@ -147,8 +147,9 @@ MASKED_ATTENTION_OVERHEAD = 1.5
 def attention_cost(model: nn.Module) -> float | None:
     """The cost of one (query, key) pair relative to one token's pass through a layer's linear maps.
 
-    From the model's own shapes: 4 x heads x head_dim multiply-adds per pair (scores and values)
-    against 2 x the parameters of a layer per token. None when the shapes cannot be read.
+    From the model's own shapes: 4 x hidden_size FLOPs per pair (its score and its share of the
+    weighted values, over all heads) against 2 x a layer's parameters FLOPs per token, times the
+    measured overhead of masked attention. None when the shapes cannot be read.
     """
     config = getattr(model, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
