@@ -91,3 +91,17 @@ def test_check_accepts_llama_and_gpt2_and_refuses_a_sliding_window():
                                                 intermediate_size=64, sliding_window=4))
     with pytest.raises(ValueError, match=r"share_prompt=true: the reference model \(MistralForCausalLM\).*differ"):
         check_prompt_sharing(windowed, "reference")
+
+
+def test_sliding_windows_shorter_than_the_rows_are_refused():
+    from granular_po.prompt_sharing import sliding_window_conflict
+
+    def mistral(window):
+        return MistralForCausalLM(MistralConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=4, num_key_value_heads=2,
+                                                intermediate_size=64, sliding_window=window))
+
+    assert sliding_window_conflict(tiny_llama(61), 4096) is None  # no window at all
+    assert sliding_window_conflict(mistral(4096), 1024) is None  # the window covers every row
+    assert "window 512" in sliding_window_conflict(mistral(512), 1024)
+    assert sliding_window_conflict(mistral(512), None) is not None  # unknown row length: refuse

@@ -136,6 +136,26 @@ def forward_hidden_shared(model: nn.Module, split: PromptSplit) -> torch.Tensor:
     return split.assemble(prompt_hidden, response_hidden)
 
 
+def sliding_window_conflict(model: nn.Module, max_length: int | None) -> str | None:
+    """Why a sliding-window model cannot share prompts for rows of up to `max_length` tokens, or None.
+
+    A cache of a sliding-window layer keeps only the last window of the prompt, and the start-up check
+    runs sequences far shorter than any real window: refuse whenever a window is shorter than the rows.
+    """
+    config = getattr(unwrap_model(model), "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = getattr(config, "use_sliding_window", True) is not False and (
+        any("sliding" in str(t) for t in layer_types) if layer_types else window is not None
+    )
+    if not sliding or window is None:
+        return None
+    if max_length is not None and window >= max_length:
+        return None
+    return f"sliding-window attention (window {window}) shorter than the rows (max_length {max_length})"
+
+
 def check_prompt_sharing(model: nn.Module, what: str = "model") -> None:
     """Refuse (ValueError) a model whose shared-prompt hidden states differ from the padded forward's.
 

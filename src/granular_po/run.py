@@ -184,6 +184,7 @@ def run_training(cfg: DictConfig, argv: list[str] | None = None) -> Path:
         optimizer_cls_and_kwargs=(optimizer_cls, {"lr": cfg.lr}),
         warmup_steps=cfg.warmup_steps, group_by_length=bool(cfg.group_by_length), run_dir=run_dir,
         padding_free=bool(cfg.padding_free), share_prompt=str(cfg.share_prompt),
+        max_length=cfg.max_length,
         callbacks=[MetricsFileCallback(None if cfg.debug else run_dir / "metrics.jsonl")],
     )
     if cfg.sample_during_eval and eval_ds is not None and not cfg.debug:

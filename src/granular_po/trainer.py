@@ -30,7 +30,12 @@ from granular_po import checkpoints
 from granular_po.logprobs import compute_token_stats, forward_hidden, supports_hidden_path, unwrap_model
 from granular_po.losses import LossType, dpo_loss, sft_loss, tdpo_loss
 from granular_po.packing import PackedBatch, attention_cost, check_packing, pack_batch, packs_in_one_row
-from granular_po.prompt_sharing import check_prompt_sharing, forward_hidden_shared, split_prompts
+from granular_po.prompt_sharing import (
+    check_prompt_sharing,
+    forward_hidden_shared,
+    sliding_window_conflict,
+    split_prompts,
+)
 from granular_po.sampler import SeededLengthGroupedSampler
 
 logger = logging.getLogger(__name__)
@@ -108,7 +113,8 @@ class GranularTrainer(Trainer):
 
     def __init__(self, *args, ref_model=None, loss_settings: LossSettings, run_dir: Path | None = None,
                  warmup_steps: int = 0, group_by_length: bool = True, save_total_limit: int | None = None,
-                 padding_free: bool = False, share_prompt: str | bool = False, **kwargs):
+                 padding_free: bool = False, share_prompt: str | bool = False,
+                 max_length: int | None = None, **kwargs):
         self.loss_settings = loss_settings
         self.ref_model = ref_model
         self.run_dir = run_dir
@@ -141,9 +147,9 @@ class GranularTrainer(Trainer):
                 if m is not None:
                     check_packing(m, what=name)
             self._attention_cost = attention_cost(self.model)
-        self.share_prompt = self._resolve_share_prompt(str(share_prompt).lower(), padding_free)
+        self.share_prompt = self._resolve_share_prompt(str(share_prompt).lower(), padding_free, max_length)
 
-    def _resolve_share_prompt(self, mode: str, padding_free: bool) -> bool:
+    def _resolve_share_prompt(self, mode: str, padding_free: bool, max_length: int | None) -> bool:
         """Whether chosen and rejected rows share one prompt forward: `auto` turns it on where it is
         exact (checked on the models at start-up), `true` insists (an error says why it cannot)."""
         if mode not in ("auto", "true", "false"):
@@ -161,6 +167,8 @@ class GranularTrainer(Trainer):
             why_not = "not verified with FSDP or DeepSpeed"
         elif padding_free:
             why_not = "padding_free=true packs the rows instead"
+        elif sliding_window_conflict(self.model, max_length):
+            why_not = sliding_window_conflict(self.model, max_length)
         else:
             try:
                 for name, m in (("policy", self.model), ("reference", self.ref_model)):
