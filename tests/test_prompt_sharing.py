@@ -105,3 +105,13 @@ def test_sliding_windows_shorter_than_the_rows_are_refused():
     assert sliding_window_conflict(mistral(4096), 1024) is None  # the window covers every row
     assert "window 512" in sliding_window_conflict(mistral(512), 1024)
     assert sliding_window_conflict(mistral(512), None) is not None  # unknown row length: refuse
+
+
+def test_lora_policy_and_its_adapters_off_reference_share_prompts():
+    """Through peft: the cache argument reaches the base model, with adapters on and off."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_llama(61, seed=5), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    check_prompt_sharing(model, "policy")
+    with model.disable_adapter():
+        check_prompt_sharing(model, "reference")
