@@ -20,6 +20,7 @@ Models whose logits are not just `head(last_hidden_state)` (soft-capping, logit 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -189,6 +190,14 @@ def fusable_head(head: Head | None) -> bool:
                for p in (head.weight, head.bias) if p is not None)
 
 
+def _autocast_state(device: str) -> tuple[str, bool, torch.dtype | None]:
+    """(device type, autocast on?, its dtype); off for device types autocast does not know."""
+    try:
+        return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+    except (RuntimeError, ValueError):
+        return device, False, None
+
+
 class _FusedHeadStats(torch.autograd.Function):
     """Target log-probs and KL(ref || policy) of a chunk of rows, straight from hidden rows and the
     head's weights. Nothing vocabulary-sized is kept between forward and backward (only each row's
@@ -202,8 +211,7 @@ class _FusedHeadStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, weight, bias, targets, ref_rows, ref_weight, ref_bias, need_kl, uniform_ref):
         # backward recomputes the logits under the same autocast state (as torch.amp.custom_bwd does)
-        device = rows.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.autocast = _autocast_state(rows.device.type)
         logits = _upcast(nn.functional.linear(rows, weight, bias))  # (R, V)
         target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         log_probs = logits.log_softmax(-1)
@@ -228,7 +236,11 @@ class _FusedHeadStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_token, grad_kl, _grad_ref_token):
         device, enabled, dtype = ctx.autocast
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
+        try:
+            guard = torch.autocast(device, dtype=dtype, enabled=True) if enabled else torch.autocast(device, enabled=False)
+        except (RuntimeError, ValueError):  # a device type autocast does not know: nothing to restore
+            guard = contextlib.nullcontext()
+        with guard:
             return _FusedHeadStats._backward(ctx, grad_token, grad_kl)
 
     @staticmethod
