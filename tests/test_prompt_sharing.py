@@ -115,3 +115,26 @@ def test_lora_policy_and_its_adapters_off_reference_share_prompts():
     check_prompt_sharing(model, "policy")
     with model.disable_adapter():
         check_prompt_sharing(model, "reference")
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_an_empty_prompt_beside_a_real_one_gives_the_padded_numbers(attention):
+    """A pair whose prompt has no tokens (the loader allows empty prompts) leaves a fully masked row in
+    the prompt forward; its responses must still come out finite and equal to the padded forward."""
+    model = tiny_llama(61, seed=6, attn_implementation=attention).eval()
+    rows = [(0, 4), (3, 2), (0, 5), (3, 3)]  # (prompt, response) lengths: pairs (0, 4 | 5), (3, 2 | 3)
+    t = max(p + r for p, r in rows)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(1, 60, (3,), generator=gen)
+    ids, mask, response_mask = (torch.zeros(4, t, dtype=torch.long) for _ in range(3))
+    for i, (p, r) in enumerate(rows):
+        ids[i, :p] = prompt[:p]
+        ids[i, p : p + r] = torch.randint(1, 60, (r,), generator=gen)
+        mask[i, : p + r] = 1
+        response_mask[i, p : p + r] = 1
+    with torch.no_grad():
+        padded, _ = forward_hidden(model, ids, mask)
+        shared = forward_hidden_shared(model, split_prompts(ids, mask, response_mask))
+    real = mask.bool()
+    assert torch.isfinite(shared[real]).all()
+    torch.testing.assert_close(shared[real], padded[real], atol=1e-5, rtol=1e-5)
