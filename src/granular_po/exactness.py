@@ -29,6 +29,34 @@ def measure_difference(model: nn.Module, run_two_ways: Callable[[], tuple[torch.
     return error, tolerance
 
 
+def require_same_outputs(
+    model: nn.Module,
+    run_two_ways: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    key: str,
+    what: str,
+    route: str,
+    cannot: tuple[type[Exception], ...] = (TypeError,),
+) -> None:
+    """Refuse (ValueError naming the config `key`) a model that fails `run_two_ways` with one of `cannot`,
+    or whose two outputs differ beyond `measure_difference`'s tolerance. `route` says what was tried,
+    e.g. "packed sequences"; `what` names the model's role ("policy", "reference")."""
+    from granular_po.logprobs import unwrap_model
+
+    name = type(unwrap_model(model)).__name__
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    try:
+        error, tolerance = measure_difference(model, run_two_ways)
+    except cannot as exc:
+        raise ValueError(f"{key}=true: the {what} model ({name}) cannot run {route} ({exc}); "
+                         f"set {key}=false") from exc
+    if not error <= tolerance:
+        raise ValueError(
+            f"{key}=true: the {what} model ({name}) gives different outputs on {route} (attention "
+            f"{attention or '?'}; max relative difference {error:.2e} > {tolerance:g}); set {key}=false"
+        )
+
+
 def materialised(model: nn.Module) -> bool:
     """Whether this process holds the model's weights (not on the meta device of sharded loading)."""
     param = next(model.parameters(), None)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from granular_po.exactness import materialised, measure_difference
+from granular_po.exactness import materialised, require_same_outputs
 from granular_po.logprobs import capture_backbone_output, forward_hidden, unwrap_model
 
 
@@ -186,14 +186,5 @@ def check_prompt_sharing(model: nn.Module, what: str = "model") -> None:
         real = mask.bool()
         return expected[real], got[real]
 
-    try:
-        error, tolerance = measure_difference(model, run_two_ways)
-    except (TypeError, RuntimeError, AttributeError) as exc:
-        raise ValueError(f"share_prompt=true: the {what} model ({type(unwrap_model(model)).__name__}) cannot "
-                         f"run responses on a cached prompt ({exc}); set share_prompt=false") from exc
-    if not error <= tolerance:
-        raise ValueError(
-            f"share_prompt=true: the {what} model ({type(unwrap_model(model)).__name__}) gives different hidden "
-            f"states on a cached prompt (max relative difference {error:.2e} > {tolerance:g}); "
-            "set share_prompt=false"
-        )
+    require_same_outputs(model, run_two_ways, key="share_prompt", what=what,
+                         route="responses on a cached prompt", cannot=(TypeError, RuntimeError, AttributeError))

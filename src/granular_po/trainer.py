@@ -182,25 +182,27 @@ class GranularTrainer(Trainer):
             logger.info("share_prompt: off (%s)", why_not)
         return why_not is None
 
-    def model_outputs(self, model, batch):
+    def model_outputs(self, model, batch, layouts: dict | None = None):
         """`hidden_states_and_head` for the batch, by the cheapest exact route: one shared prompt forward
-        (`share_prompt`), packed real tokens (`padding_free`), or the padded rows."""
-        if self.share_prompt and "response_mask" in batch:
-            pad_id = getattr(self.data_collator, "pad_token_id", 0)
-            split = split_prompts(batch["input_ids"], batch["attention_mask"], batch["response_mask"], pad_id)
-            hidden = forward_hidden_shared(model, split)
-            return hidden, unwrap_model(model).get_output_embeddings(), None
-        return hidden_states_and_head(model, batch["input_ids"], batch["attention_mask"], self.use_hidden_path,
-                                      self.pack(model, batch))
-
-    def pack(self, model, batch) -> PackedBatch | None:
-        """The batch's real tokens packed for `model` (padding_free=true), or None to run it padded."""
-        if not self.padding_free:
-            return None
+        (`share_prompt`), packed real tokens (`padding_free`), or the padded rows. `layouts` carries the
+        batch's split / packing from the policy's call to the reference's, so neither is built twice."""
+        layouts = {} if layouts is None else layouts
         pad_id = getattr(self.data_collator, "pad_token_id", 0)
-        one_row = packs_in_one_row(self.accelerator.unwrap_model(model))
-        return pack_batch(batch["input_ids"], batch["attention_mask"], pad_id, one_row=one_row,
-                          attention_cost=self._attention_cost)
+        if self.share_prompt and "response_mask" in batch:
+            if "split" not in layouts:
+                layouts["split"] = split_prompts(batch["input_ids"], batch["attention_mask"],
+                                                 batch["response_mask"], pad_id)
+            hidden = forward_hidden_shared(model, layouts["split"])
+            return hidden, unwrap_model(model).get_output_embeddings(), None
+        packed = None
+        if self.padding_free:
+            one_row = packs_in_one_row(self.accelerator.unwrap_model(model))
+            if ("packed", one_row) not in layouts:
+                layouts[("packed", one_row)] = pack_batch(batch["input_ids"], batch["attention_mask"], pad_id,
+                                                          one_row=one_row, attention_cost=self._attention_cost)
+            packed = layouts[("packed", one_row)]
+        return hidden_states_and_head(model, batch["input_ids"], batch["attention_mask"], self.use_hidden_path,
+                                      packed)
 
     # ---- data ----
     def _get_train_sampler(self, train_dataset=None):
@@ -252,12 +254,13 @@ class GranularTrainer(Trainer):
         """Per-sequence weighted log-probs, log-ratios and sequential KL for the batch's rows."""
         settings = self.loss_settings
         ids, weights = batch["input_ids"], batch["loss_weights"]
-        hidden, head, logits = self.model_outputs(model, batch)
+        layouts: dict = {}
+        hidden, head, logits = self.model_outputs(model, batch, layouts)
         ref_hidden = ref_head = ref_logits = None
         if need_reference:
             with torch.inference_mode(), self._reference_context():
                 ref = self.ref_model if self.ref_model is not None else model
-                ref_hidden, ref_head, ref_logits = self.model_outputs(ref, batch)
+                ref_hidden, ref_head, ref_logits = self.model_outputs(ref, batch, layouts)
         return compute_token_stats(
             policy_hidden=hidden, policy_head=head, ref_hidden=ref_hidden, ref_head=ref_head,
             policy_logits=logits, ref_logits=ref_logits, input_ids=ids, loss_weights=weights,
