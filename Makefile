@@ -26,9 +26,11 @@ browser:
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench train.py
+	$(VENV)/bin/lint-imports
 
 test: install browser
 	$(VENV)/bin/ruff check src tests bench train.py
+	$(VENV)/bin/lint-imports
 	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -x -p no:cacheprovider
 
 test-slow: install browser

@@ -7,7 +7,7 @@
         model.archive=.cache/runs/sft_run/LATEST
 """
 
-from granular_po.cli import train_main
+from granular_po.apps.cli import train_main
 
 if __name__ == "__main__":
     raise SystemExit(train_main())

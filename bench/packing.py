@@ -48,7 +48,7 @@ def draw_pairs(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], list[
 
 def batches(pairs, per_batch: int, grouped: bool, count: int) -> list[list[int]]:
     """Pair indices per batch: a seeded random order, or our length-grouped sampler's order."""
-    from granular_po.sampler import SeededLengthGroupedSampler
+    from granular_po.training.sampler import SeededLengthGroupedSampler
 
     lengths = [len(p) + max(len(c), len(r)) for p, c, r in pairs]
     order = SeededLengthGroupedSampler(lengths, group_size=per_batch, seed=0, group_by_length=grouped).order(0)
@@ -68,9 +68,9 @@ def step(policy, reference, batch, packed) -> float:
     """DPO's forward + backward on one micro-batch; returns seconds."""
     import torch
 
-    from granular_po.logprobs import compute_token_stats
+    from granular_po.forward.hidden import hidden_states_and_head
     from granular_po.losses import dpo_loss
-    from granular_po.trainer import hidden_states_and_head
+    from granular_po.stats import compute_token_stats
 
     ids, mask, weights = batch["input_ids"], batch["attention_mask"], batch["loss_weights"]
     start = time.perf_counter()
@@ -89,8 +89,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
+    from granular_po.forward.packing import attention_cost, check_packing, pack_batch
     from granular_po.models import load_model, load_tokenizer, resolve_model_path
-    from granular_po.packing import attention_cost, check_packing, pack_batch
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,6 +1,6 @@
 """What one benchmark configuration does, run inside its own (fresh) process by `bench/step.py`.
 
-- `run_ours`:   SFT / DPO / TDPO through the real `granular_po.run.run_training` (Hydra overrides, the
+- `run_ours`:   SFT / DPO / TDPO through the real `granular_po.training.recipe.run_training` (Hydra overrides, the
                 shipped config), with a timing callback added to its `GranularTrainer`.
 - `run_trl`:    TRL's `DPOTrainer` on the same model, token ids, batch, optimizer and precision.
 - `logits_memory`: `compute_token_stats` forward + backward on random hidden states (naive vs chunked).
@@ -204,12 +204,12 @@ def _overrides(spec: dict, data: Path, run_root: Path) -> list[str]:
 
 def run_ours(spec: dict) -> dict:
     """One configuration through `run_training`, as `granular-po train <overrides>` runs it."""
-    import granular_po.run as run
-    from granular_po.config import compose_config
+    import granular_po.training.recipe as run
     from granular_po.data.encode import build_dataset, response_token_share
     from granular_po.data.masks import GranularOptions
     from granular_po.data.records import load_records
     from granular_po.models import load_tokenizer, resolve_model_path
+    from granular_po.training.config import compose_config
 
     timer = step_callback(spec["warmup"], spec.get("profile_to"), spec.get("baton"))
     seen = {}
@@ -327,7 +327,7 @@ def logits_memory(spec: dict) -> dict:
     """
     import torch
 
-    from granular_po.logprobs import compute_token_stats
+    from granular_po.stats import compute_token_stats
 
     n, t, h, v = spec["rows"], spec["seq_len"], spec["hidden"], spec["vocab"]
     g = torch.Generator().manual_seed(0)

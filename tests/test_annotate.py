@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from granular_po.data.annotate import _merge, annotate_file, derive_regions, main
+from granular_po.apps.annotate import main
+from granular_po.data.annotate import _merge, annotate_file, derive_regions
 from granular_po.data.records import load_records
 from granular_po.data.schema import Region, RegionFlag
 

@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from granular_po.testing import tiny_llama, tiny_tokenizer
+from tiny import tiny_llama, tiny_tokenizer
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 

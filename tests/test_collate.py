@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
+from tiny import tiny_tokenizer
 
 from granular_po.data.collate import PreferenceCollator, SFTCollator
 from granular_po.data.encode import EncodeOptions, build_dataset, encode_record
 from granular_po.data.masks import GranularOptions
 from granular_po.data.schema import PreferenceRecord, Region, RegionFlag
-from granular_po.testing import tiny_tokenizer
 
 PAD = 3
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import tiny_llama, tiny_tokenizer
 
-from granular_po import compare
-from granular_po.compare import CELLS, Cell, sweep_groups
+from granular_po.apps import compare
+from granular_po.apps.compare import CELLS, Cell, sweep_groups
 from granular_po.data.synthetic import split_train_eval, write_json
-from granular_po.testing import tiny_llama, tiny_tokenizer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

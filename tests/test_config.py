@@ -5,8 +5,14 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from granular_po.config import CONFIG_DIR, compose_config, normalize_overrides, redacted_yaml, validate
 from granular_po.losses import LossType
+from granular_po.training.config import (
+    CONFIG_DIR,
+    compose_config,
+    normalize_overrides,
+    redacted_yaml,
+    validate,
+)
 
 MODELS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
 LOSSES = sorted(p.stem for p in (CONFIG_DIR / "loss").glob("*.yaml"))

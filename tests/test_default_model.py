@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
+from granular_po.apps.eval import format_prompt, generate, questions_from_pairs, task_accuracy
 from granular_po.data.synthetic import generate_pairs
-from granular_po.evaluate import format_prompt, generate, questions_from_pairs, task_accuracy
 from granular_po.models import (
     DEFAULT_MODEL_NAME,
     load_policy_and_reference,

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny import tiny_llama, tiny_tokenizer
 
-from granular_po import demo
-from granular_po.testing import tiny_llama, tiny_tokenizer
+from granular_po.apps import demo, stages
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY_ARGS = ["--quick", "--n-train", "12", "--n-eval", "4", "--sft-steps", "2", "--tdpo-steps", "2",
@@ -50,7 +50,7 @@ def test_demo_writes_data_runs_and_report(demo_run, tiny_model):
     for label in ("| base |", "| SFT |", "| final (SFT + TDPO2) |"):
         assert label in report
     assert "runs/demo_sft/step-2" in report and "runs/demo_tdpo/step-2" in report
-    for piece in ("python -u -m granular_po.cli train", "loss=sft", "granular=false", "loss=tdpo",
+    for piece in ("python -u -m granular_po.apps.cli train", "loss=sft", "granular=false", "loss=tdpo",
                   "loss.if_tdpo2=true", "granular=true", "model.archive=", "optimizer=AdamW", "n_examples=8"):
         assert piece in report, piece
     for metric in ("rewards_eval/accuracies", "rewards_eval/margins", "kl_eval/margin"):
@@ -87,16 +87,16 @@ def test_settings_and_overrides():
     assert full.sft_steps == demo.DemoSettings().sft_steps and full.mark_correct is False
     assert demo.schedule_overrides(10, 4, 3, 2e-5) == ["batch_size=4", "n_examples=40", "eval_every=16",
                                                        "save_every=40", "lr=2e-05"]
-    assert demo.hydra_value("/tmp/a-b_c/x.json") == "/tmp/a-b_c/x.json"
-    assert demo.hydra_value("/tmp/with space,comma") == "'/tmp/with space,comma'"
+    assert stages.hydra_value("/tmp/a-b_c/x.json") == "/tmp/a-b_c/x.json"
+    assert stages.hydra_value("/tmp/with space,comma") == "'/tmp/with space,comma'"
     assert demo.model_overrides("smollm2-135m") == ["model=smollm2-135m"]
 
 
 def test_hydra_quoted_path_composes(tmp_path):
-    from granular_po.config import compose_config
+    from granular_po.training.config import compose_config
 
     odd = tmp_path / "a dir, with [odd] chars" / "train.json"
-    cfg = compose_config([f"custom_train_path={demo.hydra_value(odd)}"])
+    cfg = compose_config([f"custom_train_path={stages.hydra_value(odd)}"])
     assert cfg.custom_train_path == str(odd)
 
 
@@ -113,7 +113,7 @@ def test_real_default_model_quick_demo(tmp_path):
 
 def test_finished_means_a_complete_checkpoint_at_or_past_the_final_step(tmp_path):
     """The train command itself, re-run on a run at its final step, trains one step more: the demo checks."""
-    from granular_po import checkpoints
+    from granular_po.training import checkpoints
 
     def complete(step):
         path = tmp_path / f"step-{step}"
@@ -121,9 +121,9 @@ def test_finished_means_a_complete_checkpoint_at_or_past_the_final_step(tmp_path
         (path / checkpoints.COMPLETE_MARKER).write_text(f"{step}\n")
         (path / "trainer_state.json").write_text("{}")
 
-    assert not demo.finished(tmp_path, 4)
+    assert not stages.finished(tmp_path, 4)
     complete(2)
     (tmp_path / "step-4").mkdir()  # no COMPLETE marker: a save cut short
-    assert not demo.finished(tmp_path, 4)
+    assert not stages.finished(tmp_path, 4)
     complete(5)
-    assert demo.finished(tmp_path, 4)
+    assert stages.finished(tmp_path, 4)

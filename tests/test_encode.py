@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from tiny import TINY_TOKENIZER_KINDS, tiny_tokenizer
 from tokenizers import processors
 
 from granular_po.data.encode import (
@@ -17,7 +18,6 @@ from granular_po.data.encode import (
 )
 from granular_po.data.masks import GranularOptions
 from granular_po.data.schema import PreferenceRecord, Region, RegionFlag
-from granular_po.testing import TINY_TOKENIZER_KINDS, tiny_tokenizer
 
 ON = GranularOptions(enabled=True)
 C, R = RegionFlag.CORRECT, RegionFlag.INCORRECT

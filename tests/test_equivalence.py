@@ -17,16 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import tiny_llama, tiny_tokenizer, toy_preference_pairs
 from transformers import TrainingArguments
 
-from granular_po.cli import train_main
+from granular_po.apps.cli import train_main
 from granular_po.data.collate import PreferenceCollator
 from granular_po.data.encode import EncodeOptions, encode_record
 from granular_po.data.masks import GranularOptions
 from granular_po.data.schema import PreferenceRecord, Region, RegionFlag
 from granular_po.losses import LossType, tdpo_loss
-from granular_po.testing import tiny_llama, tiny_tokenizer, toy_preference_pairs
-from granular_po.trainer import GranularTrainer, LossSettings
+from granular_po.training.objectives import LossSettings
+from granular_po.training.trainer import GranularTrainer
 
 N_RECORDS = 24  # 3 steps of 8
 

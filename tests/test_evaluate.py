@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from tiny import tiny_llama, tiny_tokenizer
 
-from granular_po import evaluate
+from granular_po.apps import eval as evaluate
+from granular_po.apps.eval import extract_answer, format_prompt, questions_from_pairs, task_accuracy
 from granular_po.data.synthetic import generate_pairs, write_json
-from granular_po.evaluate import extract_answer, format_prompt, questions_from_pairs, task_accuracy
 from granular_po.models import save_model_dir
-from granular_po.testing import tiny_llama, tiny_tokenizer
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@
 - A non-finite gradient norm with a finite loss: a hook on the embedding output turns its gradient
   into inf for batches holding the poison token. Same two behaviours.
 - A batch whose token weights are all zero is reported by record index, and its loss stays finite.
-- Resource limits (`granular_po.resources.preflight`): too little memory for the batch (CPU) or too
+- Resource limits (`granular_po.training.resources.preflight`): too little memory for the batch (CPU) or too
   little disk for a checkpoint stops the run before its first step, with the figures and what to
   change (psutil / shutil figures monkeypatched); real figures let a tiny run through.
 """
@@ -24,12 +24,13 @@ from types import SimpleNamespace
 import psutil
 import pytest
 import torch
+from tiny import tiny_llama, tiny_tokenizer
 
-from granular_po import models, resources
-from granular_po.cli import train_main
-from granular_po.config import compose_config, validate
-from granular_po.testing import tiny_llama, tiny_tokenizer
-from granular_po.trainer import GranularTrainer
+from granular_po import models
+from granular_po.apps.cli import train_main
+from granular_po.training import resources
+from granular_po.training.config import compose_config, validate
+from granular_po.training.trainer import GranularTrainer
 
 POISON = "Q"  # a byte token that only the poison record's text holds (special tokens in text are split)
 POISON_RECORD = 5

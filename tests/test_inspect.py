@@ -7,12 +7,12 @@ import shutil
 import subprocess
 
 import pytest
+from tiny import tiny_tokenizer
 
 from granular_po.data import inspect as inspect_cmd
 from granular_po.data.encode import EncodeOptions, encode_record
 from granular_po.data.masks import GranularOptions
 from granular_po.data.schema import PreferenceRecord, Region, RegionFlag
-from granular_po.testing import tiny_tokenizer
 
 ROWS = [
     {"prompt": "What is 7 * 8?", "correct_response": "The answer is 56.", "incorrect_response": "The answer is 54.",

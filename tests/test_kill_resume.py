@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import tiny_llama, tiny_tokenizer
 
-from granular_po.checkpoints import complete_checkpoints
-from granular_po.testing import tiny_llama, tiny_tokenizer
+from granular_po.training.checkpoints import complete_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["apple", "river", "stone", "cloud", "green", "music", "paper", "light", "sugar", "window", "tiger", "honey"]
@@ -234,7 +234,7 @@ def in_process_args(root: Path, exp: str, extra: list[str]) -> list[str]:
 
 
 def test_truncate_metrics_drops_rerun_steps_and_a_torn_line(tmp_path):
-    from granular_po.checkpoints import truncate_metrics
+    from granular_po.training.checkpoints import truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss/train": float(s)}) for s in (0, 1, 2, 3, 4)]
@@ -251,8 +251,8 @@ def test_disk_full_during_a_checkpoint_leaves_the_previous_one_and_resumes(tmp_p
     half-written `.tmp-step-2` is removed by the next launch, which resumes from step-1 and finishes."""
     import errno
 
-    from granular_po.cli import train_main
-    from granular_po.trainer import GranularTrainer
+    from granular_po.apps.cli import train_main
+    from granular_po.training.trainer import GranularTrainer
 
     root = make_workspace(tmp_path, n_pairs=8)
     args = in_process_args(root, "full", ["loss=sft", "batch_size=2", "save_every=2", "warmup_steps=0"])
@@ -283,8 +283,8 @@ def test_disk_full_during_a_checkpoint_leaves_the_previous_one_and_resumes(tmp_p
 def test_stale_latest_is_repointed_on_resume(tmp_path, capsys):
     """A kill between renaming `.tmp-step-N` to `step-N` and swapping LATEST leaves LATEST one behind;
     the next launch (here after the last step: nothing left to train) points it at step-N."""
-    from granular_po.checkpoints import point_latest
-    from granular_po.cli import train_main
+    from granular_po.apps.cli import train_main
+    from granular_po.training.checkpoints import point_latest
 
     root = make_workspace(tmp_path, n_pairs=4)
     args = in_process_args(root, "stale", ["loss=sft", "batch_size=2", "save_every=2", "warmup_steps=0"])

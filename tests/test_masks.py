@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny import TINY_TOKENIZER_KINDS, tiny_tokenizer
 
 from granular_po.data.encode import EncodeOptions, encode_record
 from granular_po.data.masks import (
@@ -16,7 +17,6 @@ from granular_po.data.masks import (
     token_flags,
 )
 from granular_po.data.schema import PreferenceRecord, Region, RegionFlag
-from granular_po.testing import TINY_TOKENIZER_KINDS, tiny_tokenizer
 
 ON = GranularOptions(enabled=True)
 WIDE = EncodeOptions(max_length=4096, max_prompt_length=256, prompt_format="raw")

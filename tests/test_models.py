@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from tiny import tiny_llama, tiny_tokenizer
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
@@ -18,7 +19,6 @@ from granular_po.models import (
     resolve_model_path,
     save_model_dir,
 )
-from granular_po.testing import tiny_llama, tiny_tokenizer
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11]])
 

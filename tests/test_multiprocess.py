@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import tiny_llama, tiny_tokenizer, toy_preference_pairs
 
-from granular_po.cli import train_main
-from granular_po.testing import tiny_llama, tiny_tokenizer, toy_preference_pairs
+from granular_po.apps.cli import train_main
 
 REPO = Path(__file__).resolve().parents[1]
 N_RECORDS = 16

@@ -9,11 +9,11 @@ sequences see each other is refused at start-up.
 
 import pytest
 import torch
+from tiny import tiny_llama
 
-from granular_po.logprobs import compute_token_stats
-from granular_po.packing import check_packing, pack_batch, packs_in_one_row
-from granular_po.testing import tiny_llama
-from granular_po.trainer import hidden_states_and_head
+from granular_po.forward.hidden import hidden_states_and_head
+from granular_po.forward.packing import check_packing, pack_batch, packs_in_one_row
+from granular_po.stats import compute_token_stats
 
 LENGTHS = [9, 4, 7, 3, 9, 2]  # (N = 6, T = 9)
 
@@ -114,7 +114,7 @@ def test_check_packing_accepts_llama_and_gpt2_and_refuses_opt():
 
 
 def test_layout_is_chosen_by_estimated_cost():
-    from granular_po.packing import attention_cost, choose_bins
+    from granular_po.forward.packing import attention_cost, choose_bins
 
     lengths = [200, 60, 150, 90, 40, 180]  # T = 200
     one_row = choose_bins(lengths, one_row=False, attention_cost=0.0)  # attention free: fewest tokens wins

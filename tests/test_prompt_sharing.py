@@ -7,11 +7,12 @@ a model whose cache cannot hold the whole prompt (a sliding window) is refused a
 
 import pytest
 import torch
+from tiny import tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
 
-from granular_po.logprobs import compute_token_stats, forward_hidden
-from granular_po.prompt_sharing import check_prompt_sharing, forward_hidden_shared, split_prompts
-from granular_po.testing import tiny_llama
+from granular_po.forward.hidden import forward_hidden
+from granular_po.forward.prompt_sharing import check_prompt_sharing, forward_hidden_shared, split_prompts
+from granular_po.stats import compute_token_stats
 
 PROMPTS = [5, 2, 7]  # prompt lengths of 3 pairs
 CHOSEN = [4, 9, 1]
@@ -94,7 +95,7 @@ def test_check_accepts_llama_and_gpt2_and_refuses_a_sliding_window():
 
 
 def test_sliding_windows_shorter_than_the_rows_are_refused():
-    from granular_po.prompt_sharing import sliding_window_conflict
+    from granular_po.forward.prompt_sharing import sliding_window_conflict
 
     def mistral(window):
         return MistralForCausalLM(MistralConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2,

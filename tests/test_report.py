@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from granular_po.report import (
+from granular_po.apps.report import (
     curve,
     first_value,
     last_value,
@@ -122,7 +122,7 @@ def test_markdown_table_formats_cells():
 
 
 def test_binomial_standard_error():
-    from granular_po.report import binomial_se
+    from granular_po.apps.report import binomial_se
 
     assert binomial_se(0.5, 100) == pytest.approx(0.05)
     assert binomial_se(1.0, 40) == 0.0

@@ -14,22 +14,23 @@ import pytest
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file
+from tiny import tiny_llama, tiny_tokenizer
 from transformers import TrainingArguments
 
 from granular_po import models
-from granular_po.cli import train_main
-from granular_po.config import compose_config, validate
+from granular_po.apps.cli import train_main
 from granular_po.data.collate import PreferenceCollator, SFTCollator
 from granular_po.data.encode import EncodeOptions, build_dataset, encode_record
 from granular_po.data.masks import GranularOptions
 from granular_po.data.records import load_records
 from granular_po.data.schema import DataError, PreferenceRecord, Region, RegionFlag
-from granular_po.logprobs import compute_token_stats
 from granular_po.losses import LossType, sequential_kl
-from granular_po.run import build_training_arguments
-from granular_po.sampler import SeededLengthGroupedSampler
-from granular_po.testing import tiny_llama, tiny_tokenizer
-from granular_po.trainer import GranularTrainer, LossSettings
+from granular_po.stats import compute_token_stats
+from granular_po.training.config import compose_config, validate
+from granular_po.training.objectives import LossSettings
+from granular_po.training.recipe import build_training_arguments
+from granular_po.training.sampler import SeededLengthGroupedSampler
+from granular_po.training.trainer import GranularTrainer
 
 HOSTILE = Path(__file__).parent / "data" / "hostile"
 GRAN = GranularOptions(enabled=True)

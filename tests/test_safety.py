@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_llama, tiny_tokenizer
 from transformers.trainer_pt_utils import safe_globals
 
 from granular_po import models
-from granular_po.cli import train_main
-from granular_po.config import compose_config
+from granular_po.apps.cli import train_main
 from granular_po.models import ModelLoadError
-from granular_po.testing import tiny_llama, tiny_tokenizer
+from granular_po.training.config import compose_config
 
 SECRETS = {
     "HF_TOKEN": "hf_FAKEtokenDoNotLeak0123456789abcd",

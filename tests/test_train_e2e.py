@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_llama, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from granular_po.cli import train_main
-from granular_po.testing import tiny_llama, tiny_tokenizer
+from granular_po.apps.cli import train_main
 
 WORDS = ["apple", "river", "stone", "cloud", "green", "music", "paper", "light", "sugar", "window", "tiger", "honey"]
 

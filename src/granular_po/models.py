@@ -352,14 +352,27 @@ def wrap_lora(model: nn.Module, lora_cfg: Any) -> nn.Module:
     return get_peft_model(model, config)
 
 
-@contextlib.contextmanager
-def reference_context(policy: nn.Module) -> Iterator[nn.Module]:
-    """Yield the model to use as the reference: a LoRA policy with its adapters off, under no_grad."""
-    from peft import PeftModel
+def has_adapters(model: nn.Module) -> bool:
+    """Whether `model` (inside any DDP wrapper) is a PEFT model whose adapters can be switched off."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return hasattr(model, "disable_adapter")
 
-    if not isinstance(policy, PeftModel):
-        raise TypeError("reference_context needs a LoRA PeftModel policy; otherwise use the loaded reference")
-    with policy.disable_adapter(), torch.no_grad():
+
+@contextlib.contextmanager
+def reference_context(policy: nn.Module, reference: nn.Module | None = None) -> Iterator[nn.Module]:
+    """The one way to reach the reference: the loaded `reference` when there is one, else the LoRA
+    `policy` with its adapters off (one copy of the weights). Under no_grad; adapters return on exit."""
+    if reference is not None:
+        with torch.no_grad():
+            yield reference
+        return
+    inner = policy
+    while isinstance(inner, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        inner = inner.module
+    if not hasattr(inner, "disable_adapter"):
+        raise TypeError("a preference loss needs a reference model or a LoRA policy (adapters off)")
+    with inner.disable_adapter(), torch.no_grad():
         yield policy
 
 

@@ -1,6 +1,6 @@
 """Reports a person reads: metrics of a run directory, PNG plots (matplotlib, Agg) and markdown tables.
 
-    from granular_po.report import read_metrics, curve, plot_curves, markdown_table
+    from granular_po.apps.report import read_metrics, curve, plot_curves, markdown_table
     records = read_metrics(".cache/runs/tdpo")                  # one record per (step, split)
     steps, acc = curve(records, "rewards_eval/accuracies")
     plot_curves({"eval": (steps, acc)}, "acc.png", title="reward accuracy", ylabel="accuracy")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from granular_po.exactness import materialised, require_same_outputs
+from granular_po.forward.exactness import materialised, require_same_outputs
 
 # attention implementations that take packed sequences as one row (variable-length kernels)
 FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_paged")

@@ -18,7 +18,7 @@ from granular_po.losses import LossType
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent / "config"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
 # `granular=true` (a bool in the research code) selects our `granular` node's `enabled` key, so that
 # `granular.outside_weight=...` can sit beside it.

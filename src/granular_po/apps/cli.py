@@ -12,11 +12,11 @@ import os
 import sys
 
 COMMANDS = {
-    "inspect": "granular_po.data.inspect",
-    "annotate": "granular_po.data.annotate",
-    "eval": "granular_po.evaluate",
-    "demo": "granular_po.demo",
-    "compare": "granular_po.compare",
+    "inspect": "granular_po.apps.inspect",
+    "annotate": "granular_po.apps.annotate",
+    "eval": "granular_po.apps.eval",
+    "demo": "granular_po.apps.demo",
+    "compare": "granular_po.apps.compare",
 }
 
 USAGE = """usage: granular-po <command> [args]
@@ -41,15 +41,15 @@ def train_main(argv: list[str] | None = None) -> int:
     """Compose the config from Hydra overrides (`-m` for multirun sweeps) and train."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging()
-    from granular_po.config import normalize_overrides
+    from granular_po.training.config import normalize_overrides
 
     if "-m" in argv or "--multirun" in argv:
         return _hydra_app(normalize_overrides(argv))
     from omegaconf.errors import ConfigKeyError
 
-    from granular_po.config import compose_config
     from granular_po.data.schema import DataError
-    from granular_po.run import run_training
+    from granular_po.training.config import compose_config
+    from granular_po.training.recipe import run_training
 
     try:
         cfg = compose_config(argv)
@@ -57,7 +57,7 @@ def train_main(argv: list[str] | None = None) -> int:
         print(f"config error: {error}", file=sys.stderr)
         return 2
     from granular_po.models import ModelLoadError
-    from granular_po.trainer import NonFiniteError
+    from granular_po.training.trainer import NonFiniteError
 
     try:
         run_training(cfg, argv=[sys.argv[0], *argv] if sys.argv[0].endswith("train.py") else None)
@@ -88,8 +88,8 @@ def _hydra_app(overrides: list[str]) -> int:
     """Hydra multirun (sweeps): each job runs `run_training` in this process, one after another."""
     import hydra
 
-    from granular_po.config import CONFIG_DIR
-    from granular_po.run import run_training
+    from granular_po.training.config import CONFIG_DIR
+    from granular_po.training.recipe import run_training
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
     def app(cfg):

@@ -16,13 +16,15 @@ from omegaconf import DictConfig
 from transformers import TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from granular_po import checkpoints, resources
-from granular_po.config import RunSettings, redacted_yaml, validate
 from granular_po.data.collate import PreferenceCollator, SFTCollator
 from granular_po.data.encode import EncodeOptions, build_dataset
 from granular_po.data.masks import GranularOptions
 from granular_po.losses import LossType
-from granular_po.trainer import GranularTrainer, LossSettings, MetricsFileCallback, ThrottledProgressCallback
+from granular_po.training import checkpoints, resources
+from granular_po.training.callbacks import MetricsFileCallback, ThrottledProgressCallback
+from granular_po.training.config import RunSettings, redacted_yaml, validate
+from granular_po.training.objectives import LossSettings
+from granular_po.training.trainer import GranularTrainer
 
 logger = logging.getLogger("granular_po")
 
@@ -188,7 +190,7 @@ def run_training(cfg: DictConfig, argv: list[str] | None = None) -> Path:
         callbacks=[MetricsFileCallback(None if cfg.debug else run_dir / "metrics.jsonl")],
     )
     if cfg.sample_during_eval and eval_ds is not None and not cfg.debug:
-        from granular_po.sampling import SampleDuringEvalCallback
+        from granular_po.training.callbacks import SampleDuringEvalCallback
 
         trainer.add_callback(SampleDuringEvalCallback(
             trainer, run_dir / "samples.jsonl", cfg.n_eval_model_samples,

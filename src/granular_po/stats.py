@@ -15,14 +15,13 @@ Two implementations give the same numbers:
 Log-probabilities are computed in float32 (float64 stays float64) whatever the model dtype, as the
 research code did.
 Models whose logits are not just `head(last_hidden_state)` (soft-capping, logit scales) take the
-`compute_token_stats_from_logits` route instead: see `supports_hidden_path`.
+`compute_token_stats_from_logits` route instead: see `forward.hidden.supports_hidden_path`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,16 +35,6 @@ from granular_po.losses import sequential_kl, weighted_sum
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 Impl = Literal["chunked", "naive"]
-
-# config fields that put a transform between the lm_head and the logits (Gemma 2/3 soft-capping,
-# Cohere's logit_scale, Granite's logits_scaling, Falcon-H1's lm_head_multiplier, ...)
-_LOGIT_TRANSFORM_FIELDS = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "output_multiplier",
-    "lm_head_multiplier",
-    "logits_scaling",
-)
 
 
 @dataclass
@@ -401,98 +390,3 @@ def compute_token_stats_from_logits(
         policy_logits=policy_logits, ref_logits=ref_logits, reference_free=reference_free,
         impl=impl, chunk_size=chunk_size,
     )  # fmt: skip
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside DDP / DataParallel and PEFT wrappers (LoRA layers stay injected)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    if hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None)):
-        model = model.get_base_model()
-    return model
-
-
-def _backbone(model: nn.Module) -> nn.Module | None:
-    base = unwrap_model(model)
-    backbone = getattr(base, getattr(base, "base_model_prefix", ""), None)
-    if backbone is None and callable(getattr(base, "get_decoder", None)):
-        backbone = base.get_decoder()
-    return None if backbone is base else backbone
-
-
-def supports_hidden_path(model: nn.Module) -> bool:
-    """Whether logits are exactly `get_output_embeddings()(backbone's last_hidden_state)`, by config.
-
-    False for soft-capped or scaled logits, a missing backbone or head, or a forward without
-    `logits_to_keep`; then use `model(...).logits` with `compute_token_stats_from_logits`.
-    """
-    base = unwrap_model(model)
-    config = getattr(base, "config", None)
-    if config is None or _backbone(model) is None or base.get_output_embeddings() is None:
-        return False
-    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
-        return False
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for field in _LOGIT_TRANSFORM_FIELDS:
-        value = getattr(text_config, field, None)
-        if value is not None and not (field != "final_logit_softcapping" and value == 1.0):
-            return False
-    return True
-
-
-def forward_hidden(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, nn.Module]:
-    """Final hidden states (after the final norm) and the lm_head, without the (N, T, V) logits.
-
-    Runs the model's own forward, through any DDP / PEFT wrapper so their hooks fire, with
-    `logits_to_keep=1` (one position of logits per row), and captures the backbone's output.
-    Shape: input_ids, attention_mask, position_ids (N, T) -> hidden (N, T, H).
-    """
-    extra = {} if position_ids is None else {"position_ids": position_ids}
-    hidden, _ = capture_backbone_output(
-        model, input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1, **extra
-    )
-    # prompt-learning PEFT prepends virtual tokens: keep the positions of the real ones
-    hidden = hidden[:, -input_ids.shape[1] :]
-    return hidden, unwrap_model(model).get_output_embeddings()
-
-
-def capture_backbone_output(model: nn.Module, **forward_kwargs) -> tuple[torch.Tensor, object]:
-    """Run `model(**forward_kwargs)` (through its wrappers, so their hooks fire) and return the
-    backbone's final hidden states (after the final norm) with the model's own output.
-
-    Shape: -> hidden (N, T, H).
-    """
-    backbone = _backbone(model)
-    if backbone is None:
-        raise ValueError(f"cannot find the backbone of {type(unwrap_model(model)).__name__}")
-    captured: list[torch.Tensor] = []
-
-    def grab(_module, _args, output):
-        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
-
-    handle = backbone.register_forward_hook(grab)
-    try:
-        output = model(**forward_kwargs)
-    finally:
-        handle.remove()
-    if len(captured) != 1:
-        raise RuntimeError(f"expected one backbone call, saw {len(captured)}")
-    return captured[0], output
-
-
-@torch.no_grad()
-def hidden_path_matches(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, atol: float = 1e-4
-) -> bool:
-    """Runtime check of `supports_hidden_path`: head(forward_hidden) equals model(...).logits.
-
-    Shape: input_ids (N, T), attention_mask (N, T).
-    """
-    hidden, head = forward_hidden(model, input_ids, attention_mask)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return torch.allclose(head(hidden).float(), logits.float(), atol=atol, rtol=1e-3)

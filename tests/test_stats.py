@@ -12,17 +12,12 @@ import math
 
 import pytest
 import torch
+from tiny import tiny_llama
 from torch import nn
 
-from granular_po.logprobs import (
-    compute_token_stats,
-    compute_token_stats_from_logits,
-    forward_hidden,
-    hidden_path_matches,
-    supports_hidden_path,
-)
+from granular_po.forward.hidden import forward_hidden, hidden_path_matches, supports_hidden_path
 from granular_po.losses import dpo_loss, sequential_kl, tdpo_loss
-from granular_po.testing import tiny_llama
+from granular_po.stats import compute_token_stats, compute_token_stats_from_logits
 
 N, T, H, V = 4, 9, 16, 37  # V differs from every other size, so a (rows, V) tensor is recognisable
 FIELDS = ("policy_logps", "reference_logps", "logratio", "position_kl", "weight_sum")

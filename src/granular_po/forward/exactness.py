@@ -41,7 +41,7 @@ def require_same_outputs(
     """Refuse (ValueError naming the config `key`) a model that fails `run_two_ways` with one of `cannot`,
     or whose two outputs differ beyond `measure_difference`'s tolerance. `route` says what was tried,
     e.g. "packed sequences"; `what` names the model's role ("policy", "reference")."""
-    from granular_po.logprobs import unwrap_model
+    from granular_po.forward.hidden import unwrap_model
 
     name = type(unwrap_model(model)).__name__
     attention = getattr(getattr(model, "config", None), "_attn_implementation", None)

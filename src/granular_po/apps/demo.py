@@ -7,7 +7,7 @@
    research-format JSON into <out>/data/;
 2. model: the embedded SmolLM2-135M-Instruct, converted once to a Hugging Face directory;
 3. SFT, then 4. granular TDPO2 from its output, each through the train entry point users run
-   (`python -u -m granular_po.cli train OVERRIDES`, the same as `python -u train.py OVERRIDES`),
+   (`python -u -m granular_po.apps.cli train OVERRIDES`, the same as `python -u train.py OVERRIDES`),
    runs in <out>/runs/{demo_sft,demo_tdpo};
 5. task accuracy of the base, SFT and final models by greedy generation on the held-out questions;
 6. <out>/report.md with the commands, settings, accuracies, preference metrics and PNG curves.
@@ -22,15 +22,19 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from granular_po import checkpoints
+from granular_po.apps.stages import (
+    checkpoint_key,
+    data_fingerprint,
+    evaluate_model,
+    hydra_value,
+    passive_openmp,
+    train_stage,
+)
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -63,83 +67,6 @@ class DemoSettings:
 
 QUICK = dict(n_train=32, n_eval=8, sft_steps=4, sft_batch_size=4, tdpo_steps=4, tdpo_batch_size=4,
              n_evals=2, n_eval_pairs=8, max_new_tokens=24)
-
-
-# ---------------------------------------------------------------- running the train entry point
-
-
-def hydra_value(value: object) -> str:
-    """A value as a Hydra override accepts it: quoted when it holds characters the grammar reads."""
-    text = str(value)
-    if re.fullmatch(r"[\w./+:-]+", text):
-        return text
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def train_command(overrides: list[str]) -> list[str]:
-    """The train entry point as a subprocess command (same overrides as `python -u train.py`)."""
-    return [sys.executable, "-u", "-m", "granular_po.cli", "train", *overrides]
-
-
-def shown_command(overrides: list[str]) -> str:
-    """The command as a user would type it (train.py at the repository root is the same entry point)."""
-    import shlex
-
-    return "python -u -m granular_po.cli train " + " ".join(shlex.quote(o) for o in overrides)
-
-
-def finished(run_dir: Path, steps: int) -> bool:
-    """The run has a complete checkpoint at `steps` or later.
-
-    Checked here rather than left to the train command: re-running that command on a run already at its
-    final step resumes from it and trains one step more (transformers 5.24, measured).
-    """
-    found = checkpoints.complete_checkpoints(run_dir)
-    return bool(found) and found[-1][0] >= steps
-
-
-def check_stamp(run_dir: Path, stamp: dict, what: str) -> None:
-    """Refuse to resume a run made with other settings; record the settings of a new one."""
-    path = run_dir / "granular_po_demo_stamp.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old != stamp:
-            was = [o for o in old.get("overrides", []) if o not in stamp["overrides"]]
-            now = [o for o in stamp["overrides"] if o not in old.get("overrides", [])]
-            changed = f"overrides were {was}, now {now}" if was or now else "its data or starting model changed"
-            raise SystemExit(f"{what}: {run_dir} was made with other settings ({changed}); delete it to train "
-                             "it again (--fresh does that for this command's own runs), or choose another --out")
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(stamp, indent=1))
-
-
-def passive_openmp() -> None:
-    """OpenMP threads that sleep rather than spin while waiting (unless the user set OMP_WAIT_POLICY).
-
-    Measured here on 2 busy cores: an SFT step 5 s instead of 15 s, greedy evaluation of 40 questions 26 s
-    instead of minutes. Must run before torch is imported (the training subprocesses inherit it).
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-def run_stage(command: list[str], what: str) -> float:
-    """Run a train command (its progress bars go to this terminal); returns seconds; raises on failure."""
-    start = time.monotonic()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, env=env)
-    if result.returncode != 0:
-        raise SystemExit(f"{what} failed (exit {result.returncode}): {' '.join(command)}")
-    return time.monotonic() - start
-
-
-def data_fingerprint(*paths: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- stages
@@ -192,62 +119,6 @@ def tdpo_overrides(model: str, train_path: Path, eval_path: Path, runs: Path, s:
             *schedule_overrides(s.tdpo_steps, s.tdpo_batch_size, s.n_evals, s.tdpo_lr)]
 
 
-def train_stage(name: str, overrides: list[str], run_dir: Path, steps: int, fingerprint: str) -> dict:
-    """Run (or reuse) one training run; returns what the report says about it.
-
-    `fingerprint` identifies the data and starting weights: a finished run made from others is refused.
-    """
-    check_stamp(run_dir, {"overrides": overrides, "data": fingerprint}, name)
-    info = {"name": name, "run_dir": run_dir, "overrides": overrides, "command": shown_command(overrides),
-            "steps": steps}
-    seconds_file = run_dir / "granular_po_demo_seconds.json"
-    if finished(run_dir, steps):
-        print(f"{name}: reusing {run_dir} (finished at step {steps})", flush=True)
-        earlier = json.loads(seconds_file.read_text())["seconds"] if seconds_file.is_file() else None
-        return {**info, "seconds": 0.0, "seconds_when_run": earlier, "reused": True}
-    print(f"{name}: {shown_command(overrides)}", flush=True)
-    seconds = run_stage(train_command(overrides), name)
-    if not finished(run_dir, steps):
-        raise SystemExit(f"{name}: the run ended without a checkpoint at step {steps} in {run_dir}")
-    seconds_file.write_text(json.dumps({"seconds": seconds}))
-    return {**info, "seconds": seconds, "seconds_when_run": seconds, "reused": False}
-
-
-def checkpoint_key(model_dir: Path) -> str:
-    """Identifies a model directory's weights: resolved path and the weights' size and mtime."""
-    resolved = Path(model_dir).resolve()
-    weights = sorted(resolved.glob("*.safetensors"))
-    parts = [str(resolved)] + [f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights]
-    return "|".join(parts)
-
-
-def evaluate_model(model_dir: Path, questions: list[tuple[str, int]], cache: Path, max_new_tokens: int,
-                   label: str, tokenizer_dir: Path | None = None) -> dict:
-    """Task accuracy of one model directory by greedy generation, cached in `cache` (a JSON file)."""
-    key = {"model": checkpoint_key(model_dir), "questions": questions, "max_new_tokens": max_new_tokens}
-    if cache.is_file():
-        stored = json.loads(cache.read_text())
-        if stored.get("key") == json.loads(json.dumps(key)):
-            print(f"task accuracy of {label}: {stored['accuracy']:.3f} (cached in {cache})", flush=True)
-            return stored
-    from granular_po.evaluate import task_accuracy
-    from granular_po.models import load_model, load_tokenizer
-
-    print(f"task accuracy of {label} ({model_dir}) on {len(questions)} questions", flush=True)
-    start = time.monotonic()
-    tokenizer = load_tokenizer(str(tokenizer_dir or model_dir))
-    model = load_model(str(model_dir))
-    accuracy, rows = task_accuracy(model, tokenizer, questions, max_new_tokens=max_new_tokens)
-    del model
-    result = {"key": key, "label": label, "model": str(model_dir), "accuracy": accuracy,
-              "n": len(rows), "correct": sum(r["correct"] for r in rows), "rows": rows,
-              "seconds": time.monotonic() - start}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(result, indent=1))
-    print(f"task accuracy of {label}: {accuracy:.3f}", flush=True)
-    return result
-
-
 # ---------------------------------------------------------------- the report
 
 PREFERENCE_KEYS = ("rewards_eval/accuracies", "rewards_eval/margins", "rewards_eval/chosen", "rewards_eval/rejected",
@@ -255,7 +126,7 @@ PREFERENCE_KEYS = ("rewards_eval/accuracies", "rewards_eval/margins", "rewards_e
 
 
 def accuracy_rows(results: dict[str, dict], out: Path) -> list[dict]:
-    from granular_po.report import binomial_se
+    from granular_po.apps.report import binomial_se
 
     rows = []
     for label, r in results.items():
@@ -268,7 +139,7 @@ def accuracy_rows(results: dict[str, dict], out: Path) -> list[dict]:
 
 def write_plots(out: Path, sft_records: list[dict], tdpo_records: list[dict]) -> list[tuple[str, str]]:
     """loss / reward accuracy / margin / KL curves (train and eval vs step); returns (file, caption)."""
-    from granular_po.report import curve, plot_curves, plot_panels
+    from granular_po.apps.report import curve, plot_curves, plot_panels
 
     def both(records, train_key, eval_key):
         return {"train": curve(records, train_key, "train"), "eval": curve(records, eval_key, "eval")}
@@ -289,7 +160,7 @@ def write_plots(out: Path, sft_records: list[dict], tdpo_records: list[dict]) ->
 
 def preference_rows(records: list[dict]) -> list[dict]:
     """One row per preference metric, one column per evaluation step."""
-    from granular_po.report import curve
+    from granular_po.apps.report import curve
 
     evals = {key: dict(zip(*curve(records, key, "eval"))) for key in PREFERENCE_KEYS}
     steps = sorted({step for values in evals.values() for step in values})
@@ -328,7 +199,7 @@ def _settings_rows(s: DemoSettings) -> list[dict]:
 def write_report(out: Path, s: DemoSettings, model: str, sft: dict, tdpo: dict, results: dict[str, dict],
                  train_pairs: list[dict], eval_pairs: list[dict], timings: dict[str, float]) -> tuple[Path, str]:
     """Write <out>/report.md and its PNGs; returns (path, the accuracy table)."""
-    from granular_po.report import first_value, last_value, markdown_table, read_metrics
+    from granular_po.apps.report import first_value, last_value, markdown_table, read_metrics
 
     sft_records, tdpo_records = read_metrics(sft["run_dir"]), read_metrics(tdpo["run_dir"])
     plots = write_plots(out, sft_records, tdpo_records)
@@ -473,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     timings["sft"], timings["tdpo"] = sft["seconds"], tdpo["seconds"]
 
     print("[5/6] task accuracy by greedy generation", flush=True)
-    from granular_po.evaluate import questions_from_pairs
+    from granular_po.apps.eval import questions_from_pairs
 
     questions = questions_from_pairs(eval_pairs)
     t = time.monotonic()

@@ -1,17 +1,21 @@
-"""Policy and reference generations for eval prompts at each evaluation (`sample_during_eval=true`).
+"""Trainer callbacks: the metrics file, the throttled progress bar, samples during evaluation.
 
-Written to `samples.jsonl` beside `metrics.jsonl`. Sampling runs under `torch.random.fork_rng`, so it
-never shifts the training RNG: a run with samples trains exactly like one without.
+`SampleDuringEvalCallback` writes policy and reference generations for eval prompts to `samples.jsonl`
+(`sample_during_eval=true`) under `torch.random.fork_rng`, so a run with samples trains exactly like one
+without.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import time
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from granular_po.models import has_adapters, reference_context
 
 
 def left_padded(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,14 +60,10 @@ class SampleDuringEvalCallback(TrainerCallback):
         tokenizer = trainer.processing_class
         policy = trainer.accelerator.unwrap_model(trainer.model)
         policy_text = generate(policy, tokenizer, prompts, self.max_new_tokens, self.seed)
-        if trainer.ref_model is not None:
-            reference, context = trainer.ref_model, contextlib.nullcontext()
-        elif hasattr(policy, "disable_adapter"):
-            reference, context = policy, policy.disable_adapter()
-        else:
-            reference, context = None, contextlib.nullcontext()
-        with context:
-            ref_text = generate(reference, tokenizer, prompts, self.max_new_tokens, self.seed) if reference else None
+        ref_text = None
+        if trainer.ref_model is not None or has_adapters(policy):
+            with reference_context(policy, trainer.ref_model) as reference:
+                ref_text = generate(reference, tokenizer, prompts, self.max_new_tokens, self.seed)
         with open(self.path, "a", encoding="utf-8") as handle:
             for i, index in enumerate(rows["index"]):
                 line = {"step": state.global_step, "index": int(index),
@@ -72,3 +72,33 @@ class SampleDuringEvalCallback(TrainerCallback):
                 if ref_text is not None:
                     line["reference"] = ref_text[i]
                 handle.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Appends every log (train and eval) to `metrics.jsonl`, one JSON object a line, main process only."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.path is None or not state.is_world_process_zero or not logs:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class ThrottledProgressCallback(ProgressCallback):
+    """The Trainer's progress bar, printing metrics at most every `minimum_log_interval_secs`."""
+
+    def __init__(self, minimum_interval: float):
+        super().__init__()
+        self.minimum_interval = minimum_interval
+        self._last = 0.0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        now = time.monotonic()
+        is_eval = any(k.startswith(("eval_", "rewards_eval", "loss/eval")) for k in (logs or {}))
+        if is_eval or now - self._last >= self.minimum_interval:
+            self._last = now
+            super().on_log(args, state, control, logs=logs, **kwargs)

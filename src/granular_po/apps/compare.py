@@ -22,26 +22,28 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from granular_po import checkpoints
-from granular_po.demo import (
+from granular_po.apps.demo import (
     DEFAULT_MODEL,
     QUICK,
     DemoSettings,
+    common_overrides,
+    make_data,
+    sft_overrides,
+)
+from granular_po.apps.stages import (
     check_stamp,
     checkpoint_key,
-    common_overrides,
     data_fingerprint,
     evaluate_model,
     finished,
     hydra_value,
-    make_data,
     passive_openmp,
     run_stage,
-    sft_overrides,
     shown_command,
     train_command,
     train_stage,
 )
+from granular_po.training import checkpoints
 
 LOSSES = ("dpo", "tdpo")
 LOSS_LABELS = {"dpo": "DPO", "tdpo": "TDPO2"}
@@ -204,7 +206,14 @@ def evaluate_cells(runs: Path, out: Path, sft: Path, questions, max_new_tokens: 
 def write_outputs(args, out: Path, runs: Path, sft: Path, accuracy: dict[str, dict[int, dict]],
                   timings: dict[str, float], n_questions: int) -> tuple[Path, str]:
     """compare.md, task_accuracy.png, eval_reward_accuracy.png, eval_margin.png; returns (path, table)."""
-    from granular_po.report import binomial_se, curve, last_value, markdown_table, plot_curves, read_metrics
+    from granular_po.apps.report import (
+        binomial_se,
+        curve,
+        last_value,
+        markdown_table,
+        plot_curves,
+        read_metrics,
+    )
 
     rows, task_curves, reward_curves, margin_curves = [], {}, {}, {}
     for cell in CELLS:
@@ -288,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     shared = grid_overrides(args, train_path, eval_path, sft, runs)
     timings.update(run_grid(args, shared, runs, out, fingerprint))
 
-    from granular_po.evaluate import questions_from_pairs, read_pairs
+    from granular_po.apps.eval import questions_from_pairs, read_pairs
 
     questions = questions_from_pairs(read_pairs(eval_path))[: args.n_eval]
     t = time.monotonic()

@@ -4,7 +4,7 @@ Called once the models are loaded, before the first step, so that a run that can
 second with the figures and what to change, instead of being killed by the OOM killer an hour in or
 dying half-way through writing a checkpoint:
 
-    from granular_po.resources import preflight
+    from granular_po.training.resources import preflight
     preflight(cfg, policy, reference, settings)   # raises ResourceError (a ValueError) or returns
 
 The memory figure is an estimate, deliberately simple (shapes times a per-token factor), not a

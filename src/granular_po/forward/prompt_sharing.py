@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from granular_po.exactness import materialised, require_same_outputs
-from granular_po.logprobs import capture_backbone_output, forward_hidden, unwrap_model
+from granular_po.forward.exactness import materialised, require_same_outputs
+from granular_po.forward.hidden import capture_backbone_output, forward_hidden, unwrap_model
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,78 @@
+"""`granular-po annotate IN OUT`: derive masked_regions of minimally edited pairs from a character diff.
+
+    granular-po annotate pairs.jsonl annotated.jsonl [--include-correct] [--max-edit-ratio 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from granular_po.data.annotate import annotate_file
+from granular_po.data.schema import DataError
+
+_SHOW_INDICES = 20  # indices listed per category in the printed summary; the dict keeps them all
+
+
+def _indices(indices: list[int]) -> str:
+    shown = ", ".join(map(str, indices[:_SHOW_INDICES]))
+    return shown + (f", ... ({len(indices) - _SHOW_INDICES} more)" if len(indices) > _SHOW_INDICES else "")
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary of `annotate_file` as a few human-readable lines."""
+    lines = [f"{summary['source']}: read {summary['read']} records; annotated {summary['annotated']}, already "
+             f"annotated {summary['already_annotated']}; wrote {summary['written']} to {summary['output']}"]
+    reasons = {
+        "too_large_diff": f"diff too large (edit ratio > {summary['max_edit_ratio']}), not a minimal edit",
+        "identical": "identical responses",
+        "no_span": "the incorrect response only lacks text at its end (nothing to mark)",
+    }
+    for key, why in reasons.items():
+        if summary[key]:
+            lines.append(f"  not written, {why}: {len(summary[key])} (records {_indices(summary[key])})")
+    if summary["skipped"]:
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(summary["skipped"].items()))
+        lines.append(f"  skipped while loading: {sum(summary['skipped'].values())} ({counts})")
+    return "\n".join(lines)
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI `granular-po annotate IN OUT`: exit 0 on success, 2 on bad input (message, no traceback)."""
+    parser = argparse.ArgumentParser(prog="granular-po annotate", description=__doc__.splitlines()[0])
+    parser.add_argument("input", help="JSON list or JSONL of prompt / correct_response / incorrect_response")
+    parser.add_argument("output", help="where to write the annotated pairs (.json: a JSON list, else JSONL)")
+    parser.add_argument("--include-correct", action="store_true",
+                        help="also mark the differing characters of the correct response (flag 1)")
+    parser.add_argument("--max-edit-ratio", type=_ratio, default=0.5,
+                        help="leave out pairs whose differing characters exceed this share (default 0.5)")
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="skip and count invalid records instead of stopping at the first")
+    parser.add_argument("--eos-text", default=None, help="reject records whose text contains this EOS string")
+    args = parser.parse_args(argv)
+    try:
+        summary = annotate_file(args.input, args.output, args.include_correct, args.max_edit_ratio,
+                                "skip" if args.skip_invalid else "error", args.eos_text)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: cannot write {args.output}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

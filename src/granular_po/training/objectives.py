@@ -1,0 +1,84 @@
+"""Each training objective in one place: what it needs (a reference, the KL) and what it logs.
+
+The trainer asks the objective, never `if loss == ...`: `objective.needs_reference`,
+`objective.needs_kl`, `objective(stats, n_pairs, split) -> (losses, metrics)`. Metrics carry the
+research code's names (`rewards_train/chosen`, `kl_eval/margin`, ...), one value per example.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from granular_po.losses import LossType, dpo_loss, sft_loss, tdpo_loss
+from granular_po.stats import TokenStats
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The loss and how token statistics are computed (from `loss.*`, `logprobs.*`, `skip_nonfinite`)."""
+
+    loss: LossType
+    beta: float = 0.1
+    alpha: float = 0.5
+    if_tdpo2: bool = False
+    label_smoothing: float = 0.0
+    reference_free: bool = False
+    average_log_prob: bool = False
+    logprobs_impl: str = "chunked"
+    chunk_size: int = 256
+    skip_nonfinite: bool = False
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether a live reference model runs (not for SFT, nor reference-free preference losses)."""
+        return self.loss.needs_reference and not self.reference_free
+
+
+Metrics = dict[str, torch.Tensor]
+
+
+def _reward_metrics(chosen_r: torch.Tensor, rejected_r: torch.Tensor, stats: TokenStats, n: int,
+                    split: str) -> Metrics:
+    return {
+        f"rewards_{split}/chosen": chosen_r,
+        f"rewards_{split}/rejected": rejected_r,
+        f"rewards_{split}/accuracies": (chosen_r > rejected_r).float(),
+        f"rewards_{split}/margins": chosen_r - rejected_r,
+        f"logps_{split}/chosen": stats.policy_logps[:n].detach(),
+        f"logps_{split}/rejected": stats.policy_logps[n:].detach(),
+    }
+
+
+def sft_objective(settings: LossSettings, stats: TokenStats, n: int, split: str) -> tuple[torch.Tensor, Metrics]:
+    """Negative weighted log-likelihood of the correct responses. Shape: stats fields (B,)."""
+    return sft_loss(stats.policy_logps), {f"logps_{split}/chosen": stats.policy_logps.detach()}
+
+
+def dpo_objective(settings: LossSettings, stats: TokenStats, n: int, split: str) -> tuple[torch.Tensor, Metrics]:
+    """DPO on weighted sequence log-ratios. Rows [0:n] chosen, [n:2n] rejected."""
+    margin = stats.logratio
+    losses, chosen_r, rejected_r = dpo_loss(margin[:n], margin[n:], settings.beta, settings.label_smoothing)
+    return losses, _reward_metrics(chosen_r, rejected_r, stats, n, split)
+
+
+def tdpo_objective(settings: LossSettings, stats: TokenStats, n: int, split: str) -> tuple[torch.Tensor, Metrics]:
+    """TDPO1 / TDPO2 (`if_tdpo2`) on weighted log-ratios and sequential KL."""
+    margin, kl = stats.logratio, stats.position_kl
+    losses, chosen_r, rejected_r = tdpo_loss(margin[:n], margin[n:], kl[:n], kl[n:], settings.beta,
+                                             settings.alpha, settings.if_tdpo2)
+    metrics = _reward_metrics(chosen_r, rejected_r, stats, n, split)
+    metrics[f"kl_{split}/chosen"] = kl[:n].detach()
+    metrics[f"kl_{split}/rejected"] = kl[n:].detach()
+    metrics[f"kl_{split}/margin"] = (kl[n:] - kl[:n]).detach()
+    return losses, metrics
+
+
+OBJECTIVES = {LossType.SFT: sft_objective, LossType.DPO: dpo_objective, LossType.TDPO: tdpo_objective}
+
+
+def compute_objective(settings: LossSettings, stats: TokenStats, n_pairs: int, split: str
+                      ) -> tuple[torch.Tensor, Metrics]:
+    """Per-example losses (B,) and metrics of the configured objective."""
+    return OBJECTIVES[settings.loss](settings, stats, n_pairs, split)

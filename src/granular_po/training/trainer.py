@@ -1,0 +1,241 @@
+"""`GranularTrainer`: one `transformers.Trainer` subclass for SFT, DPO and TDPO with token weights.
+
+Accumulation, mixed precision, DDP / FSDP / DeepSpeed (through Accelerate), LR schedules and logging
+integrations come from `transformers.Trainer`. What we change, and why:
+- `compute_loss` / `prediction_step`: the objective (`objectives.py`) on token statistics from the
+  forward route chosen once at start-up (`forward/routes.py`); metrics under the research code's names.
+- `_save_checkpoint`: atomic `step-N/` folders and a `LATEST` link (Trainer's are not crash-safe);
+  the arguments as `training_args.json`, not Trainer's pickled `training_args.bin`.
+- `create_scheduler`: the research code's warmup, `min(1, (step + 1) / (warmup_steps + 1))`.
+- `_get_train_sampler`: seeded by (seed, epoch), grouped by length; the resumed order is the same.
+- `_get_grad_norm`: a non-finite gradient norm stops the run, naming the step and records.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import Trainer
+
+from granular_po.forward.routes import ForwardRoute, choose_route
+from granular_po.models import reference_context
+from granular_po.stats import compute_token_stats
+from granular_po.training import checkpoints
+from granular_po.training.objectives import LossSettings, compute_objective
+from granular_po.training.sampler import SeededLengthGroupedSampler
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient norm became NaN or infinite; names the step and the batch's records."""
+
+
+class GranularTrainer(Trainer):
+    """SFT / DPO / TDPO on granular token weights. `ref_model` is None for SFT and for LoRA policies."""
+
+    def __init__(self, *args, ref_model=None, loss_settings: LossSettings, run_dir: Path | None = None,
+                 warmup_steps: int = 0, group_by_length: bool = True, save_total_limit: int | None = None,
+                 padding_free: bool = False, share_prompt: str | bool = False,
+                 max_length: int | None = None, **kwargs):
+        self.loss_settings = loss_settings
+        self.ref_model = ref_model
+        self.run_dir = run_dir
+        self.warmup_steps = warmup_steps
+        self.group_by_length = group_by_length
+        self.keep_checkpoints = save_total_limit
+        self._stored = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.nonfinite_skipped = 0
+        self.zero_weight_batches = 0
+        self._last_indices: list[int] = []
+        self._step_indices: list[int] = []  # records of every micro-batch of the current optimizer step
+        self._skip_step = False  # a micro-batch of this step had a non-finite loss (skip_nonfinite=true)
+        self._last_log_time = time.monotonic()
+        self._examples_since_log = 0
+        super().__init__(*args, **kwargs)
+        # Our loss is a per-batch mean: let the Trainer divide it by the accumulation steps.
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+        if self.ref_model is not None:
+            self.ref_model.eval()
+            self.ref_model.requires_grad_(False)
+            self.ref_model.to(self.args.device)
+        sharded = bool(getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False))
+        # the fused head reads the lm_head's weights directly: not where FSDP / DeepSpeed shard them
+        self.fused_head = not sharded
+        self.route: ForwardRoute = choose_route(
+            self.model, self.ref_model, is_preference=loss_settings.loss.is_preference,
+            logprobs_impl=loss_settings.logprobs_impl, share_prompt=share_prompt, padding_free=padding_free,
+            max_length=max_length, activation_checkpointing=bool(self.args.gradient_checkpointing),
+            sharded=sharded, pad_token_id=getattr(self.data_collator, "pad_token_id", 0),
+        )
+
+    # ---- data ----
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        global_batch = (self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+                        * self.args.world_size)
+        return SeededLengthGroupedSampler(
+            dataset["length"], group_size=global_batch, seed=self.args.seed, group_by_length=self.group_by_length
+        )
+
+    # ---- optimisation ----
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            warmup = self.warmup_steps
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer or self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1))
+            )
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        value = float(norm) if norm is not None else 0.0
+        skip, self._skip_step = self._skip_step, False
+        indices, self._step_indices = self._step_indices, []
+        if not math.isfinite(value):
+            where = f"step {self.state.global_step + 1}, records {indices}"
+            if not self.loss_settings.skip_nonfinite:
+                raise NonFiniteError(f"non-finite gradient norm ({value}) at {where}; "
+                                     "set skip_nonfinite=true to skip such steps")
+            logger.warning("skipping optimizer step: non-finite gradient norm at %s", where)
+            skip = True
+        if skip:  # zero gradients would still move Adam-like optimizers (momentum): drop them
+            self.nonfinite_skipped += 1
+            for param in model.parameters():
+                param.grad = None  # the optimizer leaves parameters without gradients untouched
+        return norm
+
+    # ---- loss ----
+    def _statistics(self, hidden, head, logits, batch, ref=(None, None, None), need_kl=False):
+        settings = self.loss_settings
+        return compute_token_stats(
+            policy_hidden=hidden, policy_head=head, ref_hidden=ref[0], ref_head=ref[1],
+            policy_logits=logits, ref_logits=ref[2], input_ids=batch["input_ids"],
+            loss_weights=batch["loss_weights"], need_kl=need_kl, average=settings.average_log_prob,
+            reference_free=settings.reference_free, impl=settings.logprobs_impl,
+            chunk_size=settings.chunk_size, fused=self.fused_head,
+        )
+
+    def token_stats(self, model, batch, need_reference: bool):
+        """Per-sequence weighted log-probs, log-ratios and sequential KL for the batch's rows."""
+        layouts: dict = {}
+        hidden, head, logits = self.route.outputs(model, batch, layouts)
+        ref = (None, None, None)
+        if need_reference:
+            with torch.inference_mode(), reference_context(model, self.ref_model) as reference:
+                ref = self.route.outputs(reference, batch, layouts)
+        return self._statistics(hidden, head, logits, batch, ref, need_kl=self.loss_settings.loss.needs_kl)
+
+    @torch.inference_mode()
+    def reference_logps(self, dataset, batch_size: int) -> tuple[list[float], list[float]]:
+        """The reference's weighted log-probs of every (chosen, rejected) of `dataset`, in order (DPO only:
+        TDPO's KL needs the live reference distribution at every step)."""
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=self.data_collator)
+        chosen, rejected = [], []
+        for batch in tqdm(loader, desc="reference log-probs", disable=not self.is_world_process_zero()):
+            batch = self._prepare_inputs(batch)
+            with reference_context(self.model, self.ref_model) as reference:
+                stats = self._statistics(*self.route.outputs(reference, batch), batch)
+            n = batch["input_ids"].shape[0] // 2
+            chosen += stats.policy_logps[:n].float().cpu().tolist()
+            rejected += stats.policy_logps[n:].float().cpu().tolist()
+        return chosen, rejected
+
+    def loss_and_metrics(self, model, batch, split: str):
+        """The batch's mean loss and per-example metric tensors named as the research code named them."""
+        settings = self.loss_settings
+        precomputed = batch.get("ref_logps")
+        stats = self.token_stats(model, batch, settings.needs_reference and precomputed is None)
+        if precomputed is not None:
+            stats.logratio = stats.policy_logps - precomputed.to(stats.policy_logps.dtype)
+        losses, metrics = compute_objective(settings, stats, batch["input_ids"].shape[0] // 2, split)
+        weight_sum = stats.weight_sum.detach()
+        if "response_mask" in batch:
+            metrics[f"weighted_token_share_{split}"] = (
+                (batch["loss_weights"] > 0).sum(-1).float() / batch["response_mask"].sum(-1).clamp(min=1).float()
+            )
+        if bool((weight_sum == 0).all()):
+            self.zero_weight_batches += 1
+            logger.warning("batch with records %s has no weighted token: nothing to learn from it",
+                           batch["index"].tolist())
+        metrics[f"loss/{split}"] = losses.detach()
+        return losses.mean(), metrics
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._last_indices = inputs["index"].tolist()
+        self._step_indices.extend(self._last_indices)
+        loss, metrics = self.loss_and_metrics(model, inputs, "train")
+        if not torch.isfinite(loss):
+            where = f"step {self.state.global_step + 1}, records {self._last_indices}"
+            if not self.loss_settings.skip_nonfinite:
+                raise NonFiniteError(f"non-finite loss ({loss.item()}) at {where}; set skip_nonfinite=true to skip")
+            logger.warning("skipping non-finite loss at %s", where)
+            self._skip_step = True  # counted, and the whole optimizer step dropped, in _get_grad_norm
+            loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+        else:
+            self._store(metrics, "train")
+        self._examples_since_log += len(self._last_indices) * self.args.world_size
+        return (loss, metrics) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, metrics = self.loss_and_metrics(model, inputs, "eval")
+        self._store(metrics, "eval")
+        return loss.detach(), None, None
+
+    def _store(self, metrics: dict, split: str) -> None:
+        for key, value in metrics.items():
+            gathered = self.accelerator.gather_for_metrics(value.detach().float().reshape(-1))
+            self._stored[split][key].append(gathered.cpu())
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        for key, chunks in self._stored[split].items():
+            logs[key] = torch.cat(chunks).mean().item()
+        self._stored[split].clear()
+        if split == "train":
+            now = time.monotonic()
+            logs["examples_per_second"] = self._examples_since_log / max(now - self._last_log_time, 1e-9)
+            self._last_log_time, self._examples_since_log = now, 0
+            if self.nonfinite_skipped:
+                logs["nonfinite_skipped"] = self.nonfinite_skipped
+        super().log(logs, start_time)
+
+    # ---- checkpoints ----
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write `step-N/` beside its final name and rename it into place only when complete."""
+        run_dir = Path(self.args.output_dir)
+        step = self.state.global_step
+        staged = checkpoints.staging_dir(run_dir, step)
+        if self.args.should_save:
+            import shutil
+
+            shutil.rmtree(staged, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.store_flos()
+        self.save_model(str(staged), _internal_call=True)
+        if self.args.should_save:  # Trainer pickles its arguments; a pickle needs trust to load: JSON instead
+            (staged / "training_args.bin").unlink(missing_ok=True)
+            (staged / "training_args.json").write_text(self.args.to_json_string(), encoding="utf-8")
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(str(staged))
+            self._save_scaler(str(staged))
+            self._save_rng_state(str(staged))
+        if self.args.should_save:
+            self.state.save_to_json(str(staged / "trainer_state.json"))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            checkpoints.commit_staged(run_dir, step)
+            checkpoints.rotate(run_dir, self.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
