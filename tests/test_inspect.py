@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from tiny import tiny_tokenizer
 
-from granular_po.data import inspect as inspect_cmd
+from granular_po.apps import inspect as inspect_cmd
 from granular_po.data.encode import EncodeOptions, encode_record
 from granular_po.data.masks import GranularOptions
 from granular_po.data.schema import PreferenceRecord, Region, RegionFlag
