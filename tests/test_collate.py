@@ -67,10 +67,11 @@ def test_collators_on_encoded_records():
             assert torch.allclose(batch["loss_weights"][r, n_p:n], torch.tensor(row[f"{side}_weights"]))
             assert batch["loss_weights"][r, :n_p].sum() == 0 and batch["loss_weights"][r, n:].sum() == 0
             assert batch["attention_mask"][r].sum() == n
-    # the end token sits at the last real position and carries its weight
-    end = batch["attention_mask"][0].sum() - 1
-    assert batch["input_ids"][0, end] == tok.convert_tokens_to_ids("<|im_end|>")
-    assert batch["loss_weights"][0, end] == 1.0
+    # the end token sits at the last real position and carries its weight (row B: the rejected response
+    # of record 0, the one with the region; its chosen response weighs unannotated_weight=0 throughout)
+    end = batch["attention_mask"][B].sum() - 1
+    assert batch["input_ids"][B, end] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert batch["loss_weights"][B, end] == 1.0
 
     sft = SFTCollator(tok.pad_token_id)(features)
     assert sft["input_ids"].shape == (B, sft["input_ids"].shape[1]) and sft["index"].tolist() == [4, 11]

@@ -64,10 +64,12 @@ def test_weighted_tokens_are_exactly_those_overlapping_a_span(kind, data):
     if not spans:  # a pair nobody annotated: every response token weighs 1
         assert set(row["chosen_weights"]) == set(row["rejected_weights"]) == {1.0}
         return
-    # only empty spans: annotated pair, but the chosen response has no (non-empty) region of its own
-    assert row["chosen_weights"] == expected + [1.0]  # + the end token (include_eos)
-    # the rejected response has no region: unannotated_weight (0) throughout, end token 1
-    assert set(row["rejected_weights"][:-1]) <= {0.0} and row["rejected_weights"][-1] == 1.0
+    if not any(e > s for s, e in spans):  # only empty spans: the chosen response has no region of its own
+        assert set(row["chosen_weights"]) == {0.0}  # unannotated_weight, its end token included
+    else:
+        assert row["chosen_weights"] == expected + [1.0]  # + the end token (include_eos)
+    # the rejected response has no region: unannotated_weight (0) throughout, its end token included
+    assert set(row["rejected_weights"]) == {0.0}
 
 
 # ---------------------------------------------------------------------------------- research failures
@@ -131,7 +133,7 @@ def test_weight_rules():
     no_eos = GranularOptions(enabled=True, outside_weight=0.25, include_eos=False)
     assert response_weights(offsets, 6, own, True, no_eos) == [0.25, 1.0, 0.25, 0.25]
     unann = GranularOptions(enabled=True, unannotated_weight=0.5)
-    assert response_weights(offsets, 6, [], True, unann) == [0.5, 0.5, 0.5, 1.0]
+    assert response_weights(offsets, 6, [], True, unann) == [0.5] * 4  # its end token too (include_eos or not)
     unann_no_eos = GranularOptions(enabled=True, unannotated_weight=0.5, include_eos=False)
     assert response_weights(offsets, 6, [], True, unann_no_eos) == [0.5] * 4
     assert response_weights(offsets, 6, own, True, GranularOptions(enabled=False)) == [1.0] * 4
@@ -140,6 +142,21 @@ def test_weight_rules():
         GranularOptions(outside_weight=-1)
     with pytest.raises(ValueError):
         GranularOptions(unannotated_weight=float("nan"))
+
+
+@pytest.mark.parametrize("include_eos", [True, False])
+def test_response_without_a_region_weighs_unannotated_weight_at_its_end_token(include_eos):
+    """Issue 11.2: the research code gave the response without a region 0 everywhere, its EOS included;
+    `include_eos` is for the annotated response only."""
+    tok = tiny_tokenizer("byte_level")
+    record = PreferenceRecord("Q", "The answer is 56.", "The answer is 54.", (Region(14, 16, R),))
+    row = encode_record(record, tok, WIDE, GranularOptions(enabled=True, include_eos=include_eos))
+    assert row["chosen_ids"][-1] == tok.eos_token_id
+    assert row["chosen_weights"] == [0.0] * len(row["chosen_ids"])
+    assert row["rejected_weights"][-1] == (1.0 if include_eos else 0.0)
+    assert sum(row["rejected_weights"][:-1]) >= 1.0  # the highlighted number itself
+    half = encode_record(record, tok, WIDE, GranularOptions(enabled=True, unannotated_weight=0.5))
+    assert half["chosen_weights"] == [0.5] * len(half["chosen_ids"])
 
 
 def test_token_flags():
@@ -152,7 +169,7 @@ def test_encode_applies_rules_per_response():
     record = PreferenceRecord("Q", "The answer is 56.", "The answer is 54.", (Region(14, 16, R),))
     gran = GranularOptions(enabled=True, outside_weight=0.1, unannotated_weight=0.3)
     row = encode_record(record, tok, WIDE, gran)
-    assert row["chosen_weights"] == [0.3] * (len(row["chosen_ids"]) - 1) + [1.0]  # no region of its own
+    assert row["chosen_weights"] == [0.3] * len(row["chosen_ids"])  # no region of its own: its end token too
     rej = offsets_of(tok, record.rejected)
     assert row["rejected_weights"] == [1.0 if s < 16 and 14 < e else 0.1 for s, e in rej] + [1.0]
     assert row["rejected_flags"] == [-1 if s < 16 and 14 < e else 0 for s, e in rej] + [0]

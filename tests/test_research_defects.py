@@ -292,8 +292,9 @@ def recorded_run(run_root):
 def test_6_reference_free_reaches_the_training_run(recorded_run, run_root):
     assert all(b["settings"].reference_free and not b["has_reference"] for b in recorded_run)
     first = train_logs(run_root / "runs" / "whole")[1]
-    # with a real reference equal to the policy, step 1's rewards would be exactly 0
-    assert abs(first["rewards_train/chosen"]) > 1e-3
+    # with a real reference equal to the policy, step 1's rewards would be exactly 0 (the rejected side:
+    # the chosen responses have no region, so they weigh unannotated_weight=0 throughout)
+    assert abs(first["rewards_train/rejected"]) > 1e-3
 
 
 def test_7_seed_reaches_the_data_order(tmp_path):

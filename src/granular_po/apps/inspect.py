@@ -185,7 +185,9 @@ def render_html(title: str, summary: Sequence[str], records, rows, tokenizer, ma
               '<span class="tok w-neg">region in rejected (flag -1)</span> '
               '<span class="tok w-proj">rejected region projected onto chosen (SFT)</span> '
               '<span class="tok w-on">weighted</span> <span class="tok w-off">weight 0</span> '
-              '— hover a token for its weight and ids; \u00b7 is a space, \u21b5 a newline')
+              '— the last box is the end-of-response token: weight 1 in a response with a region '
+              '(include_eos), the unannotated weight in the other response of an annotated pair; '
+              'hover a token for its weight and ids; \u00b7 is a space, \u21b5 a newline')
     blocks = []
     for record, row in zip(records[:max_pairs], rows[:max_pairs]):
         prompt_note = f" as the model sees it ({len(row['prompt_ids'])} tokens{', truncated' if row['truncated'] else ''})"

@@ -18,7 +18,7 @@ from typing import Any
 from granular_po.data.masks import GranularOptions, response_weights, sft_regions, token_flags
 from granular_po.data.schema import PreferenceRecord, Region, RegionFlag
 
-_ENCODE_VERSION = 1  # bump when the encoding changes, so cached datasets are not reused
+_ENCODE_VERSION = 2  # bump when the encoding changes, so cached datasets are not reused
 PROMPT_FORMATS = ("auto", "raw", "chat")
 TRUNCATION_MODES = ("keep_end", "keep_start")
 

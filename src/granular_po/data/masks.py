@@ -29,9 +29,11 @@ class GranularOptions:
     outside_weight: float = 0.0
     """Weight of a response's tokens outside all of its regions."""
     unannotated_weight: float = 0.0
-    """Weight of every token of a response with no region, in a pair whose other response has one."""
+    """Weight of every token of a response with no region (its end token included), in a pair whose other
+    response has one."""
     include_eos: bool = True
-    """The end-of-response token weighs 1 in an annotated pair (as the research code did)."""
+    """The end-of-response token of a response with a region weighs 1 (as the research code did); the
+    other response of the pair follows `unannotated_weight` at its end token too."""
 
     def __post_init__(self) -> None:
         for name in ("outside_weight", "unannotated_weight"):
@@ -92,16 +94,17 @@ def response_weights(
     """Weights of one response's tokens followed by its end-of-response token (len = len(offsets) + 1).
 
     Granular off, or a pair without regions: all 1. Otherwise tokens inside the response's own regions
-    weigh 1 and the rest `outside_weight`; a response without regions of its own weighs
-    `unannotated_weight` throughout. The end token weighs 1 with `include_eos`, else follows the
-    response's outside rule.
+    weigh 1 and the rest `outside_weight`, the end token 1 with `include_eos` (else `outside_weight`).
+    A response without a region of its own weighs `unannotated_weight` at every position, its end token
+    included, as the research code gave it 0 throughout (`include_eos` is for annotated responses only).
     """
     if not gran.enabled or not pair_annotated:
         return [1.0] * (len(offsets) + 1)
-    own = [r for r in own_regions if r.end > r.start]
-    rest = gran.outside_weight if own else gran.unannotated_weight
-    body = region_token_weights(offsets, own_regions, n_text_chars, inside=1.0, outside=rest)
-    return [*body, 1.0 if gran.include_eos else rest]
+    if not any(r.end > r.start for r in own_regions):
+        _check_regions(own_regions, n_text_chars)
+        return [gran.unannotated_weight] * (len(offsets) + 1)
+    body = region_token_weights(offsets, own_regions, n_text_chars, inside=1.0, outside=gran.outside_weight)
+    return [*body, 1.0 if gran.include_eos else gran.outside_weight]
 
 
 def _project_one(region: Region, opcodes: list[tuple[str, int, int, int, int]], n_chosen: int) -> Region | None:
