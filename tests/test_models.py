@@ -1,5 +1,6 @@
 """Loading policy and reference: HF dirs, research archives (safely), LoRA, dtype fallback, dropout off."""
 
+import dataclasses
 import logging
 import threading
 import time
@@ -19,6 +20,7 @@ from granular_po.models import (
     resolve_model_path,
     save_model_dir,
 )
+from granular_po.settings import LoraSettings, ModelSettings
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 11]])
 
@@ -29,8 +31,8 @@ def _logits(model, ids=IDS):
 
 
 def _cfg(path, archive=None, policy_dtype="float32", reference_dtype=None):
-    return {"name_or_path": str(path), "archive": archive, "policy_dtype": policy_dtype,
-            "reference_dtype": reference_dtype}
+    return ModelSettings(name_or_path=str(path), archive=archive, policy_dtype=policy_dtype,
+                         reference_dtype=reference_dtype)
 
 
 @pytest.fixture
@@ -114,7 +116,7 @@ def test_archive_with_wrong_keys_names_the_file(base_dir, tmp_path):
         load_policy_and_reference(_cfg(base_dir[0], str(tmp_path / "nope.pt")), False, device="cpu")
 
 
-LORA = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+LORA = LoraSettings(enabled=True, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
 
 
 def _perturb_lora(policy):
@@ -151,7 +153,7 @@ def test_lora_save_adapter_and_merged(base_dir, tmp_path):
     from peft import PeftModel
 
     path, _, tok = base_dir
-    lora = {**LORA, "target_modules": ["q_proj", "v_proj"]}
+    lora = dataclasses.replace(LORA, target_modules=["q_proj", "v_proj"])
     policy, _ = load_policy_and_reference(_cfg(path), False, lora_cfg=lora, device="cpu")
     _perturb_lora(policy)
     out = save_model_dir(policy, tok, tmp_path / "run" / "step-1", merge_lora=True)

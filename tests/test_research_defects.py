@@ -25,6 +25,7 @@ from granular_po.data.masks import GranularOptions
 from granular_po.data.records import load_records
 from granular_po.data.schema import DataError, PreferenceRecord, Region, RegionFlag
 from granular_po.losses import LossType, sequential_kl
+from granular_po.settings import ModelSettings
 from granular_po.stats import compute_token_stats
 from granular_po.training.config import compose_config, validate
 from granular_po.training.objectives import LossSettings
@@ -389,7 +390,7 @@ def test_9_resume_restores_optimizer_scheduler_and_data_position(recorded_run, r
 
 
 def test_9_reference_dtype_follows_the_policy_and_wandb_is_off(model_dirs, tmp_path):
-    cfg = {"name_or_path": str(model_dirs / "base"), "policy_dtype": "bfloat16", "reference_dtype": None}
+    cfg = ModelSettings(name_or_path=str(model_dirs / "base"), policy_dtype="bfloat16")
     policy, reference = models.load_policy_and_reference(cfg, loss_needs_reference=True, device="cpu")
     assert policy.dtype == reference.dtype == torch.bfloat16
     # a dtype the device cannot run (float16 on CPU) falls back, it does not fail

@@ -10,7 +10,7 @@ import contextlib
 import copy
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from granular_po.default_model import (  # noqa: F401  (re-exported: part of thi
     default_model_gguf,
     resolve_model_path,
 )
+from granular_po.settings import LoraSettings, ModelSettings
 
 logger = logging.getLogger(__name__)
 
@@ -55,15 +56,6 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, cache_dir
 
 
 # ---------------------------------------------------------------- policy and reference
-
-
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    """Read `key` from a dict, a DictConfig or a dataclass alike."""
-    if cfg is None:
-        return default
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
 
 
 def default_device() -> torch.device:
@@ -197,25 +189,24 @@ def _load_adapter_dir(path, dtype, trust_remote_code, device, cache_dir) -> nn.M
 
 
 def load_policy_and_reference(
-    model_cfg: Any,
+    model_cfg: ModelSettings,
     loss_needs_reference: bool,
-    lora_cfg: Any = None,
+    lora_cfg: LoraSettings | None = None,
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
     cache_dir: str | None = None,
 ) -> tuple[nn.Module, nn.Module | None]:
     """(policy, reference or None); both start from `model_cfg.archive` when one is given.
 
-    `model_cfg` has name_or_path, archive (HF dir or research-code policy.pt), policy_dtype,
-    reference_dtype (null: the policy's). With LoRA enabled the policy is a PeftModel and the
-    reference is None: use `reference_context(policy)`. Models are moved to `device`
+    `model_cfg.archive` is an HF dir or a research-code policy.pt; `reference_dtype` None: the
+    policy's. With `lora_cfg` (enabled) the policy is a PeftModel and the reference is None: use
+    `reference_context(policy)`. Models are moved to `device`
     (None: cuda if available, else cpu); the reference is frozen and in eval mode.
     """
-    name = _get(model_cfg, "name_or_path")
-    archive = _get(model_cfg, "archive")
-    policy_dtype = _get(model_cfg, "policy_dtype") or "float32"
-    reference_dtype = _get(model_cfg, "reference_dtype") or policy_dtype
-    use_lora = lora_cfg is not None and bool(_get(lora_cfg, "enabled", True))
+    name, archive = model_cfg.name_or_path, model_cfg.archive
+    policy_dtype = model_cfg.policy_dtype
+    reference_dtype = model_cfg.reference_dtype or policy_dtype
+    use_lora = lora_cfg is not None and lora_cfg.enabled
 
     source, state = name, None
     if archive:
@@ -238,17 +229,17 @@ def load_policy_and_reference(
     return policy, reference
 
 
-def wrap_lora(model: nn.Module, lora_cfg: Any) -> nn.Module:
+def wrap_lora(model: nn.Module, lora_cfg: LoraSettings) -> nn.Module:
     """Wrap `model` in a peft LoRA PeftModel (r, alpha, dropout, target_modules)."""
     from peft import LoraConfig, get_peft_model
 
-    targets = _get(lora_cfg, "target_modules", "all-linear")
+    targets = lora_cfg.target_modules
     if not isinstance(targets, str):
         targets = list(targets)
     config = LoraConfig(
-        r=int(_get(lora_cfg, "r", 16)),
-        lora_alpha=int(_get(lora_cfg, "alpha", 32)),
-        lora_dropout=float(_get(lora_cfg, "dropout", 0.0)),
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
         target_modules=targets,
         task_type="CAUSAL_LM",
     )

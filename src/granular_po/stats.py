@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from granular_po.losses import sequential_kl, weighted_sum
+from granular_po.settings import LogprobsSettings
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 Impl = Literal["chunked", "naive"]
@@ -335,8 +336,8 @@ def compute_token_stats(
     policy_logits: torch.Tensor | None = None,
     ref_logits: torch.Tensor | None = None,
     reference_free: bool = False,
-    impl: Impl = "chunked",
-    chunk_size: int = 256,
+    impl: Impl = LogprobsSettings.impl,
+    chunk_size: int = LogprobsSettings.chunk_size,
     fused: bool = True,
 ) -> TokenStats:
     """Weighted per-sequence log-probs, log-ratios and sequential KL from final hidden states.
@@ -379,8 +380,8 @@ def compute_token_stats_from_logits(
     average: bool = False,
     *,
     reference_free: bool = False,
-    impl: Impl = "chunked",
-    chunk_size: int = 256,
+    impl: Impl = LogprobsSettings.impl,
+    chunk_size: int = LogprobsSettings.chunk_size,
 ) -> TokenStats:
     """The same statistics from a model's own logits (models `supports_hidden_path` rejects).
 

@@ -45,23 +45,22 @@ def train_main(argv: list[str] | None = None) -> int:
 
     if "-m" in argv or "--multirun" in argv:
         return _hydra_app(normalize_overrides(argv))
-    from omegaconf.errors import ConfigKeyError
+    from granular_po.training.config import ConfigError, compose_config, validate
 
-    from granular_po.data.schema import DataError
-    from granular_po.training.config import compose_config
-    from granular_po.training.recipe import run_training
-
-    try:
+    try:  # the whole configuration, before torch, data or models are touched
         cfg = compose_config(argv)
-    except Exception as error:  # Hydra names the unknown key or bad value
+        validate(cfg)
+    except ConfigError as error:  # names the key, the value and what to do
         print(f"config error: {error}", file=sys.stderr)
         return 2
+    from granular_po.data.schema import DataError
     from granular_po.models import ModelLoadError
+    from granular_po.training.recipe import run_training
     from granular_po.training.trainer import NonFiniteError
 
     try:
         run_training(cfg, argv=[sys.argv[0], *argv] if sys.argv[0].endswith("train.py") else None)
-    except (DataError, ValueError, ConfigKeyError, ModelLoadError) as error:
+    except (DataError, ValueError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except NonFiniteError as error:  # the run stopped; its last complete checkpoint is intact
@@ -88,12 +87,12 @@ def _hydra_app(overrides: list[str]) -> int:
     """Hydra multirun (sweeps): each job runs `run_training` in this process, one after another."""
     import hydra
 
-    from granular_po.training.config import CONFIG_DIR
+    from granular_po.training.config import CONFIG_DIR, to_settings
     from granular_po.training.recipe import run_training
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
     def app(cfg):
-        run_training(cfg)
+        run_training(to_settings(cfg))
 
     sys.argv = [sys.argv[0], *overrides]
     app()

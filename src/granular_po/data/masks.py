@@ -43,11 +43,6 @@ class GranularOptions:
             setattr(self, name, float(value))
 
 
-def token_overlaps(tok_start: int, tok_end: int, region: Region) -> bool:
-    """The overlap rule every mask here uses (half-open spans; an empty span overlaps nothing)."""
-    return tok_start < region.end and region.start < tok_end
-
-
 def _check_regions(regions: Sequence[Region], n_text_chars: int) -> None:
     for r in regions:
         if not 0 <= r.start <= r.end <= n_text_chars:

@@ -1,20 +1,29 @@
-"""Hydra configuration: research-code overrides in, a checked config and derived run settings out.
+"""Hydra configuration: research-code overrides in, typed settings (`granular_po.settings`) out.
 
-The config tree lives in `granular_po/config/` (the repository's `config/` links to it), so the same
-overrides work for `python -u train.py ...`, `granular-po train ...` and Hydra multirun.
+The typed settings are registered as Hydra structured configs behind the YAML files of
+`granular_po/config/` (the repository's `config/` links to it), so the same overrides work for
+`python -u train.py ...`, `granular-po train ...` and Hydra multirun, and a wrong type or an unknown
+key fails at composition. `validate` is the one place where values are checked and run settings
+derived. Nothing here imports torch: a bad configuration is refused in the first second.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
-from granular_po.losses import LossType
+from granular_po.settings import LOSS_GROUPS, TrainConfig
+
+if TYPE_CHECKING:
+    from granular_po.losses import LossType
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +40,27 @@ _ENGINE_ONLY_KEYS = {
 }
 
 TRAINERS = ("BasicTrainer", "FSDPTrainer", "TensorParallelTrainer")
+# torch.optim classes and the state tensors each keeps per trainable parameter (torch defaults: SGD
+# has no momentum). `validate` knows these names without importing torch; `resources` sizes memory.
+OPTIMIZER_STATES = {"SGD": 0, "Adagrad": 1, "RMSprop": 1, "ASGD": 2, "Adam": 2, "AdamW": 2, "Adamax": 2,
+                    "NAdam": 2, "RAdam": 2, "Adadelta": 2, "Rprop": 2, "SparseAdam": 2, "LBFGS": 2}
 SECRET_PATTERN = re.compile(r"(token|secret|password|api[_-]?key)", re.IGNORECASE)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run: one line naming the key, the value and what to do."""
+
+
+def register_schemas() -> None:
+    """Put the typed settings in Hydra's ConfigStore: `granular_po_schema` (the root, named in
+    `config.yaml`'s defaults) and `loss/<name>_schema` (named in each `loss/<name>.yaml`)."""
+    store = ConfigStore.instance()
+    store.store(name="granular_po_schema", node=TrainConfig)
+    for name, cls in LOSS_GROUPS.items():
+        store.store(group="loss", name=f"{name}_schema", node=cls)
+
+
+register_schemas()
 
 
 def normalize_overrides(overrides: list[str]) -> list[str]:
@@ -43,12 +72,64 @@ def normalize_overrides(overrides: list[str]) -> list[str]:
     return out
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
-    """Build the config from overrides without running Hydra's app machinery (for `granular-po train`)."""
-    from hydra import compose, initialize_config_dir
+def compose_config(overrides: list[str]) -> TrainConfig:
+    """The typed settings from Hydra overrides, without Hydra's app machinery (for `granular-po train`).
 
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return compose(config_name="config", overrides=normalize_overrides(overrides))
+    Raises ConfigError (one line) for a wrong type, an unknown key or a bad value."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            cfg = compose(config_name="config", overrides=normalize_overrides(overrides))
+    except HydraException as error:
+        raise ConfigError(_one_line(error)) from None
+    return to_settings(cfg)
+
+
+def _one_line(error: BaseException) -> str:
+    """Hydra's message and the reason under it (OmegaConf's conversion error) on one line."""
+    parts = [str(error).splitlines()[0]] if str(error) else []
+    cause = error.__cause__ or error.__context__
+    if cause is not None and str(cause):
+        parts.append(str(cause).splitlines()[0])
+    return ": ".join(parts)
+
+
+def to_settings(cfg: DictConfig) -> TrainConfig:
+    """A composed DictConfig (from `compose_config` or `@hydra.main`) as the typed settings; a key the
+    schema lacks (a Hydra append, `+loss.betta=0.1`) is refused as an unknown key is."""
+    unknown = _unknown_keys(cfg)
+    if unknown:
+        key, known = unknown[0]
+        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+        hint = f"; did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}?" if close else ""
+        listing = f"keys here: {', '.join(known)}" if len(known) <= 12 else "all keys: granular-po train --help"
+        raise ConfigError(f"unknown key {key!r}{hint} ({listing})")
+    try:
+        settings = OmegaConf.to_object(cfg)
+    except ValueError as error:  # a group's own check (e.g. EncodeOptions, GranularOptions)
+        raise ConfigError(str(error)) from None
+    except Exception as error:  # OmegaConf: a missing mandatory value (???), a bad type
+        raise ConfigError(_one_line(error)) from None
+    assert isinstance(settings, TrainConfig), type(settings)
+    return settings
+
+
+def _unknown_keys(node: DictConfig, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """Keys under typed nodes that their dataclass does not declare (Hydra lets `+key=value` add them)."""
+    cls = OmegaConf.get_type(node)
+    known = [f.name for f in fields(cls)] if cls is not None and is_dataclass(cls) else None
+    found = []
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        if known is not None and key not in known:
+            found.append((full, known))
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            found.extend(_unknown_keys(child, full + "."))
+    return found
 
 
 @dataclass(frozen=True)
@@ -80,55 +161,79 @@ def _first_usable_dir(local_dirs) -> Path:
     raise ValueError(f"none of local_dirs={list(local_dirs)} exists or can be created")
 
 
-def validate(cfg: DictConfig, n_train_examples: int | None = None) -> RunSettings:
-    """Check the config and derive run settings; errors name the key, notices take one line."""
-    try:
-        loss = LossType(cfg.loss.name)
-    except ValueError:
-        raise ValueError(f"loss.name={cfg.loss.name!r}: expected one of {[t.value for t in LossType]}") from None
-    if cfg.trainer not in TRAINERS:
-        raise ValueError(f"trainer={cfg.trainer!r}: expected one of {TRAINERS}")
-    if loss.is_preference and cfg.loss.get("beta") is None:
-        raise ValueError(f"loss.beta must be set for loss={loss.value}")
-    if loss.is_preference and not float(cfg.loss.beta) > 0:
-        raise ValueError(f"loss.beta={cfg.loss.beta}: must be > 0 (it divides the implicit reward's scale)")
-    if int(cfg.logprobs.chunk_size) < 1:
-        raise ValueError(f"logprobs.chunk_size={cfg.logprobs.chunk_size}: must be >= 1")
-    if cfg.on_invalid not in ("error", "skip"):
-        raise ValueError(f"on_invalid={cfg.on_invalid!r}: expected 'error' or 'skip'")
-    if cfg.prompt_format not in ("auto", "raw", "chat"):
-        raise ValueError(f"prompt_format={cfg.prompt_format!r}: expected auto, raw or chat")
-    if cfg.logprobs.impl not in ("chunked", "naive"):
-        raise ValueError(f"logprobs.impl={cfg.logprobs.impl!r}: expected chunked or naive")
-    if cfg.truncation_mode not in ("keep_end", "keep_start"):
-        raise ValueError(f"truncation_mode={cfg.truncation_mode!r}: expected keep_end or keep_start")
-    if str(cfg.resume) not in ("auto", "True", "False", "true", "false"):
-        raise ValueError(f"resume={cfg.resume!r}: expected auto, true or false")
+def _choose(key: str, value, choices) -> None:
+    """Refuse a value outside `choices`, suggesting the closest one ("did you mean AdamW?")."""
+    if str(value) in choices:
+        return
+    by_case = {c.lower(): c for c in choices}
+    close = [by_case[str(value).lower()]] if str(value).lower() in by_case else difflib.get_close_matches(
+        str(value), list(choices), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}? " if close else ""
+    raise ConfigError(f"{key}={value!r}: {hint}expected one of {', '.join(choices)}")
+
+
+def _check_optimizer(name: str) -> None:
+    """`optimizer` names a torch.optim class: the usual ones are known without importing torch (a typo
+    is refused at once); any other name is looked up in torch.optim."""
+    if name in OPTIMIZER_STATES:
+        return
+    if name.lower() in {k.lower() for k in OPTIMIZER_STATES}:
+        _choose("optimizer", name, tuple(OPTIMIZER_STATES))
+    import torch.optim
+
+    found = getattr(torch.optim, name, None)
+    if not (isinstance(found, type) and issubclass(found, torch.optim.Optimizer)):
+        names = tuple(n for n in dir(torch.optim) if isinstance(getattr(torch.optim, n), type)
+                      and issubclass(getattr(torch.optim, n), torch.optim.Optimizer) and n != "Optimizer")
+        _choose("optimizer", name, names)
+
+
+def validate(config: TrainConfig) -> RunSettings:
+    """Check the settings (the one place) and derive run settings; errors name the key, notices take
+    one line. Types and unknown keys were checked at composition."""
+    loss_cfg = config.loss
+    _choose("loss.name", loss_cfg.name, tuple(LOSS_GROUPS))
+    _choose("trainer", config.trainer, TRAINERS)
+    _choose("on_invalid", config.on_invalid, ("error", "skip"))
+    _choose("logprobs.impl", config.logprobs.impl, ("chunked", "naive"))
+    _choose("resume", str(config.resume).lower(), ("auto", "true", "false"))
+    _choose("share_prompt", str(config.share_prompt).lower(), ("auto", "true", "false"))
+    _check_optimizer(config.optimizer)
+    preference = loss_cfg.name != "sft"
+    if preference and not loss_cfg.beta > 0:
+        raise ConfigError(f"loss.beta={loss_cfg.beta}: must be > 0 (it divides the implicit reward's scale)")
+    if config.logprobs.chunk_size < 1:
+        raise ConfigError(f"logprobs.chunk_size={config.logprobs.chunk_size}: must be >= 1")
     for key, engine in _ENGINE_ONLY_KEYS.items():
-        if OmegaConf.select(cfg, key) is not None and cfg.trainer != engine:
-            logger.warning("notice: %s=%s applies to trainer=%s only; ignored here", key, OmegaConf.select(cfg, key), engine)
-    if cfg.precompute_ref_log_probs and loss is not LossType.DPO:
+        value = OmegaConf.select(OmegaConf.structured(config), key)
+        if value is not None and config.trainer != engine:
+            logger.warning("notice: %s=%s applies to trainer=%s only; ignored here", key, value, engine)
+    if config.precompute_ref_log_probs and loss_cfg.name != "dpo":
         logger.warning("notice: precompute_ref_log_probs applies to loss=dpo only (TDPO needs the live reference)")
+    if config.lora.enabled and "lm_head" in str(config.lora.target_modules):
+        raise ConfigError("lora.target_modules must not include lm_head: the reference (adapters off) shares it")
 
     procs = world_size()
-    per_step = cfg.gradient_accumulation_steps * procs
-    if cfg.batch_size % per_step:
-        raise ValueError(
-            f"batch_size={cfg.batch_size} must be divisible by gradient_accumulation_steps x processes "
-            f"= {cfg.gradient_accumulation_steps} x {procs}"
+    per_step = config.gradient_accumulation_steps * procs
+    if config.batch_size % per_step:
+        raise ConfigError(
+            f"batch_size={config.batch_size} must be divisible by gradient_accumulation_steps x processes "
+            f"= {config.gradient_accumulation_steps} x {procs}"
         )
-    eval_steps = max(1, cfg.eval_every // cfg.batch_size)
+    eval_steps = max(1, config.eval_every // config.batch_size)
     save_steps = None
-    if not cfg.debug:
-        save_steps = max(1, (cfg.save_every or cfg.eval_every) // cfg.batch_size)
+    if not config.debug:
+        save_steps = max(1, (config.save_every or config.eval_every) // config.batch_size)
     max_steps = -1
-    if cfg.n_examples is not None:
-        max_steps = max(1, -(-cfg.n_examples // cfg.batch_size))
-    run_dir = _first_usable_dir(cfg.local_dirs) / cfg.exp_name
+    if config.n_examples is not None:
+        max_steps = max(1, -(-config.n_examples // config.batch_size))
+    run_dir = _first_usable_dir(config.local_dirs) / config.exp_name
+    from granular_po.losses import LossType  # torch: only once the settings are known to be good
+
     return RunSettings(
-        loss=loss,
+        loss=LossType(loss_cfg.name),
         world_size=procs,
-        per_device_batch_size=cfg.batch_size // per_step,
+        per_device_batch_size=config.batch_size // per_step,
         eval_steps=eval_steps,
         save_steps=save_steps,
         max_steps=max_steps,
@@ -136,15 +241,14 @@ def validate(cfg: DictConfig, n_train_examples: int | None = None) -> RunSetting
     )
 
 
-def set_struct_defaults(cfg: DictConfig) -> None:
-    """Fill keys that older configs (e.g. research-code config.yaml files) lack."""
-    with open_dict(cfg):
-        cfg.setdefault("cache_dir", None)
+def as_container(config: TrainConfig) -> dict:
+    """The settings as plain nested dicts and lists (for YAML, comparisons)."""
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
 
 
-def redacted_yaml(cfg: DictConfig) -> str:
-    """The resolved config as YAML, with any value whose key looks secret replaced (never written)."""
-    data = OmegaConf.to_container(cfg, resolve=True)
+def redacted_yaml(config: TrainConfig | DictConfig) -> str:
+    """The settings as YAML, with any value whose key looks secret replaced (never written)."""
+    data = as_container(config) if isinstance(config, TrainConfig) else OmegaConf.to_container(config, resolve=True)
 
     def scrub(node):
         if isinstance(node, dict):

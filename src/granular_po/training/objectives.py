@@ -7,28 +7,38 @@ research code's names (`rewards_train/chosen`, `kl_eval/margin`, ...), one value
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from granular_po.losses import LossType, dpo_loss, sft_loss, tdpo_loss
+from granular_po.settings import DPOLoss, LogprobsSettings, PreferenceLoss, TDPOLoss, TrainConfig
 from granular_po.stats import TokenStats
 
 
 @dataclass(frozen=True)
 class LossSettings:
-    """The loss and how token statistics are computed (from `loss.*`, `logprobs.*`, `skip_nonfinite`)."""
+    """The loss and how token statistics are computed (from `loss.*`, `logprobs.*`, `skip_nonfinite`),
+    flat for the trainer. Defaults are the typed settings' (`granular_po.settings`), not repeated here."""
 
     loss: LossType
-    beta: float = 0.1
-    alpha: float = 0.5
-    if_tdpo2: bool = False
-    label_smoothing: float = 0.0
-    reference_free: bool = False
-    average_log_prob: bool = False
-    logprobs_impl: str = "chunked"
-    chunk_size: int = 256
-    skip_nonfinite: bool = False
+    beta: float = PreferenceLoss.beta
+    alpha: float = TDPOLoss.alpha
+    if_tdpo2: bool = TDPOLoss.if_tdpo2
+    label_smoothing: float = DPOLoss.label_smoothing
+    reference_free: bool = PreferenceLoss.reference_free
+    average_log_prob: bool = PreferenceLoss.average_log_prob
+    logprobs_impl: str = LogprobsSettings.impl
+    chunk_size: int = LogprobsSettings.chunk_size
+    skip_nonfinite: bool = TrainConfig.skip_nonfinite
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, loss: LossType) -> LossSettings:
+        """The run's loss keys (a key the chosen loss does not have keeps its default, unused)."""
+        keys = {f.name for f in fields(cls)} - {"loss", "logprobs_impl", "chunk_size", "skip_nonfinite"}
+        given = {k: getattr(config.loss, k) for k in keys if getattr(config.loss, k, None) is not None}
+        return cls(loss=loss, logprobs_impl=config.logprobs.impl, chunk_size=config.logprobs.chunk_size,
+                   skip_nonfinite=config.skip_nonfinite, **given)
 
     @property
     def needs_reference(self) -> bool:

@@ -12,14 +12,13 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 from transformers import TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
 from granular_po.data.collate import PreferenceCollator, SFTCollator
-from granular_po.data.encode import EncodeOptions, build_dataset
-from granular_po.data.masks import GranularOptions
+from granular_po.data.encode import build_dataset
 from granular_po.losses import LossType
+from granular_po.settings import TrainConfig
 from granular_po.training import checkpoints, resources
 from granular_po.training.callbacks import MetricsFileCallback, ThrottledProgressCallback
 from granular_po.training.config import RunSettings, redacted_yaml, validate
@@ -29,7 +28,7 @@ from granular_po.training.trainer import GranularTrainer
 logger = logging.getLogger("granular_po")
 
 
-def load_split_records(cfg: DictConfig, split: str, eos_text: str | None):
+def load_split_records(cfg: TrainConfig, split: str, eos_text: str | None):
     """Records of one split from every dataset in `cfg.datasets`, with one summary line each."""
     from granular_po.data.records import load_hub_records, load_records
 
@@ -59,7 +58,7 @@ def _with_length(dataset):
     return dataset.map(length, desc="lengths")
 
 
-def build_training_arguments(cfg: DictConfig, settings: RunSettings) -> TrainingArguments:
+def build_training_arguments(cfg: TrainConfig, settings: RunSettings) -> TrainingArguments:
     """Research-code keys to `TrainingArguments`; the loop, accumulation and engines come from there."""
     on_gpu = torch.cuda.is_available()
     fsdp_kwargs = {}
@@ -76,7 +75,7 @@ def build_training_arguments(cfg: DictConfig, settings: RunSettings) -> Training
                        "tensor parallelism is not carried over); use FSDPTrainer to shard a model over GPUs")
     elif cfg.trainer == "FSDPTrainer":
         logger.warning("notice: trainer=FSDPTrainer needs several GPUs; running one process (BasicTrainer)")
-    mixed = cfg.model.get("fsdp_policy_mp") if fsdp_kwargs else None
+    mixed = cfg.model.fsdp_policy_mp if fsdp_kwargs else None
     return TrainingArguments(
         output_dir=str(settings.run_dir),
         per_device_train_batch_size=settings.per_device_batch_size,
@@ -109,7 +108,7 @@ def build_training_arguments(cfg: DictConfig, settings: RunSettings) -> Training
     )
 
 
-def _maybe_relaunch_distributed(cfg: DictConfig, argv: list[str]) -> bool:
+def _maybe_relaunch_distributed(cfg: TrainConfig, argv: list[str]) -> bool:
     """trainer=FSDPTrainer started by plain `python train.py` on several GPUs: start one process per GPU
     through `accelerate launch` (the research code spawned its own). Returns True when relaunched."""
     if cfg.trainer != "FSDPTrainer" or "WORLD_SIZE" in os.environ or not torch.cuda.is_available():
@@ -126,7 +125,7 @@ def _maybe_relaunch_distributed(cfg: DictConfig, argv: list[str]) -> bool:
     return True
 
 
-def run_training(cfg: DictConfig, argv: list[str] | None = None) -> Path:
+def run_training(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
     """Train as the config says; returns the run directory (with `LATEST` unless debug=true)."""
     from granular_po import models
 
@@ -142,10 +141,7 @@ def run_training(cfg: DictConfig, argv: list[str] | None = None) -> Path:
     tokenizer_name = cfg.model.tokenizer_name_or_path or cfg.model.name_or_path
     tokenizer = models.load_tokenizer(models.resolve_model_path(tokenizer_name, cfg.cache_dir),
                                       trust_remote_code=cfg.trust_remote_code)
-    enc = EncodeOptions(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                        prompt_format=cfg.prompt_format, truncation_mode=cfg.truncation_mode)
-    gran = GranularOptions(enabled=bool(cfg.granular.enabled), outside_weight=cfg.granular.outside_weight,
-                           unannotated_weight=cfg.granular.unannotated_weight, include_eos=cfg.granular.include_eos)
+    enc, gran = cfg.encode_options(), cfg.granular
     train_records = load_split_records(cfg, "train", tokenizer.eos_token)
     eval_records = load_split_records(cfg, "test", tokenizer.eos_token)
     if cfg.n_eval_examples is not None:
@@ -156,36 +152,26 @@ def run_training(cfg: DictConfig, argv: list[str] | None = None) -> Path:
                             cache_dir=cfg.cache_dir) if eval_records else None
 
     loss_type = settings.loss
-    if cfg.lora.enabled and "lm_head" in str(cfg.lora.target_modules):
-        raise ValueError("lora.target_modules must not include lm_head: the reference (adapters off) shares it")
+    loss_settings = LossSettings.from_config(cfg, loss_type)
     policy, reference = models.load_policy_and_reference(
-        cfg.model, loss_needs_reference=loss_type.needs_reference and not cfg.loss.get("reference_free", False),
+        cfg.model, loss_needs_reference=loss_settings.needs_reference,
         lora_cfg=cfg.lora if cfg.lora.enabled else None, trust_remote_code=cfg.trust_remote_code,
         cache_dir=cfg.cache_dir,
     )
     resources.preflight(cfg, policy, reference, settings)  # memory (CPU) and checkpoint disk space
     collator_cls = SFTCollator if loss_type is LossType.SFT else PreferenceCollator
-    loss_settings = LossSettings(
-        loss=loss_type, beta=0.1 if cfg.loss.get("beta") is None else float(cfg.loss.beta), alpha=cfg.loss.get("alpha", 0.5),
-        if_tdpo2=bool(cfg.loss.get("if_tdpo2", False)), label_smoothing=cfg.loss.get("label_smoothing", 0.0),
-        reference_free=bool(cfg.loss.get("reference_free", False)),
-        average_log_prob=bool(cfg.loss.get("average_log_prob", False)),
-        logprobs_impl=cfg.logprobs.impl, chunk_size=cfg.logprobs.chunk_size, skip_nonfinite=cfg.skip_nonfinite,
-    )
     args = build_training_arguments(cfg, settings)
     if eval_ds is None:
         args.eval_strategy = "no"
         args.eval_on_start = False
-    optimizer_cls = getattr(torch.optim, cfg.optimizer, None)
-    if optimizer_cls is None:
-        raise ValueError(f"optimizer={cfg.optimizer!r} is not a torch.optim class")
+    optimizer_cls = getattr(torch.optim, cfg.optimizer)  # checked by validate
     trainer = GranularTrainer(
         model=policy, ref_model=reference, args=args, loss_settings=loss_settings,
         data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id),
         train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
         optimizer_cls_and_kwargs=(optimizer_cls, {"lr": cfg.lr}),
-        warmup_steps=cfg.warmup_steps, group_by_length=bool(cfg.group_by_length), run_dir=run_dir,
-        padding_free=bool(cfg.padding_free), share_prompt=str(cfg.share_prompt),
+        warmup_steps=cfg.warmup_steps, group_by_length=cfg.group_by_length, run_dir=run_dir,
+        padding_free=cfg.padding_free, share_prompt=str(cfg.share_prompt),
         max_length=cfg.max_length,
         callbacks=[MetricsFileCallback(None if cfg.debug else run_dir / "metrics.jsonl")],
     )
@@ -239,7 +225,7 @@ def _save_merged(trainer: GranularTrainer, tokenizer, run_dir: Path) -> None:
     os.replace(staged, final)
 
 
-def _with_reference_logps(trainer: GranularTrainer, dataset, cfg: DictConfig):
+def _with_reference_logps(trainer: GranularTrainer, dataset, cfg: TrainConfig):
     """Add the reference's per-sequence log-probs as columns, cached beside the tokenised data."""
     import hashlib
 
@@ -247,7 +233,7 @@ def _with_reference_logps(trainer: GranularTrainer, dataset, cfg: DictConfig):
 
     key = hashlib.sha256(
         f"{dataset._fingerprint}|{cfg.model.name_or_path}|{cfg.model.archive}|{cfg.model.reference_dtype}|"
-        f"{cfg.loss.get('average_log_prob', False)}|{cfg.granular}".encode()
+        f"{trainer.loss_settings.average_log_prob}|{cfg.granular}".encode()
     ).hexdigest()[:16]
     cache = Path(cfg.cache_dir or models_cache_dir()) / f"ref_logps-{key}.safetensors"
     if cache.is_file():
@@ -270,7 +256,7 @@ def models_cache_dir() -> Path:
     return default_cache_dir()
 
 
-def _resume_point(cfg: DictConfig, run_dir: Path, is_main: bool) -> Path | None:
+def _resume_point(cfg: TrainConfig, run_dir: Path, is_main: bool) -> Path | None:
     """The newest complete checkpoint when resuming is asked for (or `auto` and one exists)."""
     mode = str(cfg.resume).lower()
     if cfg.debug:

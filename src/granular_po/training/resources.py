@@ -22,12 +22,12 @@ import psutil
 import torch
 from torch import nn
 
+from granular_po.settings import LogprobsSettings, TrainConfig
+from granular_po.training.config import OPTIMIZER_STATES, RunSettings
+
 logger = logging.getLogger(__name__)
 
 GIB = 1024**3
-# optimizer state tensors kept per trainable parameter (torch.optim defaults: SGD has no momentum)
-OPTIMIZER_STATES = {"SGD": 0, "Adagrad": 1, "RMSprop": 1, "ASGD": 2, "Adam": 2, "AdamW": 2, "Adamax": 2,
-                    "NAdam": 2, "RAdam": 2, "Adadelta": 2, "Rprop": 2, "SparseAdam": 2, "LBFGS": 2}
 # hidden-sized values kept per token and layer for the backward pass of a pre-norm decoder block:
 # norms, q/k/v/o inputs and outputs, the residual, and the MLP's ~3 x (2.7 x hidden) intermediates.
 # Measured on SmolLM2-135M, CPU, fp32, sdpa (peak RSS less the ~0.5 GiB held before loading):
@@ -90,7 +90,8 @@ def _bytes(params) -> int:
 
 def estimate_memory(policy: nn.Module, reference: nn.Module | None, per_device_batch: int, rows_per_example: int,
                     max_length: int, optimizer: str, activation_checkpointing: bool = False,
-                    logprobs_impl: str = "chunked", chunk_size: int = 256) -> MemoryEstimate:
+                    logprobs_impl: str = LogprobsSettings.impl, chunk_size: int = LogprobsSettings.chunk_size
+                    ) -> MemoryEstimate:
     """Estimated peak bytes of one training micro-batch of `per_device_batch` examples, each of
     `rows_per_example` sequences (2 for preference pairs) of at most `max_length` tokens."""
     params = list(policy.parameters())
@@ -142,15 +143,16 @@ def _on_cpu(policy: nn.Module) -> bool:
     return first is None or first.device.type == "cpu"
 
 
-def check_memory(cfg, policy: nn.Module, reference: nn.Module | None, settings) -> MemoryEstimate | None:
+def check_memory(cfg: TrainConfig, policy: nn.Module, reference: nn.Module | None, settings: RunSettings
+                 ) -> MemoryEstimate | None:
     """On CPU: raise ResourceError when the step's estimate exceeds the available memory."""
     if not _on_cpu(policy):
         return None
     estimate = estimate_memory(
         policy, reference, per_device_batch=settings.per_device_batch_size,
-        rows_per_example=2 if settings.loss.is_preference else 1, max_length=int(cfg.max_length),
-        optimizer=str(cfg.optimizer), activation_checkpointing=bool(cfg.activation_checkpointing),
-        logprobs_impl=str(cfg.logprobs.impl), chunk_size=int(cfg.logprobs.chunk_size),
+        rows_per_example=2 if settings.loss.is_preference else 1, max_length=cfg.max_length,
+        optimizer=cfg.optimizer, activation_checkpointing=cfg.activation_checkpointing,
+        logprobs_impl=cfg.logprobs.impl, chunk_size=cfg.logprobs.chunk_size,
     )
     available = psutil.virtual_memory().available
     # Weights read from safetensors are memory-mapped and mostly not resident yet (they still count in
@@ -172,11 +174,11 @@ def check_memory(cfg, policy: nn.Module, reference: nn.Module | None, settings) 
     return estimate
 
 
-def check_disk(cfg, policy: nn.Module, settings) -> int | None:
+def check_disk(cfg: TrainConfig, policy: nn.Module, settings: RunSettings) -> int | None:
     """Raise ResourceError when the run directory's disk cannot hold one checkpoint (skipped for debug)."""
     if cfg.debug:
         return None
-    needed = checkpoint_bytes(policy, str(cfg.optimizer))
+    needed = checkpoint_bytes(policy, cfg.optimizer)
     where = _existing_parent(settings.run_dir)
     free = shutil.disk_usage(where).free
     if needed > free:
@@ -188,7 +190,7 @@ def check_disk(cfg, policy: nn.Module, settings) -> int | None:
     return needed
 
 
-def preflight(cfg, policy: nn.Module, reference: nn.Module | None, settings) -> None:
+def preflight(cfg: TrainConfig, policy: nn.Module, reference: nn.Module | None, settings: RunSettings) -> None:
     """Both checks, before the first step; raises ResourceError with the figures and what to change."""
     with torch.no_grad():
         check_memory(cfg, policy, reference, settings)
