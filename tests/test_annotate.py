@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -20,34 +22,49 @@ def _marked(text: str, regions, flag) -> list[str]:
     return [text[r.start:r.end] for r in regions if r.flag == flag]
 
 
-def test_replacement_marks_exactly_the_differing_characters():
+def test_replacement_marks_the_whole_differing_number():
     chosen, rejected = "12 * 13 = 156, so 156.", "12 * 13 = 146, so 146."
     regions = derive_regions(chosen, rejected)
-    assert _marked(rejected, regions, BAD) == ["4", "4"] and not _marked(chosen, regions, GOOD)
+    assert _marked(rejected, regions, BAD) == ["146", "146"] and not _marked(chosen, regions, GOOD)
     regions = derive_regions(chosen, rejected, include_correct=True)
-    assert _marked(chosen, regions, GOOD) == ["5", "5"]
+    assert _marked(chosen, regions, GOOD) == ["156", "156"]
 
 
-def test_extra_text_in_the_rejected_response_is_marked():
+@pytest.mark.parametrize(("chosen", "rejected", "bad", "good"), [
+    ("The capital is Canberra.", "The capital is Sydney.", ["Sydney"], ["Canberra"]),  # not 'Syd', 'ey'
+    ("It is 100 km.", "It is 90 km.", ["90"], ["100"]),
+    ("Pi is 3.14 here.", "Pi is 3.15 here.", ["3.15"], ["3.14"]),
+    ("Pay 1,000 now.", "Pay 2,000 now.", ["2,000"], ["1,000"]),
+    ("7 * 8 = 56. Done.", "7 * 8 = 54! Done.", ["54!"], ["56."]),  # touching word and punctuation join
+])
+def test_regions_are_whole_words(chosen, rejected, bad, good):
+    regions = derive_regions(chosen, rejected, include_correct=True)
+    assert _marked(rejected, regions, BAD) == bad and _marked(chosen, regions, GOOD) == good
+
+
+def test_extra_text_in_the_rejected_response_is_marked_without_edge_whitespace():
+    """Issue 11.3: 'not ' (the old region) also weighted the token after it under a byte-level tokenizer."""
     regions = derive_regions("The answer is 5.", "The answer is not 5.", include_correct=True)
-    assert _marked("The answer is not 5.", regions, BAD) == ["not "]
-    # the correct side lacks text: its character where the two diverge is marked
+    assert _marked("The answer is not 5.", regions, BAD) == ["not"]
+    # the correct side lacks text: its word where the two diverge is marked
     assert _marked("The answer is 5.", regions, GOOD) == ["5"]
 
 
-def test_missing_text_marks_where_the_rejected_response_diverges():
+def test_missing_text_marks_the_word_where_the_rejected_response_diverges():
     regions = derive_regions("I went to the store.", "I went store.", include_correct=True)
-    assert regions == (Region(7, 8, BAD), Region(7, 14, GOOD))  # "s" of "store"; "to the "
+    assert regions == (Region(7, 12, BAD), Region(7, 13, GOOD))  # "store"; "to the"
     # missing only at the very end: the wrong step is the EOS, nothing to mark on the rejected side
     assert derive_regions("Done. Bye.", "Done.") == ()
-    assert derive_regions("Done. Bye.", "Done.", include_correct=True) == (Region(5, 10, GOOD),)
+    assert derive_regions("Done. Bye.", "Done.", include_correct=True) == (Region(6, 10, GOOD),)  # "Bye."
+    # a whitespace-only difference stays a whitespace region (nothing else differs)
+    assert derive_regions("a b", "a\tb") == (Region(1, 2, BAD),)
 
 
 def test_identical_and_too_different_pairs():
     assert derive_regions("same", "same") == ()
     assert derive_regions("completely", "unrelated!") is None
     # "ab" vs "ac": 2 differing characters of 4 -> edit ratio 0.5 exactly
-    assert derive_regions("ab", "ac", max_edit_ratio=0.5) == (Region(1, 2, BAD),)
+    assert derive_regions("ab", "ac", max_edit_ratio=0.5) == (Region(0, 2, BAD),)  # the whole word
     assert derive_regions("ab", "ac", max_edit_ratio=0.49) is None
 
 
@@ -58,19 +75,30 @@ def test_spans_are_code_points_and_merge_when_touching():
     assert _merge([(1, 1), (3, 4)]) == [(1, 1), (3, 4)]
 
 
-_small = st.text(alphabet="ab c", max_size=10)
+_small = st.text(alphabet="ab c1.\n", max_size=12)
+_is_word = re.compile(r"\w").match
 
 
 @settings(max_examples=200, deadline=None)
 @given(chosen=_small, rejected=_small, include_correct=st.booleans())
-def test_regions_are_in_bounds_sorted_and_empty_only_for_a_prefix(chosen, rejected, include_correct):
+def test_regions_are_in_bounds_sorted_whole_words_and_empty_only_for_a_prefix(chosen, rejected, include_correct):
     regions = derive_regions(chosen, rejected, include_correct, max_edit_ratio=1.0)
     assert regions is not None
     for r in regions:
-        assert 0 <= r.start < r.end <= len(chosen if r.in_chosen else rejected)
+        text = chosen if r.in_chosen else rejected
+        assert 0 <= r.start < r.end <= len(text)
+        piece = text[r.start:r.end]
+        assert piece == piece.strip() or not piece.strip()  # no edge whitespace unless only whitespace
+        # whole words: never starts or ends inside a run of word characters
+        assert not (r.start > 0 and _is_word(text[r.start - 1]) and _is_word(text[r.start]))
+        assert not (r.end < len(text) and _is_word(text[r.end - 1]) and _is_word(text[r.end]))
     bad = [(r.start, r.end) for r in regions if r.in_rejected]
     assert bad == sorted(bad) and all(a[1] < b[0] for a, b in zip(bad, bad[1:]))  # disjoint, not touching
     assert (not any(r.in_rejected for r in regions)) == chosen.startswith(rejected)
+    # every differing non-whitespace character of the rejected response is inside a region
+    for tag, i1, i2, _, _ in difflib.SequenceMatcher(None, rejected, chosen, autojunk=False).get_opcodes():
+        for c in range(i1, i2) if tag != "equal" else ():
+            assert rejected[c].isspace() or any(s <= c < e for s, e in bad)
 
 
 def _write_jsonl(path, rows):
@@ -110,7 +138,7 @@ def test_cli_prints_summary_and_exits_zero(tmp_path, capsys):
     assert "read 6 records; annotated 2, already annotated 1; wrote 3" in out  # row 4: its flag 1 span
     assert "identical responses: 1 (records 2)" in out and "invalidated=1" in out and "(records 3)" in out
     records, _ = load_records(tmp_path / "out.jsonl")
-    assert records[2].regions == (Region(5, 10, GOOD),)
+    assert records[2].regions == (Region(6, 10, GOOD),)  # "Bye.", without the space before it
     assert main([str(src), str(tmp_path / "out.jsonl"), "--max-edit-ratio", "1"]) == 0
     assert "too large" not in capsys.readouterr().out
 

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiny import TINY_TOKENIZER_KINDS, tiny_tokenizer
 
+from granular_po.data.annotate import derive_regions
 from granular_po.data.encode import EncodeOptions, encode_record
 from granular_po.data.masks import (
     GranularOptions,
@@ -15,8 +16,10 @@ from granular_po.data.masks import (
     response_weights,
     sft_regions,
     token_flags,
+    trim_region,
 )
 from granular_po.data.schema import PreferenceRecord, Region, RegionFlag
+from granular_po.models import load_tokenizer, resolve_model_path
 
 ON = GranularOptions(enabled=True)
 WIDE = EncodeOptions(max_length=4096, max_prompt_length=256, prompt_format="raw")
@@ -47,7 +50,8 @@ _ALPHABET = list("abcT he56.1,!") + [" ", " ", "\n", "\t", "😀", "é", "東", 
 @settings(max_examples=150, deadline=None)
 @given(data=st.data())
 def test_weighted_tokens_are_exactly_those_overlapping_a_span(kind, data):
-    """Oracle: a char-level mask of the spans; a token is weighted iff one of its chars is masked."""
+    """Oracle: a char-level mask of the spans (without their edge whitespace); a token is weighted iff one
+    of its chars is masked."""
     tok = tiny_tokenizer(kind)
     chosen = data.draw(st.text(alphabet=st.sampled_from(_ALPHABET), max_size=40), label="chosen")
     bounds = st.integers(0, len(chosen))
@@ -56,7 +60,8 @@ def test_weighted_tokens_are_exactly_those_overlapping_a_span(kind, data):
     record = PreferenceRecord("Q?", chosen, "other text", regions)
     row = encode_record(record, tok, WIDE, ON)
 
-    marked = [any(s <= c < e for s, e in spans) for c in range(len(chosen))]
+    cores = [(t.start, t.end) for t in (trim_region(Region(s, e, C), chosen) for s, e in spans)]  # no edge space
+    marked = [any(s <= c < e for s, e in cores) for c in range(len(chosen))]
     offsets = offsets_of(tok, chosen)
     expected = [1.0 if any(marked[c] for c in range(s, e)) else 0.0 for s, e in offsets]
     assert row["chosen_ids"][:-1] == tok(chosen, add_special_tokens=False, split_special_tokens=True)["input_ids"]
@@ -121,6 +126,87 @@ def test_special_and_shared_offsets():
     assert len(emoji) > 1 and all(weights[k] == 1.0 for k in emoji)
     with pytest.raises(ValueError, match="outside"):
         region_token_weights(offsets, [Region(0, 99, C)], len(text))
+
+
+# ---------------------------------------------------------------------------------- edge whitespace
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The real default tokenizer (byte-level BPE: a word's leading space lives in its token)."""
+    return load_tokenizer(resolve_model_path("smollm2-135m"))
+
+
+def _marked_pieces(tok, text: str, weights) -> list[str]:
+    return [text[s:e] for (s, e), w in zip(offsets_of(tok, text), weights) if w]
+
+
+def test_a_highlight_ending_in_a_space_does_not_weight_the_next_word(smollm2):
+    """Issue 11.3: "54. " (a double-click selection) also weighted ' The' in the rejected response, and its
+    projection "56. " weighted ' The' in the chosen response for SFT."""
+    chosen, rejected = "7 * 8 = 56. The answer is 56.", "7 * 8 = 54. The answer is 54."
+    record = PreferenceRecord("What is 7 * 8?", chosen, rejected, (Region(8, 12, R),))
+    all_tokens = _marked_pieces(smollm2, rejected, [1] * len(offsets_of(smollm2, rejected)))
+    assert rejected[8:12] == "54. " and " The" in all_tokens  # the space before 'The' is in its token
+    row = encode_record(record, smollm2, WIDE, ON)
+    assert _marked_pieces(smollm2, rejected, row["rejected_weights"][:-1]) == ["5", "4", "."]
+    assert _marked_pieces(smollm2, chosen, row["sft_weights"][:-1]) == ["5", "6", "."]
+    assert row["rejected_flags"][:-1] == [-1 if w else 0 for w in row["rejected_weights"][:-1]]
+
+
+def test_derived_regions_weight_the_inserted_word_only(smollm2):
+    """derive_regions("The answer is 5.", "The answer is not 5.") gave 'not ', which also weighted the
+    token after it; now the region is 'not' and the rejected response weighs ' not' alone."""
+    chosen, rejected = "The answer is 5.", "The answer is not 5."
+    regions = derive_regions(chosen, rejected)
+    row = encode_record(PreferenceRecord("Q?", chosen, rejected, regions), smollm2, WIDE, ON)
+    assert _marked_pieces(smollm2, rejected, row["rejected_weights"][:-1]) == [" not"]
+    sydney = derive_regions("The capital is Canberra.", "The capital is Sydney.")
+    row = encode_record(PreferenceRecord("Q?", "The capital is Canberra.", "The capital is Sydney.", sydney),
+                        smollm2, WIDE, ON)
+    assert "".join(_marked_pieces(smollm2, "The capital is Sydney.", row["rejected_weights"][:-1])) == " Sydney"
+
+
+def test_trim_region():
+    text = " a b \n"
+    assert trim_region(Region(0, 6, C), text) == Region(1, 4, C)
+    assert trim_region(Region(0, 1, C), text) == Region(0, 1, C)  # only whitespace: kept as is
+    assert trim_region(Region(2, 2, C), text) == Region(2, 2, C)
+    assert trim_region(Region(1, 2, C), "\u00a0x\u3000") == Region(1, 2, C)  # already trimmed
+
+
+_SPACED = ["The", "answer", "is", "54", "56.", "é", "😀", "—", "x"]
+_GAPS = [" ", " ", "  ", "\n", "\t", "\u00a0"]
+
+
+@pytest.mark.parametrize("kind", TINY_TOKENIZER_KINDS)
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_edge_whitespace_of_a_region_never_weights_a_token(kind, data):
+    """Property, on tokenizers whose tokens carry leading spaces (byte-level) or not: the weighted tokens
+    are those overlapping the region's non-whitespace core; widening a region by the whitespace around it
+    changes nothing; a region of only whitespace marks the tokens it overlaps."""
+    tok = tiny_tokenizer(kind)
+    words = data.draw(st.lists(st.sampled_from(_SPACED), min_size=1, max_size=6), label="words")
+    gaps = data.draw(st.lists(st.sampled_from(_GAPS), min_size=len(words), max_size=len(words)), label="gaps")
+    text = "".join(w + g for w, g in zip(words, gaps))
+    s, e = sorted(data.draw(st.tuples(st.integers(0, len(text)), st.integers(0, len(text))), label="span"))
+    core = text[s:e].strip()
+    lo = s + len(text[s:e]) - len(text[s:e].lstrip()) if core else s
+    hi = lo + len(core) if core else e
+    wide_lo, wide_hi = lo, hi
+    if core:  # every whitespace character around the core joins the region
+        while wide_lo > 0 and text[wide_lo - 1].isspace():
+            wide_lo -= 1
+        while wide_hi < len(text) and text[wide_hi].isspace():
+            wide_hi += 1
+    offsets = offsets_of(tok, text)
+    expected = [1.0 if st_ < hi and lo < en else 0.0 for st_, en in offsets]
+    for a, b in {(s, e), (wide_lo, wide_hi)}:
+        row = encode_record(PreferenceRecord("Q", text, "other", (Region(a, b, C),)), tok, WIDE, ON)
+        if hi > lo:
+            assert row["chosen_weights"][:-1] == expected, (text, a, b)
+            assert row["chosen_flags"][:-1] == [int(w) for w in expected]
 
 
 # ---------------------------------------------------------------------------------- options

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from granular_po.data.encode import EncodeOptions, TokenLayout, encode_record, resolve_layout
-from granular_po.data.masks import GranularOptions, project_rejected_regions_to_chosen, token_in_regions
+from granular_po.data.masks import GranularOptions, projected_regions, token_in_regions, trim_regions
 from granular_po.data.schema import DataError, LoadReport, PreferenceRecord
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -67,8 +67,7 @@ def encode_all(records: Sequence[PreferenceRecord], tokenizer, enc: EncodeOption
     out = []
     for record in records:
         row = encode_record(record, tokenizer, enc, gran, layout, with_offsets=True)
-        projected = project_rejected_regions_to_chosen(record.chosen, record.rejected, record.regions)
-        row["projected"] = token_in_regions(row["chosen_offsets"], projected)
+        row["projected"] = token_in_regions(row["chosen_offsets"], projected_regions(record))
         out.append(row)
     return out
 
@@ -76,7 +75,7 @@ def encode_all(records: Sequence[PreferenceRecord], tokenizer, enc: EncodeOption
 def _unreached_regions(record: PreferenceRecord, row: dict[str, Any]) -> int:
     """Regions that mark no kept token (whitespace the tokenizer drops, truncated away, zero length)."""
     n = 0
-    for r in record.regions:
+    for r in trim_regions(record).regions:
         offsets = row["chosen_offsets" if r.in_chosen else "rejected_offsets"][:-1]
         n += not any(token_in_regions(offsets, [r]))
     return n

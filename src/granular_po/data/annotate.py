@@ -4,19 +4,53 @@ When the incorrect response is the correct one with a small edit (a wrong number
 characters that differ are the error: no human needs to highlight them. The command line is
 `granular-po annotate` (`granular_po.apps.annotate`).
 
-Spans are kept to the exact characters that differ, never widened to whole words: regions become token
-weights by overlap (a token counts when any of its characters is in a region), so a one-character span
-already marks the whole token that holds it.
+Regions are whole words without whitespace at their ends: a differing character run is trimmed of edge
+whitespace and widened to the words it touches ("Sydney" vs "Canberra" is one region, not the scattered
+letters a character diff finds; "90" vs "100" covers the whole number). Regions become token weights by
+overlap, and byte-level tokenizers put a word's leading space inside its token, so a region ending in a
+space would also weight the next word (the mask trims such edges too, see `masks.trim_region`).
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import re
 from typing import Any
 
 from granular_po.data.records import load_records, write_records
 from granular_po.data.schema import PreferenceRecord, Region, RegionFlag
+
+# Scripts written without spaces between words (CJK, Thai, Lao, Myanmar, Khmer): each character is a word.
+_UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u2e80-\u9fff\uf900-\ufaff\U00020000-\U0003ffff"
+# A word: a number with its decimal / thousands separators ("3.14", "1,000"), a run of word characters,
+# or one character of an unspaced script.
+_WORD = re.compile(rf"\d+(?:[.,]\d+)+|[^\W{_UNSPACED}]+|\w")
+
+
+def _word_span(start: int, end: int, text: str, words: list[tuple[int, int]]) -> tuple[int, int]:
+    """`[start, end)` without edge whitespace, widened to the whole words it touches (whitespace only: as is)."""
+    piece = text[start:end]
+    core = piece.strip()
+    if not core:
+        return start, end
+    start += len(piece) - len(piece.lstrip())
+    end = start + len(core)
+    for w_start, w_end in words:
+        if w_start < end and start < w_end:
+            start, end = min(start, w_start), max(end, w_end)
+    return start, end
+
+
+def _divergence(text: str, at: int) -> tuple[int, int] | None:
+    """Where text is missing before `text[at]`: the first non-whitespace character from `at` (the token
+    holding it is the wrong step), else the character at `at` itself; None at the very end."""
+    if at >= len(text):
+        return None
+    k = at
+    while k < len(text) and text[k].isspace():
+        k += 1
+    return (k, k + 1) if k < len(text) else (at, at + 1)
 
 
 def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -34,10 +68,11 @@ def derive_regions(chosen: str, rejected: str, include_correct: bool = False,
                    max_edit_ratio: float = 0.5) -> tuple[Region, ...] | None:
     """Regions marking where `rejected` differs from `chosen`, or None when the pair is not a minimal edit.
 
-    Each replaced or extra character run of the rejected response gets a flag -1 region. Where the
-    rejected response merely lacks text (a pure insertion in the correct one), the rejected character at
-    which it goes its own way is marked: the token holding it is the wrong step. With `include_correct`,
-    the correct response's differing runs get flag 1 regions (by the same rule). Returns None when the
+    Each replaced or extra character run of the rejected response gets a flag -1 region, trimmed of edge
+    whitespace and widened to whole words (see the module docstring). Where the rejected response merely
+    lacks text (a pure insertion in the correct one), the word at which it goes its own way is marked:
+    the token holding it is the wrong step. With `include_correct`, the correct response's differing
+    runs get flag 1 regions (by the same rule). Returns None when the
     edit ratio (differing characters of both responses / their total length, i.e. 1 - difflib's ratio)
     exceeds `max_edit_ratio`, and () for identical responses, or text missing only at the
     very end of the rejected one (its wrong step is the EOS, which no character region can name).
@@ -50,20 +85,19 @@ def derive_regions(chosen: str, rejected: str, include_correct: bool = False,
         return None
     wrong: list[tuple[int, int]] = []
     right: list[tuple[int, int]] = []
-    for tag, i1, i2, j1, j2 in opcodes:
-        if tag == "equal":
-            continue
-        if i2 > i1:
-            wrong.append((i1, i2))
-        elif i1 < len(rejected):  # insertion: mark the character where the rejected response diverges
-            wrong.append((i1, i1 + 1))
-        if include_correct:
-            if j2 > j1:
-                right.append((j1, j2))
-            elif j1 < len(chosen):
-                right.append((j1, j1 + 1))
-    return (tuple(Region(s, e, RegionFlag.INCORRECT) for s, e in _merge(wrong))
-            + tuple(Region(s, e, RegionFlag.CORRECT) for s, e in _merge(right)))
+    sides = [(rejected, wrong, False)] + ([(chosen, right, True)] if include_correct else [])
+    for text, spans, is_chosen in sides:
+        words = [m.span() for m in _WORD.finditer(text)]
+        for tag, i1, i2, j1, j2 in opcodes:
+            if tag == "equal":
+                continue
+            lo, hi = (j1, j2) if is_chosen else (i1, i2)
+            span = (lo, hi) if hi > lo else _divergence(text, lo)  # text missing here: mark the next word
+            if span is not None:
+                spans.append(_word_span(*span, text, words))
+    # joining a word with a whitespace-only difference beside it can leave whitespace at an edge: trim again
+    return (tuple(Region(*_word_span(s, e, rejected, []), RegionFlag.INCORRECT) for s, e in _merge(wrong))
+            + tuple(Region(*_word_span(s, e, chosen, []), RegionFlag.CORRECT) for s, e in _merge(right)))
 
 
 def annotate_records(records: list[PreferenceRecord], include_correct: bool = False,

@@ -15,10 +15,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from granular_po.data.masks import GranularOptions, response_weights, sft_regions, token_flags
+from granular_po.data.masks import GranularOptions, response_weights, sft_regions, token_flags, trim_regions
 from granular_po.data.schema import PreferenceRecord, Region, RegionFlag
 
-_ENCODE_VERSION = 2  # bump when the encoding changes, so cached datasets are not reused
+_ENCODE_VERSION = 3  # bump when the encoding changes, so cached datasets are not reused
 PROMPT_FORMATS = ("auto", "raw", "chat")
 TRUNCATION_MODES = ("keep_end", "keep_start")
 
@@ -140,6 +140,7 @@ def encode_record(
     span at the text's end) and `truncated`, for the inspect viewer.
     """
     layout = layout or resolve_layout(tokenizer, enc)
+    record = trim_regions(record)  # regions are taken without edge whitespace (see `masks`)
     prompt_ids = _prompt_ids(record.prompt, tokenizer, layout)
     out: dict[str, Any] = {"index": record.index}
     for side, text, own in (

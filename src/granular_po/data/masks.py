@@ -6,6 +6,11 @@ alone and searched for the same ids, which fails whenever context changes the id
 first occurrence of a repeated phrase; defect #1). Tokens with empty offsets (special tokens, `(0, 0)`)
 are never inside a region, and tokens that share one character (an emoji split into byte tokens) are
 all inside it together. A zero-length region marks nothing.
+
+Before the overlap test a region is taken without the whitespace at its ends (`trim_region`; a region
+of only whitespace stays as it is): byte-level BPE tokenizers (GPT-2, SmolLM2, Llama-3) put a word's
+leading space inside its token, so a highlight ending in a space ("54. ", what a double-click selects)
+would otherwise also weight the next word.
 """
 
 from __future__ import annotations
@@ -41,6 +46,24 @@ class GranularOptions:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"granular.{name} must be a finite number >= 0, got {value!r}")
             setattr(self, name, float(value))
+
+
+def trim_region(region: Region, text: str) -> Region:
+    """`region` without whitespace (`str.isspace`) at its ends; a region of only whitespace is kept as is."""
+    piece = text[region.start:region.end]
+    core = piece.strip()
+    if not core:
+        return region
+    start = region.start + (len(piece) - len(piece.lstrip()))
+    return Region(start, start + len(core), region.flag)
+
+
+def trim_regions(record: PreferenceRecord) -> PreferenceRecord:
+    """The record with every region trimmed against the response it indexes (see `trim_region`)."""
+    regions = tuple(trim_region(r, record.chosen if r.in_chosen else record.rejected) for r in record.regions)
+    if regions == record.regions:
+        return record
+    return PreferenceRecord(record.prompt, record.chosen, record.rejected, regions, record.source, record.index)
 
 
 def _check_regions(regions: Sequence[Region], n_text_chars: int) -> None:
@@ -152,7 +175,13 @@ def project_rejected_regions_to_chosen(chosen: str, rejected: str, regions: Sequ
     return tuple(r for r in out if r is not None)
 
 
+def projected_regions(record: PreferenceRecord) -> tuple[Region, ...]:
+    """The record's flag -1 regions, trimmed, projected onto the chosen response and trimmed there."""
+    record = trim_regions(record)
+    projected = project_rejected_regions_to_chosen(record.chosen, record.rejected, record.regions)
+    return tuple(trim_region(r, record.chosen) for r in projected)
+
+
 def sft_regions(record: PreferenceRecord) -> tuple[Region, ...]:
     """Regions of the chosen response for SFT: its own flag 1 regions plus the projected flag -1 ones."""
-    projected = project_rejected_regions_to_chosen(record.chosen, record.rejected, record.regions)
-    return record.chosen_regions + projected
+    return trim_regions(record).chosen_regions + projected_regions(record)
