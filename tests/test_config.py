@@ -114,3 +114,30 @@ def test_secrets_are_never_written(monkeypatch):
     cfg = OmegaConf.merge(cfg, {"wandb": {"api_key": "sk-very-secret"}, "hf_token": "hf_abc"})
     text = redacted_yaml(cfg)
     assert "sk-very-secret" not in text and "hf_abc" not in text and "entity: me" in text
+
+
+# Every key of the research code's config/config.yaml and config/loss/*.yaml, with its value there.
+RESEARCH_TOP_LEVEL = [
+    "seed=0", "granular=false", "custom_train_path=null", "custom_eval_path=null", "exp_name=x", "batch_size=4",
+    "eval_batch_size=16", "debug=false", "fsdp_port=null", "datasets=[hh]", "wandb.enabled=true",
+    "wandb.entity=null", "wandb.project=token-level-direct-preference-optimization",
+    "local_dirs=[/scr-ssd,/scr,.cache]", "local_run_dir=.cache/x", "sample_during_eval=true",
+    "n_eval_model_samples=16", "do_first_eval=true", "lr=5e-6", "gradient_accumulation_steps=1",
+    "max_grad_norm=10.0", "max_length=512", "max_prompt_length=256", "n_epochs=1", "n_examples=null",
+    "n_eval_examples=256", "trainer=BasicTrainer", "optimizer=SGD", "warmup_steps=150",
+    "activation_checkpointing=false", "eval_every=20000", "minimum_log_interval_secs=1.0",
+]
+RESEARCH_LOSS_KEYS = {
+    "sft": ["loss.name=sft"],
+    "dpo": ["loss.name=dpo", "loss.alpha=0.5", "loss.beta=0.1"],
+    "tdpo": ["loss.name=tdpo", "loss.if_tdpo2=false", "loss.alpha=0.5", "loss.beta=0.1", "loss.reference_free=false"],
+}
+
+
+@pytest.mark.parametrize("loss", sorted(RESEARCH_LOSS_KEYS))
+def test_every_key_of_the_research_config_is_accepted(loss, tmp_path, caplog):
+    cfg = compose_config([*RESEARCH_TOP_LEVEL, f"loss={loss}", *RESEARCH_LOSS_KEYS[loss]])
+    assert cfg.local_run_dir == ".cache/x" and validate(cfg).run_dir == Path(".cache/x")  # the run dir itself
+    assert cfg.granular.enabled is False and cfg.wandb.project == "token-level-direct-preference-optimization"
+    alpha_notices = [r for r in caplog.records if "loss.alpha" in r.getMessage()]
+    assert len(alpha_notices) == (loss == "dpo")  # a key with no effect for that loss: one notice line

@@ -149,3 +149,56 @@ def test_lora_dpo_keeps_one_copy_and_saves_adapter_and_merged(workspace, sft_run
     evals = [m for m in read_metrics(run_dir) if "rewards_eval/margins" in m]
     assert evals[0]["rewards_eval/margins"] == pytest.approx(0.0, abs=1e-5)  # adapters start at zero
     assert evals[-1]["rewards_eval/margins"] > 0
+
+
+# The research README's two commands, character for character (granular fork of the TDPO repository).
+RESEARCH_SFT = (
+    "python -u train.py model=llama8b-fine-tuned datasets=[ours] loss=sft granular=false "
+    "custom_train_path=/content/granular_annotation_dataset.json "
+    "custom_eval_path=/content/granular_annotation_evaluation_dataset.json  exp_name=experiment_name "
+    "gradient_accumulation_steps=2 eval_every=2000 batch_size=16 eval_batch_size=8 n_epochs=10 "
+    "trainer=BasicTrainer sample_during_eval=false model.fsdp_policy_mp=bfloat16"
+)
+RESEARCH_PREFERENCE = (
+    "python -u train.py model=llama8b-fine-tuned datasets=[ours] loss=dpo/tdpo loss.alpha=0.5 loss.beta=0.1 "
+    "exp_name=experiment_name gradient_accumulation_steps=2 batch_size=4 eval_batch_size=2 trainer=BasicTrainer "
+    "sample_during_eval=false model.fsdp_policy_mp=bfloat16 eval_every=1000 "
+    "model.archive=/path/to/trained/model/in/step1/policy.pt"
+)
+
+
+def research_argv(command: str, root: Path, replace: dict[str, str], add: list[str]) -> list[str]:
+    """The command's overrides with the model and paths replaced (nothing else changed)."""
+    argv = [replace.get(word, word) for word in command.split()[3:]]
+    return argv + [f"model.name_or_path={root / 'tiny'}", f"local_dirs=[{root / 'runs'}]", *add]
+
+
+@pytest.mark.parametrize("loss", ["dpo", "tdpo"])
+def test_research_readme_commands_verbatim(workspace, loss, caplog):
+    """Issue 11.1: `loss=dpo loss.alpha=0.5 loss.beta=0.1` (the research README's stage 3) runs; alpha, a
+    TDPO key its dpo.yaml had, gets a one-line notice under DPO. The research run directory had a
+    timestamp, ours does not: each stage gets its own exp_name (the same name is refused, see resume)."""
+    (workspace / "small.json").write_text(json.dumps(toy_pairs(8, 0)))  # few steps: this checks the keys
+    paths = {
+        "custom_train_path=/content/granular_annotation_dataset.json": f"custom_train_path={workspace / 'small.json'}",
+        "custom_eval_path=/content/granular_annotation_evaluation_dataset.json":
+            f"custom_eval_path={workspace / 'small.json'}",
+    }
+    sft = research_argv(RESEARCH_SFT, workspace, {**paths, "exp_name=experiment_name": "exp_name=readme_sft"}, [])
+    sft_dir = workspace / "runs" / "readme_sft"
+    if not (sft_dir / "LATEST").exists():  # shared by both parameters
+        assert train_main(sft) == 0
+    assert (sft_dir / "LATEST").resolve().name == "step-10"  # 8 pairs in one batch of 16, 10 epochs
+    preference = research_argv(RESEARCH_PREFERENCE, workspace, {
+        "loss=dpo/tdpo": f"loss={loss}", "exp_name=experiment_name": f"exp_name=readme_{loss}",
+        "model.archive=/path/to/trained/model/in/step1/policy.pt": f"model.archive={sft_dir / 'LATEST'}",
+    }, [f"custom_train_path={workspace / 'small.json'}", f"custom_eval_path={workspace / 'small.json'}"])
+    caplog.clear()
+    assert train_main(preference) == 0
+    run_dir = workspace / "runs" / f"readme_{loss}"
+    assert (run_dir / "LATEST").resolve().name == "step-2"  # 8 pairs / 4, one epoch
+    stored = (run_dir / "config.yaml").read_text()
+    assert f"name: {loss}" in stored and "alpha: 0.5" in stored and "beta: 0.1" in stored
+    notices = [r.getMessage() for r in caplog.records if "loss.alpha" in r.getMessage()]
+    assert notices == (["notice: loss.alpha=0.5 has no effect for loss=dpo (the TDPO KL weight); ignored"]
+                       if loss == "dpo" else [])

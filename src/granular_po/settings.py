@@ -82,6 +82,8 @@ class DPOLoss(PreferenceLoss):
     name: str = "dpo"
     label_smoothing: float = 0.0
     """Conservative DPO: the assumed probability that a pair's preference label is flipped."""
+    alpha: Optional[float] = field(default=None, metadata={"no_effect": "the TDPO KL weight"})
+    """No effect on DPO (a TDPO key); accepted, with a notice, because the research code's dpo.yaml had it."""
 
 
 @dataclass
@@ -225,6 +227,8 @@ class TrainConfig(EncodeOptions):
     """Processes for tokenisation (datasets.map)."""
     cache_dir: Optional[str] = None
     """Cache for tokenised data and the converted default model (null: ~/.cache/granular_po)."""
+    local_run_dir: Optional[str] = None
+    """The run directory itself, instead of <local_dirs[0]>/<exp_name> (the research code's key)."""
 
     def encode_options(self) -> EncodeOptions:
         """The tokenisation keys as the data layer's options."""

@@ -49,7 +49,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
     try:  # the whole configuration, before torch, data or models are touched
         cfg = compose_config(argv)
-        validate(cfg)
+        settings = validate(cfg)
     except ConfigError as error:  # names the key, the value and what to do
         print(f"config error: {error}", file=sys.stderr)
         return 2
@@ -59,7 +59,8 @@ def train_main(argv: list[str] | None = None) -> int:
     from granular_po.training.trainer import NonFiniteError
 
     try:
-        run_training(cfg, argv=[sys.argv[0], *argv] if sys.argv[0].endswith("train.py") else None)
+        run_training(cfg, argv=[sys.argv[0], *argv] if sys.argv[0].endswith("train.py") else None,
+                     settings=settings)
     except (DataError, ValueError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

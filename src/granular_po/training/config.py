@@ -204,6 +204,10 @@ def validate(config: TrainConfig) -> RunSettings:
         raise ConfigError(f"loss.beta={loss_cfg.beta}: must be > 0 (it divides the implicit reward's scale)")
     if config.logprobs.chunk_size < 1:
         raise ConfigError(f"logprobs.chunk_size={config.logprobs.chunk_size}: must be >= 1")
+    for f in fields(loss_cfg):  # research-code keys this loss has but does not use
+        if "no_effect" in f.metadata and getattr(loss_cfg, f.name) is not None:
+            logger.warning("notice: loss.%s=%s has no effect for loss=%s (%s); ignored", f.name,
+                           getattr(loss_cfg, f.name), loss_cfg.name, f.metadata["no_effect"])
     for key, engine in _ENGINE_ONLY_KEYS.items():
         value = OmegaConf.select(OmegaConf.structured(config), key)
         if value is not None and config.trainer != engine:
@@ -227,7 +231,10 @@ def validate(config: TrainConfig) -> RunSettings:
     max_steps = -1
     if config.n_examples is not None:
         max_steps = max(1, -(-config.n_examples // config.batch_size))
-    run_dir = _first_usable_dir(config.local_dirs) / config.exp_name
+    if config.local_run_dir:
+        run_dir = Path(os.path.expanduser(config.local_run_dir))
+    else:
+        run_dir = _first_usable_dir(config.local_dirs) / config.exp_name
     from granular_po.losses import LossType  # torch: only once the settings are known to be good
 
     return RunSettings(

@@ -125,11 +125,12 @@ def _maybe_relaunch_distributed(cfg: TrainConfig, argv: list[str]) -> bool:
     return True
 
 
-def run_training(cfg: TrainConfig, argv: list[str] | None = None) -> Path:
-    """Train as the config says; returns the run directory (with `LATEST` unless debug=true)."""
+def run_training(cfg: TrainConfig, argv: list[str] | None = None, settings: RunSettings | None = None) -> Path:
+    """Train as the config says; returns the run directory (with `LATEST` unless debug=true).
+    `settings`: what `validate(cfg)` returned, when the caller validated already."""
     from granular_po import models
 
-    settings = validate(cfg)
+    settings = settings or validate(cfg)
     if argv is not None and _maybe_relaunch_distributed(cfg, argv):
         return settings.run_dir
     run_dir = settings.run_dir
