@@ -202,3 +202,27 @@ def test_research_readme_commands_verbatim(workspace, loss, caplog):
     notices = [r.getMessage() for r in caplog.records if "loss.alpha" in r.getMessage()]
     assert notices == (["notice: loss.alpha=0.5 has no effect for loss=dpo (the TDPO KL weight); ignored"]
                        if loss == "dpo" else [])
+
+
+def test_a_run_name_used_again_with_another_loss_is_refused_then_started_over(workspace, capsys):
+    """Issue 11.10 end to end: SFT `exp_name=reuse`, then DPO under the same name is refused with nothing
+    touched; `resume=false` starts that run over (the SFT checkpoints and metrics go)."""
+    (workspace / "reuse.json").write_text(json.dumps(toy_pairs(8, 0)))
+    argv = common(workspace, "reuse") + [f"custom_train_path={workspace / 'reuse.json'}", "custom_eval_path=null",
+                                         "batch_size=4", "loss=sft", "lr=1e-3"]
+    assert train_main(argv) == 0
+    run_dir = workspace / "runs" / "reuse"
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    capsys.readouterr()
+    dpo = argv + ["loss=dpo", "lr=1e-4", "n_epochs=3"]
+    assert train_main(dpo) == 2
+    err = capsys.readouterr().err
+    assert "loss.name: 'sft' -> 'dpo'" in err and "lr: 0.001 -> 0.0001" in err and "n_epochs" not in err
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
+    assert train_main(dpo + ["resume=false"]) == 0
+    assert "name: dpo" in (run_dir / "config.yaml").read_text()
+    assert "resume=false: starting" in capsys.readouterr().out
+    records = read_metrics(run_dir)
+    assert [m["step"] for m in records if "loss/train" in m] == [1, 2, 3, 4, 5, 6]  # DPO only, from 1
+    assert all("rewards_train/chosen" in m for m in records if "loss/train" in m)
+    assert [p.name for p in run_dir.glob("step-*")] == ["step-6"]  # the SFT step-2 is gone

@@ -107,6 +107,29 @@ def remove_stale_staging(run_dir: Path) -> list[str]:
     return removed
 
 
+# what a run writes into its directory (anything else there is left alone when it starts over)
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "samples.jsonl", "merged", LATEST)
+
+
+def clear_run(run_dir: Path) -> list[str]:
+    """Remove a run's outputs (checkpoints, LATEST, metrics, samples, merged model) to start it over;
+    returns the names removed."""
+    removed = []
+    if not run_dir.is_dir():
+        return removed
+    for child in sorted(run_dir.iterdir()):
+        ours = child.name in RUN_OUTPUTS or _STEP_DIR.match(child.name) or child.name.startswith(
+            (".tmp-step-", ".old-step-", ".tmp-merged"))
+        if not ours:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+        removed.append(child.name)
+    return removed
+
+
 def rotate(run_dir: Path, keep: int | None) -> None:
     """Keep the newest `keep` complete checkpoints (None: keep all); LATEST's target always survives."""
     if not keep:

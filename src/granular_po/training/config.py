@@ -47,6 +47,22 @@ OPTIMIZER_STATES = {"SGD": 0, "Adagrad": 1, "RMSprop": 1, "ASGD": 2, "Adam": 2, 
 SECRET_PATTERN = re.compile(r"(token|secret|password|api[_-]?key)", re.IGNORECASE)
 
 
+# Keys a resumed run may change: they cannot change the numbers it trains (README "Resuming"). A group
+# name stands for all its keys. Every other key, changed, stops a resume before any work.
+RESUME_FREE_KEYS = frozenset({
+    # where things go and how they are logged
+    "exp_name", "local_dirs", "local_run_dir", "cache_dir", "wandb", "minimum_log_interval_secs",
+    # evaluation and checkpoint cadence
+    "eval_every", "do_first_eval", "eval_batch_size", "n_eval_examples", "sample_during_eval",
+    "n_eval_model_samples", "save_every",
+    # how long to train: extend a finished run
+    "n_epochs", "n_examples",
+    # how a run starts, stops and is run, not what it computes (the speed paths give the same numbers)
+    "resume", "debug", "skip_nonfinite", "trust_remote_code", "num_proc", "fsdp_port", "lora.merge_on_save",
+    "logprobs", "share_prompt", "padding_free", "activation_checkpointing", "precompute_ref_log_probs",
+})
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run: one line naming the key, the value and what to do."""
 
@@ -235,6 +251,8 @@ def validate(config: TrainConfig) -> RunSettings:
         run_dir = Path(os.path.expanduser(config.local_run_dir))
     else:
         run_dir = _first_usable_dir(config.local_dirs) / config.exp_name
+    if not config.debug and str(config.resume).lower() != "false":
+        check_same_run(config, run_dir)
     from granular_po.losses import LossType  # torch: only once the settings are known to be good
 
     return RunSettings(
@@ -246,6 +264,47 @@ def validate(config: TrainConfig) -> RunSettings:
         max_steps=max_steps,
         run_dir=run_dir,
     )
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if not isinstance(node, dict):
+        return {prefix.rstrip("."): node}
+    out = {}
+    for key, value in node.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
+def _free_on_resume(key: str) -> bool:
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in RESUME_FREE_KEYS for i in range(1, len(parts) + 1))
+
+
+def changed_keys(stored: dict, config: TrainConfig) -> list[str]:
+    """`key: old -> new` for each key that changes the numbers and differs from the stored run's config
+    (keys one side lacks, from another version, are not compared)."""
+    old, new = _flat(stored), _flat(as_container(config))
+    return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in new
+            if key in old and old[key] != new[key] and not _free_on_resume(key)]
+
+
+def check_same_run(config: TrainConfig, run_dir: Path) -> None:
+    """A run directory with a checkpoint is continued only under the configuration that wrote it, up to
+    the keys that cannot change the numbers (`RESUME_FREE_KEYS`); raises ConfigError listing the rest."""
+    from granular_po.training.checkpoints import latest_complete_checkpoint
+
+    stored_path = run_dir / "config.yaml"
+    latest = latest_complete_checkpoint(run_dir) if run_dir.is_dir() else None
+    if latest is None or not stored_path.is_file():
+        return
+    stored = OmegaConf.to_container(OmegaConf.load(stored_path), resolve=True)
+    changed = changed_keys(stored, config)
+    if changed:
+        raise ConfigError(
+            f"{run_dir} holds a run at {latest.name} trained with another configuration ({'; '.join(changed)}): "
+            "resuming it would mix the two. Choose another exp_name for a new run, or add resume=false to start "
+            "this run over (its checkpoints and metrics are removed)"
+        )
 
 
 def as_container(config: TrainConfig) -> dict:

@@ -135,9 +135,6 @@ def run_training(cfg: TrainConfig, argv: list[str] | None = None, settings: RunS
         return settings.run_dir
     run_dir = settings.run_dir
     is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main and not cfg.debug:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(redacted_yaml(cfg))
 
     tokenizer_name = cfg.model.tokenizer_name_or_path or cfg.model.name_or_path
     tokenizer = models.load_tokenizer(models.resolve_model_path(tokenizer_name, cfg.cache_dir),
@@ -191,6 +188,9 @@ def run_training(cfg: TrainConfig, argv: list[str] | None = None, settings: RunS
             trainer.eval_dataset = _with_reference_logps(trainer, eval_ds, cfg)
         trainer.ref_model = reference = None  # the reference is no longer needed: free its memory
     resume_from = _resume_point(cfg, run_dir, is_main)
+    if is_main and not cfg.debug:  # written once the start has succeeded: a failed start leaves nothing
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(redacted_yaml(cfg))
     if resume_from is not None:
         trainer.args.eval_on_start = False  # do_first_eval: before the first step, not at every restart
     total_steps = settings.max_steps if settings.max_steps > 0 else (
@@ -262,10 +262,9 @@ def _resume_point(cfg: TrainConfig, run_dir: Path, is_main: bool) -> Path | None
     mode = str(cfg.resume).lower()
     if cfg.debug:
         return None
-    if mode == "false":
-        if found := checkpoints.complete_checkpoints(run_dir):
-            raise ValueError(f"resume=false but {run_dir} already holds {found[-1][1].name}: choose another "
-                             "exp_name (or local_dirs), delete the directory, or resume")
+    if mode == "false":  # start the run over: what an earlier run of this name wrote goes
+        if is_main and (removed := checkpoints.clear_run(run_dir)):
+            print(f"resume=false: starting {run_dir} over (removed {', '.join(removed)})", flush=True)
         return None
     if is_main:
         for name in checkpoints.remove_stale_staging(run_dir):
