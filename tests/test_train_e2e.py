@@ -5,7 +5,11 @@ Stage 1 (SFT, granular=false) then stage 2 (TDPO and DPO, granular=true) from it
 """
 
 import json
+import os
+import sys
+from importlib.machinery import ModuleSpec
 from pathlib import Path
+from unittest.mock import MagicMock
 
 import pytest
 import torch
@@ -226,3 +230,40 @@ def test_a_run_name_used_again_with_another_loss_is_refused_then_started_over(wo
     assert [m["step"] for m in records if "loss/train" in m] == [1, 2, 3, 4, 5, 6]  # DPO only, from 1
     assert all("rewards_train/chosen" in m for m in records if "loss/train" in m)
     assert [p.name for p in run_dir.glob("step-*")] == ["step-6"]  # the SFT step-2 is gone
+
+
+def fake_wandb(monkeypatch) -> tuple[MagicMock, list[dict]]:
+    """A stand-in `wandb` module (no network, no account) that records each `wandb.init`, with the
+    environment wandb itself reads (WANDB_PROJECT, WANDB_ENTITY) at that moment."""
+    wandb = MagicMock(name="wandb", __spec__=ModuleSpec("wandb", None))
+    wandb.run = None
+    inits = []
+
+    def init(**kwargs):
+        inits.append({**kwargs, "env": {k: os.environ.get(k) for k in ("WANDB_PROJECT", "WANDB_ENTITY")}})
+        wandb.run = MagicMock(name="run")
+        return wandb.run
+
+    wandb.init.side_effect = init
+    config_util = MagicMock(ConfigError=type("ConfigError", (Exception,), {}))
+    for name, module in {"wandb": wandb, "wandb.sdk": MagicMock(), "wandb.sdk.lib": MagicMock(),
+                         "wandb.sdk.lib.config_util": config_util}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return wandb, inits
+
+
+def test_wandb_project_and_entity_reach_wandb(workspace, monkeypatch):
+    """Issue 11.11: `wandb.project` / `wandb.entity` were read nowhere; now the run's WandbCallback
+    starts wandb in that project and entity, and the environment is restored afterwards."""
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    monkeypatch.setenv("WANDB_ENTITY", "someone-else")
+    _, inits = fake_wandb(monkeypatch)
+    (workspace / "wandb.json").write_text(json.dumps(toy_pairs(4, 0)))
+    argv = common(workspace, "wandb") + [f"custom_train_path={workspace / 'wandb.json'}", "custom_eval_path=null",
+                                         "loss=sft", "batch_size=4", "debug=true", "wandb.enabled=true",
+                                         "wandb.project=my-project", "wandb.entity=my-team"]
+    assert train_main(argv) == 0
+    assert len(inits) == 1
+    assert inits[0]["project"] == "my-project"
+    assert inits[0]["env"] == {"WANDB_PROJECT": "my-project", "WANDB_ENTITY": "my-team"}
+    assert "WANDB_PROJECT" not in os.environ and os.environ["WANDB_ENTITY"] == "someone-else"

@@ -10,17 +10,19 @@ derived. Nothing here imports torch: a bad configuration is refused in the first
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import logging
 import os
 import re
+import typing
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from granular_po.settings import LOSS_GROUPS, TrainConfig
+from granular_po.settings import LOSS_GROUPS, TrainConfig, WandbSettings
 
 if TYPE_CHECKING:
     from granular_po.losses import LossType
@@ -99,8 +101,34 @@ def compose_config(overrides: list[str]) -> TrainConfig:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             cfg = compose(config_name="config", overrides=normalize_overrides(overrides))
     except HydraException as error:
+        unknown = re.match(r"Could not override '([^']+)'", str(error))
+        known = _schema_keys(unknown.group(1), overrides) if unknown else None
+        if known is not None and unknown.group(1).rsplit(".", 1)[-1] not in known:
+            raise ConfigError(_unknown_key_message(unknown.group(1), known)) from None
         raise ConfigError(_one_line(error)) from None
     return to_settings(cfg)
+
+
+def _schema_keys(key: str, overrides: list[str]) -> list[str] | None:
+    """The keys the typed settings allow beside `key` (the `loss` group as chosen in `overrides`)."""
+    chosen = [item.split("=", 1)[1] for item in overrides if item.startswith("loss=")]
+    cls: Any = TrainConfig
+    for part in key.split(".")[:-1]:
+        if part == "loss" and cls is TrainConfig:
+            cls = LOSS_GROUPS.get(chosen[-1] if chosen else "sft")
+        else:
+            cls = typing.get_type_hints(cls).get(part) if is_dataclass(cls) else None
+        if cls is None or not is_dataclass(cls):
+            return None
+    return [f.name for f in fields(cls)]
+
+
+def _unknown_key_message(key: str, known: list[str]) -> str:
+    parent, _, name = key.rpartition(".")
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+    listing = f"keys here: {', '.join(known)}" if len(known) <= 12 else "all keys: granular-po train --help"
+    return f"unknown key {key!r}{hint} ({listing})"
 
 
 def _one_line(error: BaseException) -> str:
@@ -117,11 +145,7 @@ def to_settings(cfg: DictConfig) -> TrainConfig:
     schema lacks (a Hydra append, `+loss.betta=0.1`) is refused as an unknown key is."""
     unknown = _unknown_keys(cfg)
     if unknown:
-        key, known = unknown[0]
-        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
-        hint = f"; did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}?" if close else ""
-        listing = f"keys here: {', '.join(known)}" if len(known) <= 12 else "all keys: granular-po train --help"
-        raise ConfigError(f"unknown key {key!r}{hint} ({listing})")
+        raise ConfigError(_unknown_key_message(*unknown[0]))
     try:
         settings = OmegaConf.to_object(cfg)
     except ValueError as error:  # a group's own check (e.g. EncodeOptions, GranularOptions)
@@ -228,6 +252,13 @@ def validate(config: TrainConfig) -> RunSettings:
         value = OmegaConf.select(OmegaConf.structured(config), key)
         if value is not None and config.trainer != engine:
             logger.warning("notice: %s=%s applies to trainer=%s only; ignored here", key, value, engine)
+    if config.wandb.enabled and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("wandb.enabled=true needs the wandb package: pip install wandb (or wandb.enabled=false)")
+    default_wandb = WandbSettings()
+    for key in ("project", "entity"):  # set, but wandb is off: say so rather than drop it silently
+        value = getattr(config.wandb, key)
+        if not config.wandb.enabled and value != getattr(default_wandb, key):
+            logger.warning("notice: wandb.%s=%s applies with wandb.enabled=true only; ignored", key, value)
     if config.precompute_ref_log_probs and loss_cfg.name != "dpo":
         logger.warning("notice: precompute_ref_log_probs applies to loss=dpo only (TDPO needs the live reference)")
     if config.lora.enabled and "lm_head" in str(config.lora.target_modules):

@@ -5,6 +5,7 @@ The one entry point behind `python -u train.py ...`, `granular-po train ...` and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -108,6 +109,27 @@ def build_training_arguments(cfg: TrainConfig, settings: RunSettings) -> Trainin
     )
 
 
+@contextlib.contextmanager
+def wandb_environment(cfg: TrainConfig):
+    """`wandb.project` / `wandb.entity` for this run, where transformers' WandbCallback and wandb read
+    them (WANDB_PROJECT, WANDB_ENTITY); the previous environment comes back afterwards."""
+    wanted = {}
+    if cfg.wandb.enabled:
+        wanted["WANDB_PROJECT"] = cfg.wandb.project
+        if cfg.wandb.entity:
+            wanted["WANDB_ENTITY"] = cfg.wandb.entity
+    saved = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _maybe_relaunch_distributed(cfg: TrainConfig, argv: list[str]) -> bool:
     """trainer=FSDPTrainer started by plain `python train.py` on several GPUs: start one process per GPU
     through `accelerate launch` (the research code spawned its own). Returns True when relaunched."""
@@ -199,7 +221,8 @@ def run_training(cfg: TrainConfig, argv: list[str] | None = None, settings: RunS
     if done:  # the same command again on a finished run: nothing to train (Trainer would add a step)
         print(f"run already complete at {resume_from.name} of {total_steps} steps", flush=True)
         return run_dir
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with wandb_environment(cfg):
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if not cfg.debug:
         last = checkpoints.latest_complete_checkpoint(run_dir)
         if last is None or last.name != checkpoints.step_dir_name(trainer.state.global_step):
