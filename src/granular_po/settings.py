@@ -70,7 +70,9 @@ class PreferenceLoss(LossConfig):
     beta: float = 0.1
     """Temperature of the implicit reward; lower means the reference matters less. Must be > 0."""
     reference_free: bool = False
-    """Use a uniform reference instead of the reference model."""
+    """No reference model: one that gives every response the same probability, so the reference log-ratio
+    is 0 (DPO's logit is beta * (log pi(y_w) - log pi(y_l)), as in DPO's reference code and TRL); TDPO's
+    sequential KL, which needs a distribution, is taken against the uniform one over the vocabulary."""
     average_log_prob: bool = False
     """Weighted means instead of weighted sums of token log-probs."""
 
