@@ -226,6 +226,8 @@ class _FusedHeadStats(torch.autograd.Function):
             del ref_lp
         del log_probs
         ctx.need_kl, ctx.uniform_ref = need_kl, uniform_ref
+        # an output the loss does not use (DPO logs the KL only) gets None, not zeros: its terms are skipped
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(rows, weight, bias, targets, ref_rows, ref_weight, ref_bias, target_logit - token)
         ctx.mark_non_differentiable(ref_token)
         return token, kl, ref_token
@@ -244,14 +246,15 @@ class _FusedHeadStats(torch.autograd.Function):
     def _backward(ctx, grad_token, grad_kl):
         rows, weight, bias, targets, ref_rows, ref_weight, ref_bias, lse = ctx.saved_tensors
         _device, autocast_on, dtype = ctx.autocast
+        kl_used = ctx.need_kl and grad_kl is not None
         grad_token = torch.zeros_like(lse) if grad_token is None else grad_token.to(lse.dtype)
-        grad_kl = torch.zeros_like(lse) if (grad_kl is None or not ctx.need_kl) else grad_kl.to(lse.dtype)
+        grad_kl = grad_kl.to(lse.dtype) if kl_used else torch.zeros_like(lse)
         # softmax of the recomputed logits, in place: exp(z - lse)
         grad_logits = _upcast(nn.functional.linear(rows, weight, bias)).sub_(lse.unsqueeze(-1)).exp_()
         grad_logits.mul_((grad_kl - grad_token).unsqueeze(-1))  # softmax x (g_kl - g_tok)
-        if ctx.need_kl and ctx.uniform_ref:
+        if kl_used and ctx.uniform_ref:
             grad_logits.sub_((grad_kl / grad_logits.shape[-1]).unsqueeze(-1))
-        elif ctx.need_kl:
+        elif kl_used:
             ref_probs = _upcast(nn.functional.linear(ref_rows, ref_weight, ref_bias)).softmax(-1)
             grad_logits.addcmul_(ref_probs, grad_kl.unsqueeze(-1), value=-1.0)
             del ref_probs
