@@ -219,7 +219,9 @@ class TrainConfig(EncodeOptions):
     """DPO / TDPO: one prompt forward for chosen and rejected (a key/value cache). auto: where it gives
     the same numbers (checked at start-up; chunked log-probs, no activation checkpointing, no FSDP)."""
     precompute_ref_log_probs: bool = False
-    """DPO only: compute the reference's log-probs once over the dataset and cache them."""
+    """DPO only: compute the reference's log-probs once over the dataset and cache them under cache_dir,
+    kept across runs and keyed on content (the reference's weights, not their path; the encoded data;
+    every setting that changes the numbers): other weights under the same path are recomputed."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     trust_remote_code: bool = False
     """Allow custom modelling code from the hub (it runs arbitrary code)."""
