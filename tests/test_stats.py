@@ -142,7 +142,8 @@ def test_target_at_t_is_predicted_from_position_t_minus_1(impl):
 
 def test_stats_closed_form_uniform_policy():
     """A zero head gives a uniform policy: log p = -ln V per token, so with weights (.5, 1, 0) after
-    position 0: policy_logps = -1.5 ln V; uniform reference: logratio 0, KL 0; mean = -ln V."""
+    position 0: policy_logps = -1.5 ln V; reference-free: logratio = policy_logps (a reference
+    log-ratio of 0), KL against the uniform distribution 0; mean = -ln V."""
     head = nn.Linear(H, V, bias=False)
     nn.init.zeros_(head.weight)
     hidden, ids = torch.randn(1, 4, H), torch.randint(0, V, (1, 4))
@@ -152,7 +153,8 @@ def test_stats_closed_form_uniform_policy():
             hidden, head, None, None, ids, weights, True, reference_free=True, impl=impl
         )
         torch.testing.assert_close(stats.policy_logps, torch.tensor([-1.5 * math.log(V)]))
-        torch.testing.assert_close(stats.logratio, torch.zeros(1), atol=1e-6, rtol=0)
+        torch.testing.assert_close(stats.logratio, stats.policy_logps)
+        torch.testing.assert_close(stats.reference_logps, torch.zeros(1))
         torch.testing.assert_close(stats.position_kl, torch.zeros(1), atol=1e-6, rtol=0)
         torch.testing.assert_close(stats.weight_sum, torch.tensor([1.5]))
         mean = compute_token_stats(
@@ -170,7 +172,7 @@ def test_uniform_reference_kl_is_sequential_kl_against_uniform():
     policy_lp = head(hidden[1, 3]).log_softmax(-1)
     expected = sequential_kl(torch.full_like(policy_lp, -math.log(V)), policy_lp)
     torch.testing.assert_close(stats.position_kl[1], expected)
-    torch.testing.assert_close(stats.reference_logps[1], torch.tensor(-math.log(V)))
+    torch.testing.assert_close(stats.reference_logps[1], torch.tensor(0.0))  # the response level: 0
 
 
 class CountingHead(nn.Module):

@@ -70,7 +70,9 @@ class PreferenceLoss(LossConfig):
     beta: float = 0.1
     """Temperature of the implicit reward; lower means the reference matters less. Must be > 0."""
     reference_free: bool = False
-    """Use a uniform reference instead of the reference model."""
+    """No reference model: one that gives every response the same probability, so the reference log-ratio
+    is 0 (DPO's logit is beta * (log pi(y_w) - log pi(y_l)), as in DPO's reference code and TRL); TDPO's
+    sequential KL, which needs a distribution, is taken against the uniform one over the vocabulary."""
     average_log_prob: bool = False
     """Weighted means instead of weighted sums of token log-probs."""
 
@@ -219,7 +221,9 @@ class TrainConfig(EncodeOptions):
     """DPO / TDPO: one prompt forward for chosen and rejected (a key/value cache). auto: where it gives
     the same numbers (checked at start-up; chunked log-probs, no activation checkpointing, no FSDP)."""
     precompute_ref_log_probs: bool = False
-    """DPO only: compute the reference's log-probs once over the dataset and cache them."""
+    """DPO only: compute the reference's log-probs once over the dataset and cache them under cache_dir,
+    kept across runs and keyed on content (the reference's weights, not their path; the encoded data;
+    every setting that changes the numbers): other weights under the same path are recomputed."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     trust_remote_code: bool = False
     """Allow custom modelling code from the hub (it runs arbitrary code)."""

@@ -46,7 +46,10 @@ class TokenStats:
     """Weighted per-sequence statistics (sums, or weighted means when `average`), in float32 or wider.
 
     Shape: every field (N,). `reference_logps` and `logratio` are None without a reference (and
-    not reference-free); `position_kl` is None unless asked for (`need_kl`).
+    not reference-free); `position_kl` is None unless asked for (`need_kl`). Reference-free, the
+    reference gives every response the same probability: `reference_logps` is 0 and `logratio` is
+    `policy_logps` (DPO's reference implementation, TRL); `position_kl` is against the uniform
+    distribution over the vocabulary, the only per-token reference that assigns no preference.
     """
 
     policy_logps: torch.Tensor
@@ -79,12 +82,10 @@ def _row_stats(
     policy_tok = policy_lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     ref_tok = kl = None
     if reference_free:
-        # uniform reference: log p_ref(v) = -log V for every v
-        log_v = math.log(policy_lp.shape[-1])
-        ref_tok = torch.full_like(policy_tok, -log_v)
+        # no per-token reference log-prob (the response-level one is 0, see `_finish`); the KL is
+        # against the uniform distribution: sum_v (1/V) (-log V - log p_theta(v))
         if need_kl:
-            # sum_v (1/V) (-log V - log p_theta(v))
-            kl = -log_v - policy_lp.mean(-1)
+            kl = -math.log(policy_lp.shape[-1]) - policy_lp.mean(-1)
     elif ref_logits is not None:
         ref_lp = _upcast(ref_logits).log_softmax(-1)
         del ref_logits
@@ -110,11 +111,14 @@ def _check_inputs(policy_hidden, ref_hidden, input_ids, loss_weights, need_kl, r
         raise ValueError("need_kl needs a reference (ref_hidden) or reference_free=True")
 
 
-def _finish(per_pos: dict[str, torch.Tensor | None], weights: torch.Tensor, average: bool) -> TokenStats:
+def _finish(per_pos: dict[str, torch.Tensor | None], weights: torch.Tensor, average: bool,
+            reference_free: bool = False) -> TokenStats:
     """Weighted reduction of per-position values. Shape: each value (N, T-1), weights (N, T-1)."""
     reduce = functools.partial(weighted_sum, weights=weights, average=average)
     policy = reduce(per_pos["policy"])
     ref = None if per_pos["ref"] is None else reduce(per_pos["ref"])
+    if reference_free:  # every response equally likely: a reference log-ratio of 0 (DPO reference code, TRL)
+        ref = torch.zeros_like(policy)
     kl = None if per_pos["kl"] is None else reduce(per_pos["kl"])
     return TokenStats(
         policy_logps=policy,
@@ -222,6 +226,8 @@ class _FusedHeadStats(torch.autograd.Function):
             del ref_lp
         del log_probs
         ctx.need_kl, ctx.uniform_ref = need_kl, uniform_ref
+        # an output the loss does not use (DPO logs the KL only) gets None, not zeros: its terms are skipped
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(rows, weight, bias, targets, ref_rows, ref_weight, ref_bias, target_logit - token)
         ctx.mark_non_differentiable(ref_token)
         return token, kl, ref_token
@@ -240,14 +246,15 @@ class _FusedHeadStats(torch.autograd.Function):
     def _backward(ctx, grad_token, grad_kl):
         rows, weight, bias, targets, ref_rows, ref_weight, ref_bias, lse = ctx.saved_tensors
         _device, autocast_on, dtype = ctx.autocast
+        kl_used = ctx.need_kl and grad_kl is not None
         grad_token = torch.zeros_like(lse) if grad_token is None else grad_token.to(lse.dtype)
-        grad_kl = torch.zeros_like(lse) if (grad_kl is None or not ctx.need_kl) else grad_kl.to(lse.dtype)
+        grad_kl = grad_kl.to(lse.dtype) if kl_used else torch.zeros_like(lse)
         # softmax of the recomputed logits, in place: exp(z - lse)
         grad_logits = _upcast(nn.functional.linear(rows, weight, bias)).sub_(lse.unsqueeze(-1)).exp_()
         grad_logits.mul_((grad_kl - grad_token).unsqueeze(-1))  # softmax x (g_kl - g_tok)
-        if ctx.need_kl and ctx.uniform_ref:
+        if kl_used and ctx.uniform_ref:
             grad_logits.sub_((grad_kl / grad_logits.shape[-1]).unsqueeze(-1))
-        elif ctx.need_kl:
+        elif kl_used:
             ref_probs = _upcast(nn.functional.linear(ref_rows, ref_weight, ref_bias)).softmax(-1)
             grad_logits.addcmul_(ref_probs, grad_kl.unsqueeze(-1), value=-1.0)
             del ref_probs
@@ -302,9 +309,7 @@ def _chunked(
                 None if ref_w is None else ref_w.detach(), None if ref_b is None else ref_b.detach(),
                 need_kl, reference_free,
             )  # fmt: skip
-            if reference_free:
-                ref = torch.full_like(policy, -math.log(policy_head.weight.shape[0]))
-            elif not kl_ref:
+            if not kl_ref:
                 ref = None
             kl = kl if need_kl else None
         else:
@@ -344,7 +349,8 @@ def compute_token_stats(
 
     `ref_hidden` is treated as a constant; `ref_head` is called on it whenever the reference logits
     are needed (also in backward), so it must give the reference's logits at any time.
-    `reference_free` uses a uniform reference over the head's V outputs. `fused=False` keeps the
+    `reference_free`: no reference model; a reference log-ratio of 0 and, for the KL, the uniform
+    distribution over the head's V outputs (see `TokenStats`). `fused=False` keeps the
     chunked path on activation checkpointing (for heads whose weights are sharded: FSDP, DeepSpeed).
     Given `policy_logits`
     (and `ref_logits`) instead of hidden states and heads, this is `compute_token_stats_from_logits`.
@@ -364,7 +370,7 @@ def compute_token_stats(
     weights = _upcast(loss_weights[:, 1:])  # weight of the target at t, predicted from hidden t-1
     args = (policy_hidden, policy_head, ref_hidden, ref_head, input_ids, weights, need_kl, reference_free)
     per_pos = _naive(*args) if impl == "naive" else _chunked(*args, chunk_size, fused)
-    return _finish(per_pos, weights, average)
+    return _finish(per_pos, weights, average, reference_free)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -152,7 +152,7 @@ def write_plots(out: Path, sft_records: list[dict], tdpo_records: list[dict]) ->
     plot_curves(both(tdpo_records, "rewards_train/margins", "rewards_eval/margins"), out / "margins.png",
                 title="TDPO2 reward margin (chosen - rejected)", ylabel="margin")
     plot_curves(both(tdpo_records, "kl_train/margin", "kl_eval/margin"), out / "kl.png",
-                title="TDPO2 sequential KL margin (rejected - chosen)", ylabel="KL margin")
+                title="TDPO2 sequential KL margin (chosen - rejected)", ylabel="KL margin")
     return [("loss.png", "Loss, train (every step) and eval"),
             ("reward_accuracy.png", "TDPO2 reward accuracy, train batches and the eval split"),
             ("margins.png", "TDPO2 reward margin"), ("kl.png", "TDPO2 sequential KL margin")]

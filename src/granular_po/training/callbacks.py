@@ -74,6 +74,32 @@ class SampleDuringEvalCallback(TrainerCallback):
                 handle.write(json.dumps(line, ensure_ascii=False) + "\n")
 
 
+def _now() -> float:
+    return time.perf_counter()
+
+
+class StepTimer(TrainerCallback):
+    """Seconds spent inside optimizer steps (forward, backward and the optimizer step; not loading the
+    batch, evaluating or saving): the research code's denominator of `examples_per_second`."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._start: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = _now()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._start is not None:
+            self.seconds += _now() - self._start
+            self._start = None
+
+    def take(self) -> float:
+        """Seconds since the last call."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
 class MetricsFileCallback(TrainerCallback):
     """Appends every log (train and eval) to `metrics.jsonl`, one JSON object a line, main process only."""
 

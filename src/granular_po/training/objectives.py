@@ -2,7 +2,14 @@
 
 The trainer asks the objective, never `if loss == ...`: `objective.needs_reference`,
 `objective.needs_kl`, `objective(stats, n_pairs, split) -> (losses, metrics)`. Metrics carry the
-research code's names (`rewards_train/chosen`, `kl_eval/margin`, ...), one value per example.
+research code's names, definitions and signs, one value per example (pair):
+
+- `rewards_{split}/chosen`, `/rejected`: the loss's implicit rewards (DPO: beta * log-ratio; TDPO:
+  beta * (log-ratio + sequential KL)); `/accuracies`: 1 where chosen > rejected; `/margins`: chosen - rejected.
+- `kl_{split}/chosen`, `/rejected`: the sequential KL(reference || policy) of each response, logged for DPO
+  too, as the research code did (not when the reference's log-probs were precomputed: no reference
+  runs); `/margin`: chosen - rejected.
+- `logps_{split}/chosen`, `/rejected`: the policy's weighted log-probs; `loss/{split}`: the per-pair loss.
 """
 
 from __future__ import annotations
@@ -66,11 +73,20 @@ def sft_objective(settings: LossSettings, stats: TokenStats, n: int, split: str)
     return sft_loss(stats.policy_logps), {f"logps_{split}/chosen": stats.policy_logps.detach()}
 
 
+def _kl_metrics(kl: torch.Tensor | None, n: int, split: str) -> Metrics:
+    if kl is None:
+        return {}
+    kl = kl.detach()
+    return {f"kl_{split}/chosen": kl[:n], f"kl_{split}/rejected": kl[n:], f"kl_{split}/margin": kl[:n] - kl[n:]}
+
+
 def dpo_objective(settings: LossSettings, stats: TokenStats, n: int, split: str) -> tuple[torch.Tensor, Metrics]:
-    """DPO on weighted sequence log-ratios. Rows [0:n] chosen, [n:2n] rejected."""
+    """DPO on weighted sequence log-ratios. Rows [0:n] chosen, [n:2n] rejected. The KL, when there is
+    one, is only logged."""
     margin = stats.logratio
     losses, chosen_r, rejected_r = dpo_loss(margin[:n], margin[n:], settings.beta, settings.label_smoothing)
-    return losses, _reward_metrics(chosen_r, rejected_r, stats, n, split)
+    return losses, {**_reward_metrics(chosen_r, rejected_r, stats, n, split),
+                    **_kl_metrics(stats.position_kl, n, split)}
 
 
 def tdpo_objective(settings: LossSettings, stats: TokenStats, n: int, split: str) -> tuple[torch.Tensor, Metrics]:
@@ -78,11 +94,7 @@ def tdpo_objective(settings: LossSettings, stats: TokenStats, n: int, split: str
     margin, kl = stats.logratio, stats.position_kl
     losses, chosen_r, rejected_r = tdpo_loss(margin[:n], margin[n:], kl[:n], kl[n:], settings.beta,
                                              settings.alpha, settings.if_tdpo2)
-    metrics = _reward_metrics(chosen_r, rejected_r, stats, n, split)
-    metrics[f"kl_{split}/chosen"] = kl[:n].detach()
-    metrics[f"kl_{split}/rejected"] = kl[n:].detach()
-    metrics[f"kl_{split}/margin"] = (kl[n:] - kl[:n]).detach()
-    return losses, metrics
+    return losses, {**_reward_metrics(chosen_r, rejected_r, stats, n, split), **_kl_metrics(kl, n, split)}
 
 
 OBJECTIVES = {LossType.SFT: sft_objective, LossType.DPO: dpo_objective, LossType.TDPO: tdpo_objective}

@@ -20,7 +20,7 @@ from granular_po.data.collate import PreferenceCollator, SFTCollator
 from granular_po.data.encode import build_dataset
 from granular_po.losses import LossType
 from granular_po.settings import TrainConfig
-from granular_po.training import checkpoints, resources
+from granular_po.training import checkpoints, reference_cache, resources
 from granular_po.training.callbacks import MetricsFileCallback, ThrottledProgressCallback
 from granular_po.training.config import RunSettings, redacted_yaml, validate
 from granular_po.training.objectives import LossSettings
@@ -205,9 +205,10 @@ def run_training(cfg: TrainConfig, argv: list[str] | None = None, settings: RunS
     trainer.add_callback(ThrottledProgressCallback(cfg.minimum_log_interval_secs))
 
     if cfg.precompute_ref_log_probs and loss_type is LossType.DPO and not loss_settings.reference_free:
-        trainer.train_dataset = _with_reference_logps(trainer, train_ds, cfg)
+        cache_dir, batch = cfg.cache_dir or models_cache_dir(), cfg.eval_batch_size
+        trainer.train_dataset = reference_cache.with_reference_logps(trainer, train_ds, cache_dir, batch)
         if eval_ds is not None:
-            trainer.eval_dataset = _with_reference_logps(trainer, eval_ds, cfg)
+            trainer.eval_dataset = reference_cache.with_reference_logps(trainer, eval_ds, cache_dir, batch)
         trainer.ref_model = reference = None  # the reference is no longer needed: free its memory
     resume_from = _resume_point(cfg, run_dir, is_main)
     if is_main and not cfg.debug:  # written once the start has succeeded: a failed start leaves nothing
@@ -247,31 +248,6 @@ def _save_merged(trainer: GranularTrainer, tokenizer, run_dir: Path) -> None:
     final = run_dir / "merged"
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staged, final)
-
-
-def _with_reference_logps(trainer: GranularTrainer, dataset, cfg: TrainConfig):
-    """Add the reference's per-sequence log-probs as columns, cached beside the tokenised data."""
-    import hashlib
-
-    from safetensors.torch import load_file, save_file
-
-    key = hashlib.sha256(
-        f"{dataset._fingerprint}|{cfg.model.name_or_path}|{cfg.model.archive}|{cfg.model.reference_dtype}|"
-        f"{trainer.loss_settings.average_log_prob}|{cfg.granular}".encode()
-    ).hexdigest()[:16]
-    cache = Path(cfg.cache_dir or models_cache_dir()) / f"ref_logps-{key}.safetensors"
-    if cache.is_file():
-        tensors = load_file(str(cache))
-        chosen, rejected = tensors["chosen"].tolist(), tensors["rejected"].tolist()
-        print(f"reference log-probs from cache {cache}", flush=True)
-    else:
-        chosen, rejected = trainer.reference_logps(dataset, batch_size=cfg.eval_batch_size)
-        if int(os.environ.get("RANK", "0")) == 0:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            save_file({"chosen": torch.tensor(chosen), "rejected": torch.tensor(rejected)}, str(tmp))
-            os.replace(tmp, cache)
-    return dataset.add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", rejected)
 
 
 def models_cache_dir() -> Path:

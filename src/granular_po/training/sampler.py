@@ -62,3 +62,11 @@ class SeededLengthGroupedSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.order(self.epoch))
+
+
+def examples_after(steps: int, n_records: int, batch_size: int) -> int:
+    """Examples trained on after `steps` optimizer steps of `batch_size` over epochs of `n_records`
+    (each epoch's last step takes what is left: the last partial batch is kept)."""
+    steps_per_epoch = -(-n_records // batch_size)
+    epochs, rest = divmod(steps, steps_per_epoch)
+    return epochs * n_records + min(rest * batch_size, n_records)

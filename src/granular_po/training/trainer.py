@@ -9,13 +9,14 @@ integrations come from `transformers.Trainer`. What we change, and why:
 - `create_scheduler`: the research code's warmup, `min(1, (step + 1) / (warmup_steps + 1))`.
 - `_get_train_sampler`: seeded by (seed, epoch), grouped by length; the resumed order is the same.
 - `_get_grad_norm`: a non-finite gradient norm stops the run, naming the step and records.
+- `log`: the research code's per-step metrics (`objectives.py`), `examples_per_second` (examples of the
+  step over the step's own time), `counters/examples`, `counters/updates`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,8 +28,9 @@ from granular_po.forward.routes import ForwardRoute, choose_route
 from granular_po.models import reference_context
 from granular_po.stats import compute_token_stats
 from granular_po.training import checkpoints
+from granular_po.training.callbacks import StepTimer
 from granular_po.training.objectives import LossSettings, compute_objective
-from granular_po.training.sampler import SeededLengthGroupedSampler
+from granular_po.training.sampler import SeededLengthGroupedSampler, examples_after
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +58,10 @@ class GranularTrainer(Trainer):
         self._last_indices: list[int] = []
         self._step_indices: list[int] = []  # records of every micro-batch of the current optimizer step
         self._skip_step = False  # a micro-batch of this step had a non-finite loss (skip_nonfinite=true)
-        self._last_log_time = time.monotonic()
         self._examples_since_log = 0
+        self.step_timer = StepTimer()
         super().__init__(*args, **kwargs)
+        self.add_callback(self.step_timer)
         # Our loss is a per-batch mean: let the Trainer divide it by the accumulation steps.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
@@ -77,12 +80,14 @@ class GranularTrainer(Trainer):
         )
 
     # ---- data ----
+    def _global_batch_size(self) -> int:
+        return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        global_batch = (self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
-                        * self.args.world_size)
         return SeededLengthGroupedSampler(
-            dataset["length"], group_size=global_batch, seed=self.args.seed, group_by_length=self.group_by_length
+            dataset["length"], group_size=self._global_batch_size(), seed=self.args.seed,
+            group_by_length=self.group_by_length,
         )
 
     # ---- optimisation ----
@@ -132,7 +137,11 @@ class GranularTrainer(Trainer):
         if need_reference:
             with torch.inference_mode(), reference_context(model, self.ref_model) as reference:
                 ref = self.route.outputs(reference, batch, layouts)
-        return self._statistics(hidden, head, logits, batch, ref, need_kl=self.loss_settings.loss.needs_kl)
+        settings = self.loss_settings
+        # DPO logs the KL as the research code did (a metric only: its gradient is skipped)
+        has_reference = need_reference or settings.reference_free
+        need_kl = settings.loss.needs_kl or (settings.loss.is_preference and has_reference)
+        return self._statistics(hidden, head, logits, batch, ref, need_kl=need_kl)
 
     @torch.inference_mode()
     def reference_logps(self, dataset, batch_size: int) -> tuple[list[float], list[float]]:
@@ -204,10 +213,15 @@ class GranularTrainer(Trainer):
         for key, chunks in self._stored[split].items():
             logs[key] = torch.cat(chunks).mean().item()
         self._stored[split].clear()
-        if split == "train":
-            now = time.monotonic()
-            logs["examples_per_second"] = self._examples_since_log / max(now - self._last_log_time, 1e-9)
-            self._last_log_time, self._examples_since_log = now, 0
+        if split == "train" and "loss" in logs:  # a step's log (not the end-of-training summary)
+            seconds = self.step_timer.take()
+            if seconds > 0:
+                logs["examples_per_second"] = self._examples_since_log / seconds
+            self._examples_since_log = 0
+            logs["counters/updates"] = self.state.global_step
+            if self.train_dataset is not None:
+                logs["counters/examples"] = examples_after(self.state.global_step, len(self.train_dataset),
+                                                           self._global_batch_size())
             if self.nonfinite_skipped:
                 logs["nonfinite_skipped"] = self.nonfinite_skipped
         super().log(logs, start_time)
