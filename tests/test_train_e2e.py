@@ -149,3 +149,20 @@ def test_lora_dpo_keeps_one_copy_and_saves_adapter_and_merged(workspace, sft_run
     evals = [m for m in read_metrics(run_dir) if "rewards_eval/margins" in m]
     assert evals[0]["rewards_eval/margins"] == pytest.approx(0.0, abs=1e-5)  # adapters start at zero
     assert evals[-1]["rewards_eval/margins"] > 0
+
+
+def test_train_names_pairs_whose_region_reaches_no_token(workspace, tmp_path, capsys):
+    """Issue 11.8: `train` refuses (on_invalid=error) or skips and names (skip) a pair whose region marks
+    no token, instead of training it on its end token alone."""
+    pairs = toy_pairs(4, 0)
+    pairs[2]["masked_region"] = [5, 5, -1]  # zero length
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(pairs))
+    argv = [*common(workspace, "no_token"), f"custom_train_path={data}", "custom_eval_path=null", "loss=dpo",
+            "granular=true", "batch_size=2", "n_examples=2", "debug=true", "do_first_eval=false", "share_prompt=false"]
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{data}, record 2, field 'masked_region': region [5, 5) of the incorrect response is empty" in err
+    assert train_main([*argv, "on_invalid=skip"]) == 0
+    err = capsys.readouterr().err
+    assert "read 4 records, kept 3, 3 regions; skipped 1 (region_reaches_no_token=1: record 2)" in err
