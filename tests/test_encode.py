@@ -7,10 +7,12 @@ import os
 import pytest
 from tiny import TINY_TOKENIZER_KINDS, tiny_tokenizer
 from tokenizers import processors
+from transformers import PreTrainedTokenizerFast
 
 from granular_po.data.encode import (
     EncodeOptions,
     build_dataset,
+    check_offsets,
     encode_record,
     end_of_turn_id,
     resolve_layout,
@@ -220,3 +222,45 @@ def test_a_region_reaching_no_token_is_skipped_counted_and_named():
     assert report.skipped == {"region_reaches_no_token": 3} and report.n_kept == 2 and report.n_regions == 4
     assert "skipped 3 (region_reaches_no_token=3: records 2, 3, 4)" in report.summary()
     assert any("record 3" in m and "past max_length" in m for m in report.first_errors)
+
+
+# ---------------------------------------------------------------------------------- tokenizers with broken offsets
+
+
+class ZeroWidthOffsets(PreTrainedTokenizerFast):
+    """A real tokenizer whose offsets come back zero-width, as Llama-3's did under tokenizers < 0.20.1."""
+
+    def __call__(self, *args, **kwargs):
+        out = super().__call__(*args, **kwargs)
+        if "offset_mapping" in out:
+            out["offset_mapping"] = [(s, s) for s, _ in out["offset_mapping"]]
+        return out
+
+
+def broken_tokenizer() -> PreTrainedTokenizerFast:
+    good = tiny_tokenizer("byte_level")
+    tok = ZeroWidthOffsets(tokenizer_object=good.backend_tokenizer, eos_token="<|endoftext|>", pad_token="<pad>")
+    tok.name_or_path = "zero-width-offsets"
+    return tok
+
+
+def test_a_tokenizer_whose_offsets_do_not_cover_the_text_is_refused():
+    """Issue 11.9: with zero-width offsets every region marked nothing, silently."""
+    broken = broken_tokenizer()
+    with pytest.raises(ValueError, match=r"tokenizer 'zero-width-offsets': its offset mapping does not cover"):
+        build_dataset([record(0)], broken, EncodeOptions(prompt_format="raw"), ON)
+    with pytest.raises(ValueError, match=r"tokenizers>=0.20.1"):
+        resolve_layout(broken, EncodeOptions(prompt_format="raw"))
+    for kind in TINY_TOKENIZER_KINDS:  # real offsets pass, whitespace dropped by the pre-tokenizer or not
+        check_offsets(tiny_tokenizer(kind), "a  b\n\tc 56, 54!")
+
+
+def test_inspect_refuses_a_tokenizer_with_broken_offsets(tmp_path, monkeypatch, capsys):
+    from granular_po.apps import inspect as inspect_cmd
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "p", "correct_response": "It is 5.", "incorrect_response": "It is 6."}\n')
+    monkeypatch.setattr(inspect_cmd, "load_tokenizer", lambda name: broken_tokenizer())
+    assert inspect_cmd.main([str(data), "--tokenizer", "x", "--prompt-format", "raw"]) == 2
+    err = capsys.readouterr().err
+    assert "offset mapping does not cover" in err and "Traceback" not in err

@@ -97,10 +97,34 @@ def end_of_turn_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
+_OFFSET_PROBE = "The answer is 56, not 54.\nYes: 7 * 8 = 56!"
+
+
+def check_offsets(tokenizer, text: str = _OFFSET_PROBE) -> None:
+    """Refuse a tokenizer whose offsets do not cover a response's text: every non-whitespace character
+    must lie in the span of a token with non-zero width, or regions cannot be mapped to tokens (Llama-3
+    tokenizers under tokenizers < 0.20.1 return zero-width offsets, and every region then marks nothing)."""
+    _, offsets = _response(text, tokenizer)
+    covered = [False] * len(text)
+    for start, end in offsets:
+        for c in range(start, min(end, len(text))):
+            covered[c] = True
+    missed = [c for c, ch in enumerate(text) if not ch.isspace() and not covered[c]]
+    if missed:
+        zero = sum(1 for s, e in offsets if e <= s)
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(
+            f"tokenizer {name!r}: its offset mapping does not cover the text it encodes ({len(missed)} of "
+            f"{sum(not ch.isspace() for ch in text)} characters of {text!r} lie in no token; {zero} of "
+            f"{len(offsets)} tokens have zero-width offsets), so highlighted regions cannot be mapped to tokens. "
+            "Install tokenizers>=0.20.1 (older versions break Llama-3's offsets) or use another tokenizer")
+
+
 def resolve_layout(tokenizer, enc: EncodeOptions) -> TokenLayout:
-    """Pick the prompt format and the end-of-response token for `tokenizer`."""
+    """Pick the prompt format and the end-of-response token for `tokenizer`, after checking its offsets."""
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer: offset mappings are needed")
+    check_offsets(tokenizer)
     has_template = bool(getattr(tokenizer, "chat_template", None))
     chat = enc.prompt_format == "chat" or (enc.prompt_format == "auto" and has_template)
     if chat:
