@@ -7,17 +7,19 @@ import os
 import pytest
 from tiny import TINY_TOKENIZER_KINDS, tiny_tokenizer
 from tokenizers import processors
+from transformers import PreTrainedTokenizerFast
 
 from granular_po.data.encode import (
     EncodeOptions,
     build_dataset,
+    check_offsets,
     encode_record,
     end_of_turn_id,
     resolve_layout,
     response_token_share,
 )
 from granular_po.data.masks import GranularOptions
-from granular_po.data.schema import PreferenceRecord, Region, RegionFlag
+from granular_po.data.schema import DataError, LoadReport, PreferenceRecord, Region, RegionFlag
 
 ON = GranularOptions(enabled=True)
 C, R = RegionFlag.CORRECT, RegionFlag.INCORRECT
@@ -35,7 +37,7 @@ def record(index: int = 0, prompt: str = "What is 7 * 8?", regions=None) -> Pref
 def test_raw_format(kind):
     tok = tiny_tokenizer(kind, chat=True)
     row = encode_record(record(3), tok, EncodeOptions(prompt_format="raw"), ON)
-    assert set(row) == KEYS and row["index"] == 3
+    assert set(row) == KEYS | {"unreached_regions"} and row["index"] == 3 and row["unreached_regions"] == []
     assert row["prompt_ids"] == tok("What is 7 * 8?", add_special_tokens=False)["input_ids"]
     for side in ("chosen", "rejected"):
         n = len(row[f"{side}_ids"])
@@ -158,3 +160,107 @@ def test_response_token_share():
     assert 0 < response_token_share(ds) < 1
     assert response_token_share(ds.select([1])) == 1.0  # unannotated pair: every token
     assert response_token_share([]) == 0.0
+
+
+# ---------------------------------------------------------------------------------- regions reaching no token
+
+
+def no_token_records() -> list[PreferenceRecord]:
+    """Two good pairs, then: a zero-length region (rec 2), a region past max_length (rec 3), and a pair whose
+    second region is fine but whose first marks nothing (rec 4)."""
+    long = "The answer is " + "very " * 30 + "56."
+    return [
+        record(0), record(1),
+        PreferenceRecord("Q?", "The answer is 56.", "The answer is 54.", (Region(14, 14, R),), "mem", 2),
+        PreferenceRecord("Q?", long, "The answer is 54.", (Region(len(long) - 3, len(long) - 1, C),), "mem", 3),
+        PreferenceRecord("Q?", "The answer is 56.", "The answer is 54.", (Region(3, 3, C), Region(14, 16, R)),
+                         "mem", 4),
+    ]
+
+
+SHORT = EncodeOptions(max_length=40, max_prompt_length=16, prompt_format="raw")
+
+
+def test_a_region_reaching_no_token_is_an_error_naming_record_and_region():
+    """Issue 11.8: such pairs were counted as annotated and trained on their end token alone."""
+    tok = tiny_tokenizer("byte_level")
+    recs = no_token_records()
+    with pytest.raises(DataError) as error:
+        build_dataset(recs, tok, SHORT, ON)
+    assert error.value.index == 2 and error.value.field_name == "masked_region" and error.value.code == "region_reaches_no_token"
+    assert "region [14, 14) of the incorrect response is empty" in str(error.value)
+    with pytest.raises(DataError, match=r"mem, record 3, field 'masked_region': region \[164, 166\) of the "
+                       r"correct response \('56'\) lies past max_length=40: its tokens are truncated away"):
+        build_dataset(recs[3:], tok, SHORT, ON)
+    with pytest.raises(DataError, match=r"record 4, field 'masked_regions\[0\]': region \[3, 3\)"):
+        build_dataset(recs[4:], tok, SHORT, ON)
+    spaces = PreferenceRecord("Q?", "The answer  is 56.", "The answer is 54.", (Region(11, 12, C),), "mem", 7)
+    with pytest.raises(DataError, match=r"record 7, .*\(' '\) overlaps no token"):  # dropped by Whitespace()
+        build_dataset([spaces], tiny_tokenizer("whitespace_bpe"), SHORT, ON)
+    # with a longer max_length record 3 reaches its tokens; granular off: regions are not used at all
+    assert len(build_dataset(recs[3:4], tok, EncodeOptions(max_length=512, prompt_format="raw"), ON)) == 1
+    assert len(build_dataset(recs, tok, SHORT, GranularOptions(enabled=False))) == 5
+
+
+def test_a_region_cut_beside_one_that_reaches_a_token_keeps_the_pair_with_a_notice(caplog):
+    tok = tiny_tokenizer("byte_level")
+    long = "The answer is " + "very " * 30 + "56."
+    rec = PreferenceRecord("Q?", long, "The answer is 54.", (Region(4, 10, C), Region(len(long) - 3, len(long), C)),
+                           "mem", 9)
+    with caplog.at_level("WARNING", logger="granular_po"):
+        ds = build_dataset([rec], tok, SHORT, ON)
+    assert ds["index"] == [9] and sum(ds[0]["chosen_weights"]) >= 2  # 'answer' and the end token
+    assert "1 pair has a region that reaches no token" in caplog.text and "(record 9)" in caplog.text
+
+
+def test_a_region_reaching_no_token_is_skipped_counted_and_named():
+    tok = tiny_tokenizer("byte_level")
+    recs = no_token_records()
+    report = LoadReport("mem", n_read=5, n_kept=5, n_regions=sum(len(r.regions) for r in recs))
+    ds = build_dataset(recs, tok, SHORT, ON, on_invalid="skip", report=report)
+    assert ds["index"] == [0, 1] and "unreached_regions" not in ds.column_names
+    assert report.skipped == {"region_reaches_no_token": 3} and report.n_kept == 2 and report.n_regions == 4
+    assert "skipped 3 (region_reaches_no_token=3: records 2, 3, 4)" in report.summary()
+    assert any("record 3" in m and "past max_length" in m for m in report.first_errors)
+
+
+# ---------------------------------------------------------------------------------- tokenizers with broken offsets
+
+
+class ZeroWidthOffsets(PreTrainedTokenizerFast):
+    """A real tokenizer whose offsets come back zero-width, as Llama-3's did under tokenizers < 0.20.1."""
+
+    def __call__(self, *args, **kwargs):
+        out = super().__call__(*args, **kwargs)
+        if "offset_mapping" in out:
+            out["offset_mapping"] = [(s, s) for s, _ in out["offset_mapping"]]
+        return out
+
+
+def broken_tokenizer() -> PreTrainedTokenizerFast:
+    good = tiny_tokenizer("byte_level")
+    tok = ZeroWidthOffsets(tokenizer_object=good.backend_tokenizer, eos_token="<|endoftext|>", pad_token="<pad>")
+    tok.name_or_path = "zero-width-offsets"
+    return tok
+
+
+def test_a_tokenizer_whose_offsets_do_not_cover_the_text_is_refused():
+    """Issue 11.9: with zero-width offsets every region marked nothing, silently."""
+    broken = broken_tokenizer()
+    with pytest.raises(ValueError, match=r"tokenizer 'zero-width-offsets': its offset mapping does not cover"):
+        build_dataset([record(0)], broken, EncodeOptions(prompt_format="raw"), ON)
+    with pytest.raises(ValueError, match=r"tokenizers>=0.20.1"):
+        resolve_layout(broken, EncodeOptions(prompt_format="raw"))
+    for kind in TINY_TOKENIZER_KINDS:  # real offsets pass, whitespace dropped by the pre-tokenizer or not
+        check_offsets(tiny_tokenizer(kind), "a  b\n\tc 56, 54!")
+
+
+def test_inspect_refuses_a_tokenizer_with_broken_offsets(tmp_path, monkeypatch, capsys):
+    from granular_po.apps import inspect as inspect_cmd
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "p", "correct_response": "It is 5.", "incorrect_response": "It is 6."}\n')
+    monkeypatch.setattr(inspect_cmd, "load_tokenizer", lambda name: broken_tokenizer())
+    assert inspect_cmd.main([str(data), "--tokenizer", "x", "--prompt-format", "raw"]) == 2
+    err = capsys.readouterr().err
+    assert "offset mapping does not cover" in err and "Traceback" not in err

@@ -68,6 +68,20 @@ def test_json_output(tmp_path, tok_dir, capsys):
     assert all(set(json.loads(x)["chosen_weights"]) == {1.0} for x in off.read_text().splitlines())
 
 
+def test_a_region_reaching_no_token_is_refused_or_skipped_and_named(tmp_path, tok_dir, capsys):
+    """Issue 11.8: a zero-length region left its pair "annotated", trained on its end token alone."""
+    empty = {"prompt": "p", "correct_response": "It is 5.", "incorrect_response": "It is 6.",
+             "masked_region": [6, 6, -1]}
+    data = write_jsonl(tmp_path / "empty.jsonl", [*ROWS, empty])
+    assert inspect_cmd.main([str(data), "--tokenizer", str(tok_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "record 3, field 'masked_region': region [6, 6) of the incorrect response is empty" in err
+    assert inspect_cmd.main([str(data), "--tokenizer", str(tok_dir), "--on-invalid", "skip"]) == 0
+    out = capsys.readouterr().out
+    assert "read 4 records, kept 3, 3 regions; skipped 1 (region_reaches_no_token=1: record 3)" in out
+    assert "annotated pairs: 2 of 3" in out
+
+
 def test_invalid_data_exit_status(tmp_path, tok_dir, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [*ROWS, {"prompt": "p", "correct_response": "ok",
                                                        "incorrect_response": "no", "masked_region": [0, 99, 1]}])
@@ -76,7 +90,7 @@ def test_invalid_data_exit_status(tmp_path, tok_dir, capsys):
     assert "record 3" in err and "masked_region" in err and "Traceback" not in err
 
     assert inspect_cmd.main([str(bad), "--tokenizer", str(tok_dir), "--on-invalid", "skip"]) == 0
-    assert "skipped 1 (region_out_of_range=1)" in capsys.readouterr().out
+    assert "skipped 1 (region_out_of_range=1: record 3)" in capsys.readouterr().out
     assert inspect_cmd.main([str(tmp_path / "missing.jsonl"), "--tokenizer", str(tok_dir)]) == 1
     assert inspect_cmd.main([str(bad), "--tokenizer", str(tok_dir), "--prompt-format", "xml"]) == 2
 

@@ -267,3 +267,20 @@ def test_wandb_project_and_entity_reach_wandb(workspace, monkeypatch):
     assert inits[0]["project"] == "my-project"
     assert inits[0]["env"] == {"WANDB_PROJECT": "my-project", "WANDB_ENTITY": "my-team"}
     assert "WANDB_PROJECT" not in os.environ and os.environ["WANDB_ENTITY"] == "someone-else"
+
+
+def test_train_names_pairs_whose_region_reaches_no_token(workspace, tmp_path, capsys):
+    """Issue 11.8: `train` refuses (on_invalid=error) or skips and names (skip) a pair whose region marks
+    no token, instead of training it on its end token alone."""
+    pairs = toy_pairs(4, 0)
+    pairs[2]["masked_region"] = [5, 5, -1]  # zero length
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(pairs))
+    argv = [*common(workspace, "no_token"), f"custom_train_path={data}", "custom_eval_path=null", "loss=dpo",
+            "granular=true", "batch_size=2", "n_examples=2", "debug=true", "do_first_eval=false", "share_prompt=false"]
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{data}, record 2, field 'masked_region': region [5, 5) of the incorrect response is empty" in err
+    assert train_main([*argv, "on_invalid=skip"]) == 0
+    err = capsys.readouterr().err
+    assert "read 4 records, kept 3, 3 regions; skipped 1 (region_reaches_no_token=1: record 2)" in err

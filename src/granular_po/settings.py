@@ -204,7 +204,8 @@ class TrainConfig(EncodeOptions):
     """Print metrics to the console at most this often (metrics.jsonl gets every step)."""
     granular: GranularOptions = field(default_factory=GranularOptions)
     on_invalid: str = "error"
-    """A bad record: error (stop, naming file, record and field) or skip (count and report it)."""
+    """A bad record: error (stop, naming file, record and field) or skip (count and name it); with granular
+    on, a pair where no region of a response reaches a token is bad too."""
     resume: str = "auto"
     """Resume from the newest complete checkpoint in the run directory: auto (when one exists), true, false."""
     save_every: Optional[int] = None

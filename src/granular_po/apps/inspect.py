@@ -17,8 +17,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from granular_po.data.encode import EncodeOptions, TokenLayout, encode_record, resolve_layout
-from granular_po.data.masks import GranularOptions, projected_regions, token_in_regions, trim_regions
+from granular_po.data.encode import EncodeOptions, TokenLayout, admit_reached, encode_record, resolve_layout
+from granular_po.data.masks import GranularOptions, projected_regions, token_in_regions
 from granular_po.data.schema import DataError, LoadReport, PreferenceRecord
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -72,15 +72,6 @@ def encode_all(records: Sequence[PreferenceRecord], tokenizer, enc: EncodeOption
     return out
 
 
-def _unreached_regions(record: PreferenceRecord, row: dict[str, Any]) -> int:
-    """Regions that mark no kept token (whitespace the tokenizer drops, truncated away, zero length)."""
-    n = 0
-    for r in trim_regions(record).regions:
-        offsets = row["chosen_offsets" if r.in_chosen else "rejected_offsets"][:-1]
-        n += not any(token_in_regions(offsets, [r]))
-    return n
-
-
 def summarize(report: LoadReport, records, rows, tokenizer, layout: TokenLayout, gran: GranularOptions) -> list[str]:
     """The validation summary, one line per fact."""
     counts = {}
@@ -99,7 +90,8 @@ def summarize(report: LoadReport, records, rows, tokenizer, layout: TokenLayout,
                         f"{gran.unannotated_weight:g}, include_eos={gran.include_eos})" if gran.enabled else "off"),
         f"response tokens carrying weight: {nonzero}/{total} = {nonzero / max(total, 1):.1%} "
         f"(chosen {counts['chosen'][0]}/{counts['chosen'][1]}, rejected {counts['rejected'][0]}/{counts['rejected'][1]})",
-        f"regions reaching no token: {sum(_unreached_regions(rec, row) for rec, row in zip(records, rows))}",
+        f"regions reaching no token: {sum(len(row['unreached_regions']) for row in rows)}"
+        + (" (beside regions of the same response that do)" if gran.enabled else " (unused: granular off)"),
         f"truncated pairs: {sum(row['truncated'] for row in rows)}",
     ]
     lines += [f"  {msg}" for msg in report.first_errors]
@@ -245,6 +237,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"invalid data: {e}", file=sys.stderr)
         return 1
     rows = encode_all(records, tokenizer, enc, gran, layout)
+    if gran.enabled:  # a region that reaches no token: refused or skipped, as train does (build_dataset)
+        try:
+            keep = admit_reached(records, [row["unreached_regions"] for row in rows], tokenizer, enc,
+                                 args.on_invalid, report)
+        except DataError as e:
+            print(f"invalid data: {e}", file=sys.stderr)
+            return 1
+        records, rows = [records[k] for k in keep], [rows[k] for k in keep]
     summary = summarize(report, records, rows, tokenizer, layout, gran)
     print("\n".join(summary))
     if args.json:

@@ -10,15 +10,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from granular_po.data.masks import GranularOptions, response_weights, sft_regions, token_flags, trim_regions
-from granular_po.data.schema import PreferenceRecord, Region, RegionFlag
+from granular_po.data.masks import (
+    GranularOptions,
+    response_weights,
+    sft_regions,
+    token_flags,
+    token_in_regions,
+    trim_region,
+    trim_regions,
+)
+from granular_po.data.schema import DataError, LoadReport, PreferenceRecord, Region, RegionFlag
 
-_ENCODE_VERSION = 3  # bump when the encoding changes, so cached datasets are not reused
+logger = logging.getLogger("granular_po")
+
+_ENCODE_VERSION = 4  # bump when the encoding changes, so cached datasets are not reused
 PROMPT_FORMATS = ("auto", "raw", "chat")
 TRUNCATION_MODES = ("keep_end", "keep_start")
 
@@ -86,10 +97,34 @@ def end_of_turn_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
+_OFFSET_PROBE = "The answer is 56, not 54.\nYes: 7 * 8 = 56!"
+
+
+def check_offsets(tokenizer, text: str = _OFFSET_PROBE) -> None:
+    """Refuse a tokenizer whose offsets do not cover a response's text: every non-whitespace character
+    must lie in the span of a token with non-zero width, or regions cannot be mapped to tokens (Llama-3
+    tokenizers under tokenizers < 0.20.1 return zero-width offsets, and every region then marks nothing)."""
+    _, offsets = _response(text, tokenizer)
+    covered = [False] * len(text)
+    for start, end in offsets:
+        for c in range(start, min(end, len(text))):
+            covered[c] = True
+    missed = [c for c, ch in enumerate(text) if not ch.isspace() and not covered[c]]
+    if missed:
+        zero = sum(1 for s, e in offsets if e <= s)
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(
+            f"tokenizer {name!r}: its offset mapping does not cover the text it encodes ({len(missed)} of "
+            f"{sum(not ch.isspace() for ch in text)} characters of {text!r} lie in no token; {zero} of "
+            f"{len(offsets)} tokens have zero-width offsets), so highlighted regions cannot be mapped to tokens. "
+            "Install tokenizers>=0.20.1 (older versions break Llama-3's offsets) or use another tokenizer")
+
+
 def resolve_layout(tokenizer, enc: EncodeOptions) -> TokenLayout:
-    """Pick the prompt format and the end-of-response token for `tokenizer`."""
+    """Pick the prompt format and the end-of-response token for `tokenizer`, after checking its offsets."""
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer: offset mappings are needed")
+    check_offsets(tokenizer)
     has_template = bool(getattr(tokenizer, "chat_template", None))
     chat = enc.prompt_format == "chat" or (enc.prompt_format == "auto" and has_template)
     if chat:
@@ -137,7 +172,8 @@ def encode_record(
     """Encode one pair; see INTERFACES.md for the keys. Response lists all end with the end token.
 
     `with_offsets` adds `chosen_offsets` / `rejected_offsets` (char spans; the end token gets an empty
-    span at the text's end) and `truncated`, for the inspect viewer.
+    span at the text's end) and `truncated`, for the inspect viewer. `unreached_regions` lists the
+    positions (in `record.regions`) of the regions that mark no kept token (see `admit_reached`).
     """
     layout = layout or resolve_layout(tokenizer, enc)
     record = trim_regions(record)  # regions are taken without edge whitespace (see `masks`)
@@ -167,11 +203,81 @@ def encode_record(
                     "rejected_ids", "rejected_weights", "rejected_flags", "rejected_offsets"):
             out[key] = _cut(out[key], budget)
     out["prompt_ids"] = prompt_ids
+    out["unreached_regions"] = [
+        k for k, r in enumerate(record.regions)
+        if not any(token_in_regions(out["chosen_offsets" if r.in_chosen else "rejected_offsets"], [r]))
+    ]
     if with_offsets:
         out["truncated"] = truncated
     else:
         del out["chosen_offsets"], out["rejected_offsets"]
     return out
+
+
+NO_TOKEN = "region_reaches_no_token"
+
+
+def unreached_region_error(record: PreferenceRecord, k: int, tokenizer, enc: EncodeOptions) -> DataError:
+    """Why region `k` of `record` marks no token: zero length, truncated away, or characters no token holds."""
+    region = record.regions[k]
+    which, text = ("correct", record.chosen) if region.in_chosen else ("incorrect", record.rejected)
+    trimmed = trim_region(region, text)
+    where = f"region [{region.start}, {region.end}) of the {which} response"
+    if trimmed.end <= trimmed.start:
+        reason = f"{where} is empty (zero length): it marks no token"
+    elif any(token_in_regions(_response(text, tokenizer)[1], [trimmed])):
+        reason = (f"{where} ({text[trimmed.start:trimmed.end]!r}) lies past max_length={enc.max_length}: its "
+                  "tokens are truncated away (raise max_length, or lower max_prompt_length)")
+    else:
+        reason = (f"{where} ({text[trimmed.start:trimmed.end]!r}) overlaps no token: the tokenizer keeps no "
+                  "token for those characters")
+    field = f"masked_regions[{k}]" if len(record.regions) > 1 else "masked_region"
+    return DataError(record.source, record.index, field, f"{reason}; no region of the {which} response "
+                     "reaches a token, so it would train on no highlighted token", NO_TOKEN)
+
+
+def _stranded(record: PreferenceRecord, unreached: Sequence[int]) -> int | None:
+    """The first region of a response none of whose own regions reaches a token, else None."""
+    for in_chosen in (True, False):
+        own = [k for k, r in enumerate(record.regions) if r.in_chosen == in_chosen]
+        if own and all(k in unreached for k in own):
+            return own[0]
+    return None
+
+
+def admit_reached(records: Sequence[PreferenceRecord], unreached: Sequence[Sequence[int]], tokenizer,
+                  enc: EncodeOptions, on_invalid: str, report: LoadReport | None = None) -> list[int]:
+    """Positions of the records to train on: those where every response with regions has one that reaches
+    a kept token.
+
+    A response whose regions all reach no token (zero length, truncated past max_length, characters no
+    token holds) would train on its end token alone, its highlight lost: with `on_invalid="error"` that
+    raises a DataError naming the record and the region; with "skip" the record is left out, counted in
+    `report` by reason and named there. A region that reaches nothing beside one of the same response
+    that does (a third highlight cut by max_length) leaves the pair trainable: one notice names them.
+    """
+    keep, partial = [], []
+    for pos, (record, bad) in enumerate(zip(records, unreached, strict=True)):
+        k = _stranded(record, bad) if bad else None
+        if k is None:
+            keep.append(pos)
+            if bad:
+                partial.append(record.index)
+            continue
+        error = unreached_region_error(record, k, tokenizer, enc)
+        if on_invalid == "error":
+            raise error
+        if report is not None:
+            report.skip(error)
+            report.n_kept -= 1
+            report.n_regions -= len(record.regions)
+    if partial:
+        shown = ", ".join(map(str, partial[:10])) + (f", ... ({len(partial) - 10} more)" if len(partial) > 10 else "")
+        one = len(partial) == 1
+        logger.warning("notice: %d %s a region that reaches no token (empty, or cut by max_length=%d) beside "
+                       "regions that do; %s on those (record%s %s)", len(partial), "pair has" if one else "pairs have",
+                       enc.max_length, "it trains" if one else "they train", "" if one else "s", shown)
+    return keep
 
 
 def _row(record: PreferenceRecord) -> dict[str, Any]:
@@ -209,11 +315,14 @@ def build_dataset(
     gran: GranularOptions,
     num_proc: int = 1,
     cache_dir: str | os.PathLike | None = None,
+    on_invalid: str = "error",
+    report: LoadReport | None = None,
 ):
     """Encode `records` into an Arrow `datasets.Dataset` (one row per record, columns of encode_record).
 
     With `cache_dir` the encoded table is written there under a fingerprint of data, tokenizer and
-    options, and reused by a later identical call.
+    options, and reused by a later identical call. With `gran.enabled`, a record with a region that
+    reaches no token raises or is skipped and counted in `report` (`on_invalid`, see `admit_reached`).
     """
     from datasets import Dataset, Features, Value
     from datasets import Sequence as ListOf
@@ -228,7 +337,7 @@ def build_dataset(
     out_features = Features({
         "index": Value("int64"), "prompt_ids": ids, "chosen_ids": ids, "chosen_weights": weights,
         "rejected_ids": ids, "rejected_weights": weights, "sft_weights": weights,
-        "chosen_flags": flags, "rejected_flags": flags,
+        "chosen_flags": flags, "rejected_flags": flags, "unreached_regions": ListOf(Value("int32")),
     })
     fingerprint = encoding_fingerprint(rows, tokenizer, enc, gran)
     cache_file = None
@@ -236,9 +345,10 @@ def build_dataset(
         os.makedirs(cache_dir, exist_ok=True)
         cache_file = os.path.join(os.fspath(cache_dir), f"encoded-{fingerprint}.arrow")
     if not rows:  # datasets.map would drop the output columns of an empty table
-        return Dataset.from_dict({k: [] for k in out_features}, features=out_features)
+        empty = Dataset.from_dict({k: [] for k in out_features}, features=out_features)
+        return empty.remove_columns("unreached_regions")
     source = Dataset.from_dict({k: [row[k] for row in rows] for k in text_features}, features=text_features)
-    return source.map(
+    encoded = source.map(
         _encode_row,
         fn_kwargs={"tokenizer": tokenizer, "enc": enc, "gran": gran, "layout": layout},
         remove_columns=["prompt", "chosen", "rejected", "regions"],
@@ -249,6 +359,11 @@ def build_dataset(
         load_from_cache_file=cache_file is not None,
         desc="tokenising",
     )
+    if gran.enabled:
+        keep = admit_reached(records, encoded["unreached_regions"], tokenizer, enc, on_invalid, report)
+        if len(keep) < len(records):
+            encoded = encoded.select(keep)
+    return encoded.remove_columns("unreached_regions")
 
 
 def response_token_share(dataset) -> float:

@@ -92,9 +92,12 @@ class LoadReport:
     n_regions: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     first_errors: list[str] = field(default_factory=list)  # a few full messages, to show the user
+    skipped_indices: dict[str, list[int]] = field(default_factory=dict)  # record indices by reason
 
     def skip(self, error: DataError, keep_messages: int = 5) -> None:
         self.skipped[error.code] = self.skipped.get(error.code, 0) + 1
+        if error.index is not None:
+            self.skipped_indices.setdefault(error.code, []).append(error.index)
         if len(self.first_errors) < keep_messages:
             self.first_errors.append(str(error))
 
@@ -102,9 +105,19 @@ class LoadReport:
     def n_skipped(self) -> int:
         return sum(self.skipped.values())
 
-    def summary(self) -> str:
+    def summary(self, show_indices: int = 10) -> str:
+        """One line: counts, then each skip reason with the indices of (up to `show_indices` of) its records."""
         line = f"{self.source}: read {self.n_read} records, kept {self.n_kept}, {self.n_regions} regions"
         if self.skipped:
-            reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items()))
+            reasons = "; ".join(f"{k}={v}" + (f": {_records(self.skipped_indices[k], show_indices)}"
+                                             if k in self.skipped_indices else "")
+                                for k, v in sorted(self.skipped.items()))
             line += f"; skipped {self.n_skipped} ({reasons})"
         return line
+
+
+def _records(indices: list[int], show: int) -> str:
+    """'record 3' / 'records 3, 7, ... (12 more)'."""
+    shown = ", ".join(map(str, indices[:show]))
+    more = f", ... ({len(indices) - show} more)" if len(indices) > show else ""
+    return f"record{'s' if len(indices) > 1 else ''} {shown}{more}"

@@ -17,7 +17,8 @@ from transformers import TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
 from granular_po.data.collate import PreferenceCollator, SFTCollator
-from granular_po.data.encode import build_dataset
+from granular_po.data.encode import EncodeOptions, build_dataset
+from granular_po.data.masks import GranularOptions
 from granular_po.losses import LossType
 from granular_po.settings import TrainConfig
 from granular_po.training import checkpoints, reference_cache, resources
@@ -29,11 +30,27 @@ from granular_po.training.trainer import GranularTrainer
 logger = logging.getLogger("granular_po")
 
 
-def load_split_records(cfg: TrainConfig, split: str, eos_text: str | None):
-    """Records of one split from every dataset in `cfg.datasets`, with one summary line each."""
+def load_split(cfg: TrainConfig, split: str, tokenizer, enc: EncodeOptions, gran: GranularOptions):
+    """One split of every dataset in `cfg.datasets`, validated and encoded (None when there is none), with
+    one summary line each: records skipped while loading or encoding are counted and named there."""
+    from datasets import concatenate_datasets
+
+    parts = []
+    for records, report in _split_sources(cfg, split, tokenizer.eos_token):
+        parts.append(build_dataset(records, tokenizer, enc, gran, num_proc=cfg.num_proc, cache_dir=cfg.cache_dir,
+                                   on_invalid=cfg.on_invalid, report=report))
+        logger.info(report.summary())
+        if report.n_skipped:
+            print(report.summary(), file=sys.stderr)
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def _split_sources(cfg: TrainConfig, split: str, eos_text: str | None):
+    """(records, report) of one split, for every dataset in `cfg.datasets` that has the split."""
     from granular_po.data.records import load_hub_records, load_records
 
-    records = []
     for name in cfg.datasets:
         if name == "ours":
             path = cfg.custom_train_path if split == "train" else cfg.custom_eval_path
@@ -45,11 +62,7 @@ def load_split_records(cfg: TrainConfig, split: str, eos_text: str | None):
             recs, report = load_records(path, on_invalid=cfg.on_invalid, eos_text=eos_text)
         else:
             recs, report = load_hub_records(name, split, on_invalid=cfg.on_invalid, cache_dir=cfg.cache_dir)
-        logger.info(report.summary())
-        if report.n_skipped:
-            print(report.summary(), file=sys.stderr)
-        records.extend(recs)
-    return records
+        yield recs, report
 
 
 def _with_length(dataset):
@@ -162,14 +175,12 @@ def run_training(cfg: TrainConfig, argv: list[str] | None = None, settings: RunS
     tokenizer = models.load_tokenizer(models.resolve_model_path(tokenizer_name, cfg.cache_dir),
                                       trust_remote_code=cfg.trust_remote_code)
     enc, gran = cfg.encode_options(), cfg.granular
-    train_records = load_split_records(cfg, "train", tokenizer.eos_token)
-    eval_records = load_split_records(cfg, "test", tokenizer.eos_token)
-    if cfg.n_eval_examples is not None:
-        eval_records = eval_records[: cfg.n_eval_examples]
-    train_ds = _with_length(build_dataset(train_records, tokenizer, enc, gran, num_proc=cfg.num_proc,
-                                          cache_dir=cfg.cache_dir))
-    eval_ds = build_dataset(eval_records, tokenizer, enc, gran, num_proc=cfg.num_proc,
-                            cache_dir=cfg.cache_dir) if eval_records else None
+    train_ds = _with_length(load_split(cfg, "train", tokenizer, enc, gran))
+    eval_ds = load_split(cfg, "test", tokenizer, enc, gran)
+    if eval_ds is not None and cfg.n_eval_examples is not None:
+        eval_ds = eval_ds.select(range(min(cfg.n_eval_examples, len(eval_ds))))
+    if eval_ds is not None and len(eval_ds) == 0:
+        eval_ds = None
 
     loss_type = settings.loss
     loss_settings = LossSettings.from_config(cfg, loss_type)
