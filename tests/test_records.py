@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from pathlib import Path
 
@@ -13,14 +12,9 @@ from hypothesis import strategies as st
 
 from granular_po.data import records as records_mod
 from granular_po.data.records import (
-    convert_hh_row,
-    convert_se_row,
-    convert_shp_row,
     iter_records,
-    load_hub_records,
     load_records,
     record_to_dict,
-    strip_html,
     write_records,
 )
 from granular_po.data.schema import DataError, LoadReport, PreferenceRecord, Region, RegionFlag
@@ -235,109 +229,6 @@ def test_write_records_round_trips(tmp_path):
         assert [record_to_dict(r) for r in again] == [record_to_dict(r) for r in records]
     assert json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))[0]["masked_regions"][0][2] == -1
     assert not list(tmp_path.glob("*.tmp"))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Hub converters (offline: rows written in the hub schema)
-
-HH_PROMPT = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: 2+2?\n\nAssistant:"
-
-
-def test_convert_hh_row_splits_at_the_last_assistant_turn():
-    r = convert_hh_row({"chosen": HH_PROMPT + " 4", "rejected": HH_PROMPT + " 5"}, 7)
-    assert (r.prompt, r.chosen, r.rejected, r.index) == (HH_PROMPT, " 4", " 5", 7)
-    assert r.source == "Anthropic/hh-rlhf" and not r.is_annotated
-
-
-@pytest.mark.parametrize("row, field", [
-    ({"chosen": "no turns", "rejected": "no turns"}, "chosen"),
-    ({"chosen": HH_PROMPT + " 4", "rejected": "\n\nHuman: other\n\nAssistant: 5"}, "rejected"),
-    ({"chosen": HH_PROMPT + " 4"}, "rejected"),
-    ({"chosen": HH_PROMPT + " ", "rejected": HH_PROMPT + " 5"}, "chosen"),
-])
-def test_convert_hh_row_errors_name_the_field(row, field):
-    with pytest.raises(DataError) as info:
-        convert_hh_row(row, 3)
-    assert f"'{field}'" in str(info.value) and "record 3" in str(info.value)
-
-
-SHP_ROW = {"history": "Why is the sky blue?", "human_ref_A": "Rayleigh scattering.", "human_ref_B": "Magic.",
-           "labels": 1, "score_A": 10, "score_B": 3}
-
-
-def test_convert_shp_row_orders_by_label_and_filters_by_ratio():
-    r = convert_shp_row(SHP_ROW, 0)
-    assert r.prompt == "\n\nHuman: Why is the sky blue?\n\nAssistant:"
-    assert (r.chosen, r.rejected) == (" Rayleigh scattering.", " Magic.")
-    flipped = convert_shp_row({**SHP_ROW, "labels": 0}, 1)
-    assert (flipped.chosen, flipped.rejected) == (" Magic.", " Rayleigh scattering.")
-    assert convert_shp_row({**SHP_ROW, "score_B": 0}, 2).chosen == " Rayleigh scattering."
-    for scores in ((10, 6), (0, 0)):
-        with pytest.raises(DataError) as info:
-            convert_shp_row({**SHP_ROW, "score_A": scores[0], "score_B": scores[1]}, 4)
-        assert info.value.code == "shp_low_ratio" and "record 4" in str(info.value)
-    with pytest.raises(DataError, match="labels"):
-        convert_shp_row({**SHP_ROW, "labels": True}, 5)
-    with pytest.raises(DataError, match="score_B"):
-        convert_shp_row({**SHP_ROW, "score_B": math.nan}, 5)
-
-
-def test_convert_se_row_pairs_the_best_answer_with_each_lower_one():
-    row = {"question": "<p>How to sort?</p>", "answers": [
-        {"text": "<p>Use <code>sorted</code> &amp; done</p>", "pm_score": 2},
-        {"text": "Bubble sort.", "pm_score": 5},
-        {"text": "Tie with first.", "pm_score": 2},
-        {"text": "Also best.", "pm_score": 5},
-    ]}
-    pairs = convert_se_row(row, 9, first_index=100)
-    assert [p.index for p in pairs] == [100, 101]
-    assert all(p.chosen == " Bubble sort." and p.prompt == "\n\nHuman: How to sort?\n\nAssistant:" for p in pairs)
-    assert [p.rejected for p in pairs] == [" Use sorted & done", " Tie with first."]
-    assert convert_se_row({"question": "q", "answers": []}, 0) == []
-    assert convert_se_row({"question": "q", "answers": [{"text": "a", "pm_score": 1}]}, 0) == []
-    with pytest.raises(DataError, match=r"answers\[0\]"):
-        convert_se_row({"question": "q", "answers": [{"text": "a", "pm_score": "1"}]}, 0)
-    assert strip_html("a<br/>b &lt;c&gt;") == "ab <c>"
-
-
-def test_load_hub_records_counts_filters_and_errors_offline(monkeypatch):
-    import datasets
-
-    rows = {
-        "stanfordnlp/SHP": [SHP_ROW, {**SHP_ROW, "score_B": 9}, SHP_ROW],
-        "Anthropic/hh-rlhf": [{"chosen": HH_PROMPT + " 4", "rejected": HH_PROMPT + " 5"},
-                              {"chosen": "broken", "rejected": "broken"}],
-        "HuggingFaceH4/stack-exchange-preferences": [
-            {"question": "q", "answers": [{"text": "a", "pm_score": 3}, {"text": "b", "pm_score": 1},
-                                          {"text": "c", "pm_score": 0}]},
-            {"question": "r", "answers": [{"text": "d", "pm_score": 3}, {"text": "e", "pm_score": 1}]}],
-    }
-    calls = []
-
-    def fake_load(hub_id, split, cache_dir=None):
-        calls.append((hub_id, split, cache_dir))
-        return rows[hub_id]
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load)
-    shp, report = load_hub_records("shp", "test", cache_dir="/c")
-    assert [r.index for r in shp] == [0, 2] and report.skipped == {"shp_low_ratio": 1}
-    assert calls == [("stanfordnlp/SHP", "test", "/c")] and shp[0].source == "stanfordnlp/SHP:test"
-    with pytest.raises(DataError, match="record 1"):
-        load_hub_records("hh")
-    hh, report = load_hub_records("Anthropic/hh-rlhf", on_invalid="skip")
-    assert len(hh) == 1 and report.skipped == {"hh_format": 1}
-    se, report = load_hub_records("se")
-    assert [(r.index, r.rejected) for r in se] == [(0, " b"), (1, " c"), (2, " e")] and report.n_kept == 3
-    with pytest.raises(ValueError, match="unknown hub dataset"):
-        load_hub_records("nope")
-
-    def offline(*args, **kwargs):
-        raise ConnectionError("no network")
-
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(DataError) as info:
-        load_hub_records("hh")
-    assert info.value.code == "hub_unavailable" and "no network" in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------------

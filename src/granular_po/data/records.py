@@ -1,4 +1,4 @@
-"""Load and validate preference records from JSON / JSONL files and the research code's hub datasets.
+"""Load and validate preference records from JSON / JSONL files (the hub datasets: `hub`).
 
 A bad record raises a `DataError` naming file, record and field (`on_invalid="error"`) or is skipped and
 counted by reason in the `LoadReport` (`"skip"`); nothing is dropped silently. Region offsets are Python
@@ -8,10 +8,8 @@ counted by reason in the `LoadReport` (`"skip"`); nothing is dropped silently. R
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +23,8 @@ TEXT_FIELDS: dict[str, tuple[str, ...]] = {
 }
 ON_INVALID = ("error", "skip")
 # Markers and filters, not errors: always skipped and counted, even with on_invalid="error".
-FILTER_CODES = frozenset({"invalidated", "shp_low_ratio"})
-HUB_DATASETS = {
-    "hh": "Anthropic/hh-rlhf",
-    "shp": "stanfordnlp/SHP",
-    "se": "HuggingFaceH4/stack-exchange-preferences",
-}
+FILTER_CODES = frozenset({"invalidated", "shp_low_ratio", "se_empty_answer"})
 _BOM = b"\xef\xbb\xbf"
-_ASSISTANT = "\n\nAssistant:"
-_HUMAN = "\n\nHuman: "
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -331,142 +322,3 @@ def write_records(records: Sequence[PreferenceRecord], path: str | os.PathLike[s
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-# ---------------------------------------------------------------------------------------------------
-# Hub datasets of the research code (hh, shp, se): pure converters + a loader that calls the network.
-
-
-def _row_text(row: Mapping[str, Any], key: str, source: str, index: int) -> str:
-    if key not in row:
-        raise DataError(source, index, key, "missing", "missing_field")
-    return _check_text(row[key], key, source, index, None, False)
-
-
-def convert_hh_row(row: Mapping[str, Any], index: int, source: str = HUB_DATASETS["hh"],
-                   eos_text: str | None = None) -> PreferenceRecord:
-    """Anthropic/hh-rlhf row {chosen, rejected} (whole transcripts) -> shared prompt + two responses.
-
-    The prompt is everything up to and including the last "\\n\\nAssistant:" of the chosen transcript.
-    """
-    chosen, rejected = _row_text(row, "chosen", source, index), _row_text(row, "rejected", source, index)
-    cut = chosen.rfind(_ASSISTANT)
-    if cut < 0:
-        raise DataError(source, index, "chosen", "no '\\n\\nAssistant:' turn in the transcript", "hh_format")
-    prompt = chosen[: cut + len(_ASSISTANT)]
-    if not rejected.startswith(prompt):
-        raise DataError(source, index, "rejected", "does not start with the chosen transcript's prompt (up to "
-                        "its last '\\n\\nAssistant:')", "hh_format")
-    return make_record(prompt, chosen[len(prompt):], rejected[len(prompt):], source, index, eos_text=eos_text)
-
-
-def convert_shp_row(row: Mapping[str, Any], index: int, source: str = HUB_DATASETS["shp"],
-                    min_score_ratio: float = 2.0, eos_text: str | None = None) -> PreferenceRecord:
-    """stanfordnlp/SHP row -> record; pairs whose score ratio is under `min_score_ratio` raise "shp_low_ratio".
-
-    As in the research code: prompt "\\n\\nHuman: {history}\\n\\nAssistant:", responses with a leading space.
-    """
-    history = _row_text(row, "history", source, index)
-    ref_a, ref_b = _row_text(row, "human_ref_A", source, index), _row_text(row, "human_ref_B", source, index)
-    label = row.get("labels")
-    if type(label) is not int or label not in (0, 1):
-        raise DataError(source, index, "labels", f"must be 0 or 1, got {_describe(label)}", "bad_type")
-    scores = []
-    for key in ("score_A", "score_B"):
-        value = row.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise DataError(source, index, key, f"must be a number, got {_describe(value)}", "bad_type")
-        scores.append(value)
-    high, low = max(scores), min(scores)
-    ratio = high / low if low > 0 else (math.inf if high > 0 else 1.0)
-    if ratio < min_score_ratio:
-        raise DataError(source, index, "score_A", f"score ratio {ratio:.2f} is under {min_score_ratio} (the "
-                        "research code's filter)", "shp_low_ratio")
-    chosen, rejected = (ref_a, ref_b) if label == 1 else (ref_b, ref_a)
-    return make_record(_HUMAN + history + _ASSISTANT, " " + chosen, " " + rejected, source, index,
-                       eos_text=eos_text)
-
-
-class _TextOnly(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-
-    def handle_data(self, data: str) -> None:
-        self.parts.append(data)
-
-
-def strip_html(text: str) -> str:
-    """The text content of an HTML fragment (tags dropped, entities decoded), as the research code did."""
-    parser = _TextOnly()
-    parser.feed(text)
-    parser.close()
-    return "".join(parser.parts)
-
-
-def convert_se_row(row: Mapping[str, Any], index: int, source: str = HUB_DATASETS["se"],
-                   first_index: int | None = None, html: bool = True,
-                   eos_text: str | None = None) -> list[PreferenceRecord]:
-    """stack-exchange-preferences row -> the best-scored answer paired with each lower-scored one.
-
-    Records are numbered from `first_index` (default `index`, the row): one row gives several pairs.
-    """
-    question = _row_text(row, "question", source, index)
-    answers = row.get("answers")
-    if not isinstance(answers, (list, tuple)):
-        raise DataError(source, index, "answers", f"must be a list, got {_describe(answers)}", "bad_type")
-    texts, scores = [], []
-    for k, answer in enumerate(answers):
-        field = f"answers[{k}]"
-        if not isinstance(answer, Mapping) or not isinstance(answer.get("text"), str):
-            raise DataError(source, index, field, "must be an object with a string 'text'", "bad_type")
-        score = answer.get("pm_score")
-        if isinstance(score, bool) or not isinstance(score, (int, float)):
-            raise DataError(source, index, field, f"pm_score must be a number, got {_describe(score)}", "bad_type")
-        texts.append(" " + (strip_html(answer["text"]) if html else answer["text"]))
-        scores.append(score)
-    if not texts:
-        return []
-    best = max(range(len(texts)), key=scores.__getitem__)
-    prompt = _HUMAN + (strip_html(question) if html else question) + _ASSISTANT
-    start = index if first_index is None else first_index
-    losers = [k for k in range(len(texts)) if scores[k] < scores[best]]
-    return [make_record(prompt, texts[best], texts[k], source, start + n, eos_text=eos_text,
-                        fields=("question", f"answers[{best}]", f"answers[{k}]")) for n, k in enumerate(losers)]
-
-
-def load_hub_records(name: str, split: str = "train", on_invalid: str = "error", cache_dir: str | None = None,
-                     eos_text: str | None = None, min_score_ratio: float = 2.0
-                     ) -> tuple[list[PreferenceRecord], LoadReport]:
-    """Download (via `datasets.load_dataset`) and convert hh / shp / se; the only network call in this module."""
-    _check_on_invalid(on_invalid)
-    kinds = {**{k: k for k in HUB_DATASETS}, **{v: k for k, v in HUB_DATASETS.items()}}
-    if name not in kinds:
-        raise ValueError(f"unknown hub dataset {name!r}; known: {', '.join(kinds)}")
-    kind, hub_id = kinds[name], HUB_DATASETS[kinds[name]]
-    source = f"{hub_id}:{split}"
-    report = LoadReport(source)
-    import datasets  # late: importing it is slow and only this function needs it
-
-    try:
-        rows = datasets.load_dataset(hub_id, split=split, cache_dir=cache_dir)
-    except Exception as e:
-        raise DataError(source, None, None, f"cannot load the hub dataset: {type(e).__name__}: {e}",
-                        "hub_unavailable") from e
-    records: list[PreferenceRecord] = []
-    for index, row in enumerate(rows):
-        try:
-            if kind == "hh":
-                new = [convert_hh_row(row, index, source, eos_text)]
-            elif kind == "shp":
-                new = [convert_shp_row(row, index, source, min_score_ratio, eos_text)]
-            else:
-                new = convert_se_row(row, index, source, first_index=len(records), eos_text=eos_text)
-        except DataError as e:
-            report.n_read += 1
-            _admit(e, on_invalid, report)
-            continue
-        report.n_read += len(new)
-        report.n_kept += len(new)
-        records.extend(new)
-    return records, report

@@ -30,13 +30,15 @@ from granular_po.training.trainer import GranularTrainer
 logger = logging.getLogger("granular_po")
 
 
-def load_split(cfg: TrainConfig, split: str, tokenizer, enc: EncodeOptions, gran: GranularOptions):
+def load_split(cfg: TrainConfig, split: str, tokenizer, enc: EncodeOptions, gran: GranularOptions,
+               sft: bool = False):
     """One split of every dataset in `cfg.datasets`, validated and encoded (None when there is none), with
-    one summary line each: records skipped while loading or encoding are counted and named there."""
+    one summary line each: records skipped while loading or encoding are counted and named there. `sft`:
+    the hub datasets give their SFT records (one per prompt for se and shp, as the research code)."""
     from datasets import concatenate_datasets
 
     parts = []
-    for records, report in _split_sources(cfg, split, tokenizer.eos_token):
+    for records, report in _split_sources(cfg, split, tokenizer.eos_token, sft):
         parts.append(build_dataset(records, tokenizer, enc, gran, num_proc=cfg.num_proc, cache_dir=cfg.cache_dir,
                                    on_invalid=cfg.on_invalid, report=report))
         logger.info(report.summary())
@@ -47,9 +49,10 @@ def load_split(cfg: TrainConfig, split: str, tokenizer, enc: EncodeOptions, gran
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
-def _split_sources(cfg: TrainConfig, split: str, eos_text: str | None):
+def _split_sources(cfg: TrainConfig, split: str, eos_text: str | None, sft: bool):
     """(records, report) of one split, for every dataset in `cfg.datasets` that has the split."""
-    from granular_po.data.records import load_hub_records, load_records
+    from granular_po.data.hub import load_hub_records
+    from granular_po.data.records import load_records
 
     for name in cfg.datasets:
         if name == "ours":
@@ -61,7 +64,8 @@ def _split_sources(cfg: TrainConfig, split: str, eos_text: str | None):
                 continue
             recs, report = load_records(path, on_invalid=cfg.on_invalid, eos_text=eos_text)
         else:
-            recs, report = load_hub_records(name, split, on_invalid=cfg.on_invalid, cache_dir=cfg.cache_dir)
+            recs, report = load_hub_records(name, split, on_invalid=cfg.on_invalid, cache_dir=cfg.cache_dir,
+                                            eos_text=eos_text, sft=sft)
         yield recs, report
 
 
@@ -175,8 +179,9 @@ def run_training(cfg: TrainConfig, argv: list[str] | None = None, settings: RunS
     tokenizer = models.load_tokenizer(models.resolve_model_path(tokenizer_name, cfg.cache_dir),
                                       trust_remote_code=cfg.trust_remote_code)
     enc, gran = cfg.encode_options(), cfg.granular
-    train_ds = _with_length(load_split(cfg, "train", tokenizer, enc, gran))
-    eval_ds = load_split(cfg, "test", tokenizer, enc, gran)
+    sft = settings.loss is LossType.SFT
+    train_ds = _with_length(load_split(cfg, "train", tokenizer, enc, gran, sft))
+    eval_ds = load_split(cfg, "test", tokenizer, enc, gran, sft)
     if eval_ds is not None and cfg.n_eval_examples is not None:
         eval_ds = eval_ds.select(range(min(cfg.n_eval_examples, len(eval_ds))))
     if eval_ds is not None and len(eval_ds) == 0:
