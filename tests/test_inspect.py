@@ -82,6 +82,16 @@ def test_a_region_reaching_no_token_is_refused_or_skipped_and_named(tmp_path, to
     assert "annotated pairs: 2 of 3" in out
 
 
+def test_identical_responses_are_named(tmp_path, tok_dir, capsys):
+    """Issue 13.9: a pair with identical responses is skipped, counted and named, also in error mode."""
+    same = {"prompt": "p", "correct_response": "It is 5.", "incorrect_response": "It is 5."}
+    data = write_jsonl(tmp_path / "same.jsonl", [*ROWS, same])
+    assert inspect_cmd.main([str(data), "--tokenizer", str(tok_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "read 4 records, kept 3, 3 regions; skipped 1 (identical_responses=1: record 3)" in out
+    assert "record 3, field 'incorrect_response': is identical to the correct response" in out
+
+
 def test_invalid_data_exit_status(tmp_path, tok_dir, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [*ROWS, {"prompt": "p", "correct_response": "ok",
                                                        "incorrect_response": "no", "masked_region": [0, 99, 1]}])

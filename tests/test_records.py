@@ -48,7 +48,9 @@ INVALID = {
     "region_not_list.json": ("bad_region", ["record 0", "'masked_region'", "string"], False),
     "mistyped_text.json": ("bad_type", ["record 0", "'prompt'", "must be a string", "integer 42"], False),
     "conflicting_alias.json": ("conflicting_fields", ["record 0", "'correct_response'", "'chosen'"], False),
-    "pretty_object.json": ("bad_json", ["pretty_object.json", "line 1", "list of records"], False),
+    "pretty_object.json": ("not_a_list", ["pretty_object.json", "expected a JSON list or JSONL", "'data'"], True),
+    "one_line_object.json": ("not_a_list", ["one_line_object.json", "expected a JSON list or JSONL", "'data'"],
+                             True),
     "deep_nesting.json": ("bad_json", ["deep_nesting.json", "RecursionError"], True),
     "empty.jsonl": ("empty_file", ["empty.jsonl", "empty"], True),
     "empty_list.json": ("empty_file", ["empty_list.json", "no records"], True),
@@ -57,6 +59,7 @@ INVALID = {
 VALID = {
     "nul_char.jsonl": 1, "crlf.jsonl": 2, "touching_ends.json": 1, "overlapping.json": 1, "zero_length.json": 1,
     "unicode_mix.jsonl": 1, "bom.jsonl": 1, "duplicate_prompts.jsonl": 2, "aliases.jsonl": 3, "flag_zero.json": 1,
+    "identical.json": 1,
 }
 
 
@@ -90,6 +93,32 @@ def test_hostile_but_valid_file_loads(name):
     for r in records:
         for region in r.regions:
             assert 0 <= region.start <= region.end <= len(r.chosen if region.in_chosen else r.rejected)
+
+
+def test_a_records_list_wrapped_in_an_object_is_named_as_such():
+    """Issue 13.9: {"data": [...]} said "record 0, field 'prompt': missing"."""
+    for name in ("pretty_object.json", "one_line_object.json"):
+        with pytest.raises(DataError) as info:
+            load_records(HOSTILE / name)
+        assert "record 0" not in str(info.value) and "missing" not in str(info.value)
+        assert str(info.value).endswith("expected a JSON list or JSONL (one record per line), got one JSON object "
+                                        "with keys 'data': put the records in a top-level list [{...}, ...]")
+
+
+def test_identical_responses_are_skipped_counted_and_named_even_in_error_mode():
+    records, report = load_records(HOSTILE / "identical.json")
+    assert [r.index for r in records] == [0] and report.skipped == {"identical_responses": 1}
+    assert report.summary().endswith("read 2 records, kept 1, 1 region; skipped 1 (identical_responses=1: record 1)")
+    assert "record 1, field 'incorrect_response': is identical to the correct response" in report.first_errors[0]
+
+
+def test_summary_counts_are_singular_for_one(tmp_path):
+    one = {"prompt": "Q", "correct_response": "It is 5.", "incorrect_response": "It is 6.", "masked_region": [6, 7, -1]}
+    (tmp_path / "one.jsonl").write_text(json.dumps(one) + "\n")
+    _, report = load_records(tmp_path / "one.jsonl")
+    assert report.summary().endswith("read 1 record, kept 1, 1 region")
+    report.n_read, report.n_regions = 0, 2
+    assert "read 0 records, kept 1, 2 regions" in report.summary()
 
 
 def test_nul_crlf_bom_survive_as_text():

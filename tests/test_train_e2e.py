@@ -271,9 +271,11 @@ def test_wandb_project_and_entity_reach_wandb(workspace, monkeypatch):
 
 def test_train_names_pairs_whose_region_reaches_no_token(workspace, tmp_path, capsys):
     """Issue 11.8: `train` refuses (on_invalid=error) or skips and names (skip) a pair whose region marks
-    no token, instead of training it on its end token alone."""
-    pairs = toy_pairs(4, 0)
+    no token, instead of training it on its end token alone. Issue 13.9: a pair with identical responses
+    is skipped and named in both modes."""
+    pairs = toy_pairs(5, 0)
     pairs[2]["masked_region"] = [5, 5, -1]  # zero length
+    pairs[4]["incorrect_response"] = pairs[4]["correct_response"]
     data = tmp_path / "train.json"
     data.write_text(json.dumps(pairs))
     argv = [*common(workspace, "no_token"), f"custom_train_path={data}", "custom_eval_path=null", "loss=dpo",
@@ -283,4 +285,5 @@ def test_train_names_pairs_whose_region_reaches_no_token(workspace, tmp_path, ca
     assert f"{data}, record 2, field 'masked_region': region [5, 5) of the incorrect response is empty" in err
     assert train_main([*argv, "on_invalid=skip"]) == 0
     err = capsys.readouterr().err
-    assert "read 4 records, kept 3, 3 regions; skipped 1 (region_reaches_no_token=1: record 2)" in err
+    assert ("read 5 records, kept 3, 3 regions; skipped 2 (identical_responses=1: record 4; "
+            "region_reaches_no_token=1: record 2)") in err

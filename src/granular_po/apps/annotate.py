@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from granular_po.data.annotate import annotate_file
-from granular_po.data.schema import DataError
+from granular_po.data.schema import DataError, plural
 
 _SHOW_INDICES = 20  # indices listed per category in the printed summary; the dict keeps them all
 
@@ -22,7 +22,7 @@ def _indices(indices: list[int]) -> str:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The summary of `annotate_file` as a few human-readable lines."""
-    lines = [f"{summary['source']}: read {summary['read']} records; annotated {summary['annotated']}, already "
+    lines = [f"{summary['source']}: read {plural(summary['read'], 'record')}; annotated {summary['annotated']}, already "
              f"annotated {summary['already_annotated']}; wrote {summary['written']} to {summary['output']}"]
     reasons = {
         "too_large_diff": f"diff too large (edit ratio > {summary['max_edit_ratio']}), not a minimal edit",

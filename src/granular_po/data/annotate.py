@@ -137,6 +137,9 @@ def annotate_file(in_path: str | os.PathLike[str], out_path: str | os.PathLike[s
     records, report = load_records(in_path, on_invalid=on_invalid, eos_text=eos_text)
     kept, summary = annotate_records(records, include_correct, max_edit_ratio)
     write_records(kept, out_path)
+    # identical responses are skipped while loading: listed with the pairs left out here
+    summary["identical"] = sorted(summary["identical"] + report.skipped_indices.pop("identical_responses", []))
+    report.skipped.pop("identical_responses", None)
     summary.update(source=str(in_path), output=str(out_path), read=report.n_read, written=len(kept),
                    skipped=dict(report.skipped), max_edit_ratio=max_edit_ratio)
     return summary

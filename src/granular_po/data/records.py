@@ -23,7 +23,7 @@ TEXT_FIELDS: dict[str, tuple[str, ...]] = {
 }
 ON_INVALID = ("error", "skip")
 # Markers and filters, not errors: always skipped and counted, even with on_invalid="error".
-FILTER_CODES = frozenset({"invalidated", "shp_low_ratio", "se_empty_answer"})
+FILTER_CODES = frozenset({"invalidated", "identical_responses", "shp_low_ratio", "se_empty_answer"})
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -147,6 +147,9 @@ def parse_record(obj: Any, source: str, index: int, eos_text: str | None = None)
         source=source,
         index=index,
     )
+    if record.chosen == record.rejected:
+        raise DataError(source, index, "incorrect_response", "is identical to the correct response: the pair "
+                        "has nothing to prefer", "identical_responses")
     regions = tuple(_region(triple, field, record) for field, triple in raw)
     return PreferenceRecord(record.prompt, record.chosen, record.rejected, regions, source, index)
 
@@ -225,12 +228,36 @@ def _iter_raw(f, source: str) -> Iterator[tuple[int, int | None, Any]]:
         try:
             item: Any = _decode_json(raw.rstrip(b"\r\n"), source, index, f" on line {lineno}")
         except DataError as e:
+            if index == 0 and raw.strip().startswith(b"{"):  # maybe one JSON object over several lines
+                f.seek(0)
+                whole = f.read()
+                try:
+                    obj = json.loads(whole[3:] if whole.startswith(_BOM) else whole)
+                except (ValueError, RecursionError):
+                    obj = None
+                if isinstance(obj, dict):
+                    raise _not_a_list(obj, source) from None
             if index == 0 and raw.strip() in (b"{", b"["):
                 e = DataError(source, index, None, e.reason + "; a .json file must hold a list of records, "
                               "otherwise give one record per line (JSONL)", e.code)
             item = e
+        if index == 0 and _wraps_records(item):
+            raise _not_a_list(item, source)
         yield index, lineno, item
         index += 1
+
+
+def _wraps_records(obj: Any) -> bool:
+    """A JSON object that holds a list of records instead of being one: {"data": [{...}, ...]}."""
+    if not isinstance(obj, dict) or any(name in obj for names in TEXT_FIELDS.values() for name in names):
+        return False
+    return any(isinstance(v, list) and v and all(isinstance(x, dict) for x in v) for v in obj.values())
+
+
+def _not_a_list(obj: dict, source: str) -> DataError:
+    keys = ", ".join(repr(k) for k in list(obj)[:5]) + (", ..." if len(obj) > 5 else "")
+    return DataError(source, None, None, f"expected a JSON list or JSONL (one record per line), got one JSON "
+                     f"object with keys {keys}: put the records in a top-level list [{{...}}, ...]", "not_a_list")
 
 
 def _with_line(err: DataError, line: int | None) -> DataError:

@@ -107,7 +107,8 @@ class LoadReport:
 
     def summary(self, show_indices: int = 10) -> str:
         """One line: counts, then each skip reason with the indices of (up to `show_indices` of) its records."""
-        line = f"{self.source}: read {self.n_read} records, kept {self.n_kept}, {self.n_regions} regions"
+        line = (f"{self.source}: read {plural(self.n_read, 'record')}, kept {self.n_kept}, "
+                f"{plural(self.n_regions, 'region')}")
         if self.skipped:
             reasons = "; ".join(f"{k}={v}" + (f": {_records(self.skipped_indices[k], show_indices)}"
                                              if k in self.skipped_indices else "")
@@ -121,3 +122,8 @@ def _records(indices: list[int], show: int) -> str:
     shown = ", ".join(map(str, indices[:show]))
     more = f", ... ({len(indices) - show} more)" if len(indices) > show else ""
     return f"record{'s' if len(indices) > 1 else ''} {shown}{more}"
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 record', '2 records', '0 records'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
