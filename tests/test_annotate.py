@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -162,5 +166,40 @@ def test_cli_input_errors_exit_two_without_traceback(tmp_path, capsys):
 
 def test_cli_unwritable_output_exits_two(tmp_path, capsys):
     src = _write_jsonl(tmp_path / "in.jsonl", ROWS[:1])
-    assert main([str(src), str(tmp_path / "no" / "dir" / "out.jsonl")]) == 2
+    (tmp_path / "a_file").write_text("")
+    assert main([str(src), str(tmp_path / "a_file" / "out.jsonl")]) == 2  # a folder that cannot exist
     assert "cannot write" in capsys.readouterr().err
+
+
+def _annotate(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "granular_po.apps.cli", "annotate", *args], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_cli_refuses_to_write_over_its_input_unless_in_place(tmp_path):
+    """Issue 13.7: `annotate a.jsonl a.jsonl` overwrote the input and dropped the pairs it could not annotate."""
+    src = _write_jsonl(tmp_path / "a.jsonl", ROWS)
+    before = src.read_text(encoding="utf-8")
+    run = _annotate(str(src), str(tmp_path / "." / "a.jsonl"))
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "is the input file" in run.stderr and "--in-place" in run.stderr
+    assert src.read_text(encoding="utf-8") == before
+    run = _annotate(str(src), str(src), "--in-place")
+    assert run.returncode == 0, run.stderr
+    assert [r.index for r in load_records(src)[0]] == [0, 1]  # replaced: the two pairs it could write
+
+
+def test_cli_creates_folders_and_names_what_it_could_not_annotate(tmp_path):
+    src = _write_jsonl(tmp_path / "in.jsonl", ROWS)
+    out = tmp_path / "new" / "deeper" / "out.jsonl"
+    run = _annotate(str(src), str(out))
+    assert run.returncode == 0, run.stderr
+    assert len(load_records(out)[0]) == 2
+    lines = run.stdout.splitlines()
+    assert lines[0] == f"{src}: read 6 records; annotated 1, already annotated 1; wrote 2 to {out}"
+    assert "  not written, diff too large (edit ratio > 0.5), not a minimal edit: 1 (records 3)" in lines
+    assert "  not written, identical responses: 1 (records 2)" in lines
+    assert "  not written, the incorrect response only lacks text at its end (nothing to mark): 1 (records 4)" in lines
+    assert "  not written, skipped while loading: 1 (invalidated=1: records 5)" in lines
+    assert any("record 5, field 'masked_region': flag 0 marks the record invalid" in line for line in lines)

@@ -33,8 +33,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         if summary[key]:
             lines.append(f"  not written, {why}: {len(summary[key])} (records {_indices(summary[key])})")
     if summary["skipped"]:
-        counts = ", ".join(f"{k}={v}" for k, v in sorted(summary["skipped"].items()))
-        lines.append(f"  skipped while loading: {sum(summary['skipped'].values())} ({counts})")
+        named = summary.get("skipped_records", {})
+        counts = "; ".join(f"{k}={v}" + (f": records {_indices(named[k])}" if named.get(k) else "")
+                           for k, v in sorted(summary["skipped"].items()))
+        lines.append(f"  not written, skipped while loading: {sum(summary['skipped'].values())} ({counts})")
+        lines += [f"    {message}" for message in summary.get("skip_messages", [])]
     return "\n".join(lines)
 
 
@@ -60,11 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-invalid", action="store_true",
                         help="skip and count invalid records instead of stopping at the first")
     parser.add_argument("--eos-text", default=None, help="reject records whose text contains this EOS string")
+    parser.add_argument("--in-place", action="store_true",
+                        help="allow OUTPUT to be INPUT: replace it (the pairs that cannot be annotated are dropped)")
     args = parser.parse_args(argv)
     try:
         summary = annotate_file(args.input, args.output, args.include_correct, args.max_edit_ratio,
-                                "skip" if args.skip_invalid else "error", args.eos_text)
-    except DataError as e:
+                                "skip" if args.skip_invalid else "error", args.eos_text, in_place=args.in_place)
+    except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -334,8 +334,10 @@ def record_to_dict(record: PreferenceRecord) -> dict[str, Any]:
 
 
 def write_records(records: Sequence[PreferenceRecord], path: str | os.PathLike[str]) -> None:
-    """Write records as JSONL, or as a JSON list when the name ends in .json; atomically (temp + rename)."""
+    """Write records as JSONL, or as a JSON list when the name ends in .json; atomically (temp + rename),
+    creating missing parent folders."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
