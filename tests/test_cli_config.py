@@ -111,3 +111,43 @@ def test_every_option_of_every_subcommand_has_help_and_its_default(command):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.startswith(f"usage: granular-po {command}"), done.stderr
     assert "(default: None)" not in done.stdout and "default: None" not in done.stdout
+
+
+def no_heavy_imports(root: Path) -> Path:
+    """A directory to put first on PYTHONPATH where `import torch` / `import transformers` fail loudly:
+    a command that gets through it never imported them."""
+    for name in ("torch", "transformers", "datasets"):
+        (root / name).mkdir(parents=True)
+        (root / name / "__init__.py").write_text(f"raise ImportError('{name} imported before the config was checked')\n")
+    return root
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lr=abc", "config error: Error merging override lr=abc: Value 'abc' of type 'str' could not be converted to Float"),
+    ("optimizer=Adamw", "config error: optimizer='Adamw': did you mean AdamW? expected one of SGD, "),
+    ("model.name_or_path=/no/such/model", "config error: model.name_or_path=/no/such/model: no such directory "
+                                          "(a local Hugging Face model directory, a hub id like org/name, or smollm2-135m)"),
+    ("model.name_or_path=my-org/my--model", "config error: model.name_or_path=my-org/my--model: neither an existing "
+                                            "directory nor a hub id (Cannot have -- or .. in repo_id"),
+    ("max_length=128", "config error: max_length=128 must be at least max_prompt_length + 2 = 258 (room for one "
+                       "response token and the end token): lower max_prompt_length too (e.g. max_prompt_length=64), "
+                       "or raise max_length"),
+    ("custom_train_path=missing.json", "config error: custom_train_path=missing.json: no such file"),
+    ("model.archive=runs/sft/LATEST", "config error: model.archive=runs/sft/LATEST: no such file or directory"),
+    ("datasets=[ourz]", "config error: datasets='ourz': did you mean ours? expected one of ours, hh, shp, se"),
+])
+def test_bad_configuration_refused_in_one_line_before_torch(override, message, tmp_path):
+    """Issue 13.2: each of these once failed after 13 s with a traceback (or a raw OSError), after the
+    run directory was made. Now: one line, exit 2, torch never imported, nothing written."""
+    (tmp_path / "train.json").write_text("[]")
+    env_path = no_heavy_imports(tmp_path / "blocked")
+    work = tmp_path / "work"
+    work.mkdir()
+    args = [f"custom_train_path={tmp_path / 'train.json'}", "loss=dpo", override, "local_dirs=[runs]"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(env_path), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-m", "granular_po.apps.cli", "train", *args], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
+    assert list(work.iterdir()) == []  # no run directory, not even local_dirs

@@ -57,11 +57,12 @@ def train_main(argv: list[str] | None = None) -> int:
     if any(arg.split("=", 1)[0] in HYDRA_FLAGS for arg in argv):  # --cfg job, --info, -m ...: Hydra's own
         return _hydra_app(normalize_overrides(argv))  # (Hydra sets up its own logging)
     _setup_logging()
-    from granular_po.training.config import ConfigError, compose_config, validate
+    from granular_po.training.config import ConfigError, check_inputs, compose_config, validate
 
     try:  # the whole configuration, before torch, data or models are touched
         cfg = compose_config(argv)
         settings = validate(cfg)
+        check_inputs(cfg)
     except ConfigError as error:  # names the key, the value and what to do
         print(f"config error: {error}", file=sys.stderr)
         return 2

@@ -235,15 +235,20 @@ def json_lines(rows: Sequence[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status (0 ok, 1 invalid data, 2 bad arguments or tokenizer)."""
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as e:  # --help or a usage error: argparse already printed why
         return int(e.code or 0)
     try:
         enc = EncodeOptions(args.max_length, args.max_prompt_length, args.prompt_format, args.truncation_mode)
         gran = GranularOptions(args.granular, args.outside_weight, args.unannotated_weight, args.include_eos)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except ValueError as e:  # the options' checks name config keys: say the flags typed here
+        message = str(e)
+        for action in sorted(parser._actions, key=lambda a: -len(a.dest)):  # outside_weight before granular
+            if action.option_strings:
+                message = re.sub(rf"\b(granular\.)?{action.dest}\b", action.option_strings[0], message)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     try:
         tokenizer = load_tokenizer(args.tokenizer)
