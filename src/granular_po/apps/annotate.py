@@ -9,6 +9,7 @@ import argparse
 import sys
 from typing import Any
 
+from granular_po.apps.help import DefaultsFormatter
 from granular_po.data.annotate import annotate_file
 from granular_po.data.schema import DataError, plural
 
@@ -51,21 +52,28 @@ def _ratio(text: str) -> float:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI `granular-po annotate IN OUT`: exit 0 on success, 2 on bad input (message, no traceback)."""
-    parser = argparse.ArgumentParser(prog="granular-po annotate", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The options of `granular-po annotate`."""
+    parser = argparse.ArgumentParser(prog="granular-po annotate", description=__doc__.splitlines()[0],
+                                     formatter_class=DefaultsFormatter)
     parser.add_argument("input", help="JSON list or JSONL of prompt / correct_response / incorrect_response")
     parser.add_argument("output", help="where to write the annotated pairs (.json: a JSON list, else JSONL)")
     parser.add_argument("--include-correct", action="store_true",
                         help="also mark the differing characters of the correct response (flag 1)")
     parser.add_argument("--max-edit-ratio", type=_ratio, default=0.5,
-                        help="leave out pairs whose differing characters exceed this share (default 0.5)")
+                        help="leave out pairs whose differing characters exceed this share")
     parser.add_argument("--skip-invalid", action="store_true",
                         help="skip and count invalid records instead of stopping at the first")
-    parser.add_argument("--eos-text", default=None, help="reject records whose text contains this EOS string")
+    parser.add_argument("--eos-text", default=None, help="reject records whose text contains this EOS string "
+                        "(none checked if not given)")
     parser.add_argument("--in-place", action="store_true",
                         help="allow OUTPUT to be INPUT: replace it (the pairs that cannot be annotated are dropped)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI `granular-po annotate IN OUT`: exit 0 on success, 2 on bad input (message, no traceback)."""
+    args = build_parser().parse_args(argv)
     try:
         summary = annotate_file(args.input, args.output, args.include_correct, args.max_edit_ratio,
                                 "skip" if args.skip_invalid else "error", args.eos_text, in_place=args.in_place)

@@ -22,13 +22,20 @@ COMMANDS = {
 USAGE = """usage: granular-po <command> [args]
 
 commands:
-  train OVERRIDES...   SFT / DPO / TDPO with Hydra overrides (as the research code's train.py)
+  train OVERRIDES...   SFT / DPO / TDPO with Hydra overrides (as the research code's train.py);
+                       `granular-po train --help` lists every key, its default and what it does
   inspect DATA ...     validate data and show exact token weights (HTML / JSONL)
   annotate IN OUT      derive masked_regions of minimally edited pairs from a character diff
   eval ...             task accuracy by greedy generation
   demo                 the arithmetic-correction experiment end to end, with a report
   compare ...          {DPO, TDPO2} x {granular, response-level} from one SFT checkpoint
 """
+
+
+# Hydra's command-line flags, handled by Hydra's own app (`@hydra.main`)
+HYDRA_FLAGS = ("-m", "--multirun", "--cfg", "-c", "--info", "-i", "--resolve", "--package", "-p",
+               "--hydra-help", "--run", "-r", "--config-path", "-cp", "--config-name", "-cn",
+               "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc")
 
 
 def _setup_logging() -> None:
@@ -40,16 +47,22 @@ def _setup_logging() -> None:
 def train_main(argv: list[str] | None = None) -> int:
     """Compose the config from Hydra overrides (`-m` for multirun sweeps) and train."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    _setup_logging()
     from granular_po.training.config import normalize_overrides
 
-    if "-m" in argv or "--multirun" in argv:
-        return _hydra_app(normalize_overrides(argv))
-    from granular_po.training.config import ConfigError, compose_config, validate
+    if "-h" in argv or "--help" in argv:
+        from granular_po.apps.help import train_help
+
+        print(train_help("python -u train.py" if sys.argv[0].endswith("train.py") else "granular-po train"))
+        return 0
+    if any(arg.split("=", 1)[0] in HYDRA_FLAGS for arg in argv):  # --cfg job, --info, -m ...: Hydra's own
+        return _hydra_app(normalize_overrides(argv))  # (Hydra sets up its own logging)
+    _setup_logging()
+    from granular_po.training.config import ConfigError, check_inputs, compose_config, validate
 
     try:  # the whole configuration, before torch, data or models are touched
         cfg = compose_config(argv)
         settings = validate(cfg)
+        check_inputs(cfg)
     except ConfigError as error:  # names the key, the value and what to do
         print(f"config error: {error}", file=sys.stderr)
         return 2
@@ -85,14 +98,16 @@ def _close_process_group() -> None:
 
 
 def _hydra_app(overrides: list[str]) -> int:
-    """Hydra multirun (sweeps): each job runs `run_training` in this process, one after another."""
+    """Hydra's own app, for its flags (--cfg job, --info, ...) and multirun sweeps (each job runs
+    `run_training` in this process, one after another)."""
     import hydra
 
     from granular_po.training.config import CONFIG_DIR, to_settings
-    from granular_po.training.recipe import run_training
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
     def app(cfg):
+        from granular_po.training.recipe import run_training  # torch: only when a job runs
+
         run_training(to_settings(cfg))
 
     sys.argv = [sys.argv[0], *overrides]

@@ -30,6 +30,7 @@ from granular_po.apps.demo import (
     make_data,
     sft_overrides,
 )
+from granular_po.apps.help import DefaultsFormatter
 from granular_po.apps.stages import (
     check_stamp,
     checkpoint_key,
@@ -69,29 +70,32 @@ CELLS = tuple(Cell(loss, granular) for loss in LOSSES for granular in (True, Fal
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="granular-po compare", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--sft", default=None, help="SFT run directory, or a model directory (its LATEST, step-N); "
                    "default: the demo's SFT run in --demo-out (trained first when missing)")
     p.add_argument("--train", default=None, help="training pairs (default: the demo's data)")
-    p.add_argument("--eval", default=None, help="eval pairs: eval split and task-accuracy questions")
+    p.add_argument("--eval", default=None, help="eval pairs: eval split and task-accuracy questions (default: "
+                   "the demo's)")
     p.add_argument("--out", default="report/compare", help="runs, eval cache, compare.md and plots")
     p.add_argument("--demo-out", default="report", help="where the demo's data and SFT run live")
     p.add_argument("--steps", type=int, default=16, help="optimizer steps per cell")
     p.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step")
     p.add_argument("--lr", type=float, default=5e-6, help="learning rate of every cell")
-    p.add_argument("--lr-granular", type=float, default=None, help="learning rate of the granular cells")
-    p.add_argument("--lr-response", type=float, default=None, help="learning rate of the response-level cells")
-    p.add_argument("--optimizer", default="AdamW")
-    p.add_argument("--warmup-steps", type=int, default=2)
-    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--lr-granular", type=float, default=None, help="learning rate of the granular cells "
+                   "(default: --lr)")
+    p.add_argument("--lr-response", type=float, default=None, help="learning rate of the response-level cells "
+                   "(default: --lr)")
+    p.add_argument("--optimizer", default="AdamW", help="torch.optim class of every cell")
+    p.add_argument("--warmup-steps", type=int, default=2, help="linear warmup steps of every cell")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO / TDPO temperature (loss.beta)")
     p.add_argument("--alpha", type=float, default=0.5, help="TDPO2's KL weight")
     p.add_argument("--checkpoints", type=int, default=2, help="saved checkpoints per cell (task accuracy at each)")
     p.add_argument("--evals", type=int, default=4, help="evaluations on the eval split per cell (reward accuracy)")
     p.add_argument("--n-eval", type=int, default=None, help="task accuracy on the first N eval questions "
                    "(default: all)")
     p.add_argument("--n-eval-pairs", type=int, default=24, help="eval pairs of the trainer's preference evaluation")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy generation budget per question")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
     p.add_argument("--quick", action="store_true", help="a smoke run: 4 steps, 2 checkpoints")
     p.add_argument("--fresh", action="store_true", help="delete this comparison's runs and eval cache first")
     p.add_argument("--model", default=DEFAULT_MODEL, help=argparse.SUPPRESS)  # tests: a tiny base model dir

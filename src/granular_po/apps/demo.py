@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from granular_po.apps.help import DefaultsFormatter
 from granular_po.apps.stages import (
     checkpoint_key,
     data_fingerprint,
@@ -35,6 +36,7 @@ from granular_po.apps.stages import (
     passive_openmp,
     train_stage,
 )
+from granular_po.settings import field_docs
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -43,26 +45,44 @@ DEFAULT_MODEL = "smollm2-135m"
 class DemoSettings:
     """Sizes chosen so the whole demo fits in 20 minutes on 2 CPU cores (see README, 'The demo')."""
 
-    n_train: int = 256  # training pairs (questions repeat with other templates and errors)
-    n_eval: int = 40  # held-out questions: the eval split and the task-accuracy questions
-    seed: int = 0  # data, initialisation and data order
-    mark_correct: bool = True  # also highlight the right digits in the correct response (flag 1)
+    n_train: int = 256
+    """Training pairs (questions repeat with other templates and errors)."""
+    n_eval: int = 40
+    """Held-out questions: the eval split and the task-accuracy questions."""
+    seed: int = 0
+    """Data, initialisation and data order."""
+    mark_correct: bool = True
+    """Also highlight the right digits in the correct response (flag 1)."""
     sft_steps: int = 24
+    """SFT optimizer steps."""
     sft_batch_size: int = 8
+    """SFT examples per step."""
     sft_lr: float = 3e-5
+    """SFT learning rate."""
     tdpo_steps: int = 24
-    tdpo_batch_size: int = 4  # a TDPO step costs ~2.5 SFT steps per pair: policy and reference, both responses
-    tdpo_lr: float = 5e-6  # 1e-5 made the answers unstable here (accuracy 0.65 after SFT -> 0.525)
+    """Granular TDPO2 optimizer steps."""
+    tdpo_batch_size: int = 4
+    """TDPO pairs per step (a TDPO step costs ~2.5 SFT steps per pair: policy and reference, both responses)."""
+    tdpo_lr: float = 5e-6
+    """TDPO learning rate (1e-5 made the answers unstable here: accuracy 0.65 after SFT -> 0.525)."""
     beta: float = 0.1
+    """TDPO temperature (loss.beta)."""
     alpha: float = 0.5
-    # AdamW: the research default (SGD, lr 5e-6, 150 warmup steps) barely moves a model in a few dozen steps
+    """TDPO2 KL weight (loss.alpha)."""
     optimizer: str = "AdamW"
+    """AdamW: the research default (SGD, lr 5e-6, 150 warmup steps) barely moves a model in a few dozen steps."""
     warmup_steps: int = 4
-    max_length: int = 128  # prompt (chat template included) + response tokens; ours are ~50
+    """Linear warmup steps of both stages."""
+    max_length: int = 128
+    """Prompt (chat template included) + response tokens; ours are ~50."""
     max_prompt_length: int = 96
-    n_evals: int = 3  # trainer evaluations on the eval split per run (SFT: one more, before step 1)
-    n_eval_pairs: int = 24  # eval pairs those evaluations use (task accuracy uses all n_eval questions)
-    max_new_tokens: int = 48  # greedy generation budget per question
+    """Prompt tokens kept."""
+    n_evals: int = 3
+    """Trainer evaluations on the eval split per run (SFT: one more, before step 1)."""
+    n_eval_pairs: int = 24
+    """Eval pairs those evaluations use (task accuracy uses all n_eval questions)."""
+    max_new_tokens: int = 48
+    """Greedy generation budget per question."""
 
 
 QUICK = dict(n_train=32, n_eval=8, sft_steps=4, sft_batch_size=4, tdpo_steps=4, tdpo_batch_size=4,
@@ -288,18 +308,21 @@ def write_report(out: Path, s: DemoSettings, model: str, sft: dict, tdpo: dict, 
 def build_parser() -> argparse.ArgumentParser:
     d = DemoSettings()
     p = argparse.ArgumentParser(prog="granular-po demo", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=DefaultsFormatter)
     p.add_argument("--out", default="report", help="report directory (data, runs, eval cache, report.md, PNGs)")
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps on a few examples")
     p.add_argument("--fresh", action="store_true", help="delete this report's runs and eval cache first")
     p.add_argument("--model", default=DEFAULT_MODEL, help=argparse.SUPPRESS)  # tests: a tiny model dir
-    for field, value in asdict(d).items():
+    docs = field_docs(DemoSettings)
+    for field, value in asdict(d).items():  # default None: "not given", so --quick can change it
+        quick = f"; {QUICK[field]} with --quick" if field in QUICK else ""
+        shown = str(value).lower() if isinstance(value, bool) else value
+        text = f"{docs.get(field, '')} (default: {shown}{quick})"
         if isinstance(value, bool):
-            p.add_argument(f"--{field.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(f"--{field.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None,
+                           help=text)
         else:
-            p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=None,
-                           help=f"default {value} ({QUICK[field]} with --quick)" if field in QUICK else
-                           f"default {value}")
+            p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=None, help=text)
     return p
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from granular_po.apps.help import DefaultsFormatter
+
 _INT = r"-?\d+(?:,\d{3})*(?!\d)"  # 1,234 is one number; "56, so" is 56
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*\**\s*(" + _INT + ")", re.IGNORECASE)
 _EQUALS = re.compile(r"=\s*\**\s*(" + _INT + ")")
@@ -151,22 +153,34 @@ def run_eval(
     return result
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The options of `granular-po eval`."""
+    parser = argparse.ArgumentParser(prog="granular-po eval", description=main.__doc__,
+                                     formatter_class=DefaultsFormatter)
+    parser.add_argument("--model", required=True, help="HF directory, hub id, or smollm2-135m (the embedded "
+                        "default model)")
+    parser.add_argument("--data", required=True, help="research-format JSON list or JSONL")
+    parser.add_argument("--n", type=int, default=None, help="evaluate on the first N questions (default: all)")
+    parser.add_argument("--out", default=None, help="write accuracy and per-question results here (JSON; "
+                        "default: print only)")
+    parser.add_argument("--batch-size", type=int, default=16, help="questions generated at once")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="greedy generation budget per question")
+    parser.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "raw"],
+                        help="raw: the question as is; chat: the tokenizer's chat template; auto: chat when it "
+                        "has one")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype the model runs in (float16 falls back to float32 on CPU)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow custom modelling code from the hub (it runs arbitrary code)")
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`granular-po eval`: print the task accuracy of a model on an eval file."""
     from granular_po.models import load_model, load_tokenizer
 
-    parser = argparse.ArgumentParser(prog="granular-po eval", description=main.__doc__)
-    parser.add_argument("--model", required=True, help="HF directory, hub id, or smollm2-135m (the default)")
-    parser.add_argument("--data", required=True, help="research-format JSON list or JSONL")
-    parser.add_argument("--n", type=int, default=None, help="evaluate on the first N questions")
-    parser.add_argument("--out", default=None, help="write accuracy and per-question results here (JSON)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "raw"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("--trust-remote-code", action="store_true")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     questions = questions_from_pairs(read_pairs(args.data))[: args.n]
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)

@@ -17,29 +17,52 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from granular_po.data.encode import EncodeOptions, TokenLayout, admit_reached, encode_record, resolve_layout
+from granular_po.apps.help import DefaultsFormatter
+from granular_po.data.encode import (
+    PROMPT_FORMATS,
+    TRUNCATION_MODES,
+    EncodeOptions,
+    TokenLayout,
+    admit_reached,
+    encode_record,
+    resolve_layout,
+)
 from granular_po.data.masks import GranularOptions, projected_regions, token_in_regions
 from granular_po.data.schema import DataError, LoadReport, PreferenceRecord
+from granular_po.settings import field_docs
 
 DEFAULT_MODEL = "smollm2-135m"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="granular-po inspect", description=__doc__.split("\n\n")[0])
+    """The options of `granular-po inspect`; encoding and weighting options default (and are described)
+    as the training keys of the same name are."""
+    enc, gran = field_docs(EncodeOptions), field_docs(GranularOptions)
+    p = argparse.ArgumentParser(prog="granular-po inspect", description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsFormatter)
     p.add_argument("data", help="JSON list or JSONL file of {prompt, correct_response, incorrect_response, ...}")
-    p.add_argument("--tokenizer", default=DEFAULT_MODEL, help="hub id or local directory (default: %(default)s)")
-    p.add_argument("--prompt-format", choices=("auto", "raw", "chat"), default="auto")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--max-prompt-length", type=int, default=256)
-    p.add_argument("--truncation-mode", choices=("keep_end", "keep_start"), default="keep_end")
-    p.add_argument("--on-invalid", choices=("error", "skip"), default="error")
+    p.add_argument("--tokenizer", default=DEFAULT_MODEL, help="hub id, local directory, or smollm2-135m "
+                   "(the embedded default model's tokenizer)")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=EncodeOptions.prompt_format,
+                   help=enc["prompt_format"])
+    p.add_argument("--max-length", type=int, default=EncodeOptions.max_length, help=enc["max_length"])
+    p.add_argument("--max-prompt-length", type=int, default=EncodeOptions.max_prompt_length,
+                   help=enc["max_prompt_length"])
+    p.add_argument("--truncation-mode", choices=TRUNCATION_MODES, default=EncodeOptions.truncation_mode,
+                   help=enc["truncation_mode"])
+    p.add_argument("--on-invalid", choices=("error", "skip"), default="error",
+                   help="a bad record: error (report it, exit 1) or skip (count it and go on)")
     p.add_argument("--granular", action=argparse.BooleanOptionalAction, default=True,
-                   help="weight tokens by the regions (default: on)")
-    p.add_argument("--outside-weight", type=float, default=0.0)
-    p.add_argument("--unannotated-weight", type=float, default=0.0)
-    p.add_argument("--include-eos", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--html", metavar="OUT.html", help="write the token viewer page here")
-    p.add_argument("--json", metavar="OUT.jsonl", help="write response ids and weights per record here")
+                   help=gran["enabled"] + " On here, to show the regions; training's granular.enabled is off.")
+    p.add_argument("--outside-weight", type=float, default=GranularOptions.outside_weight,
+                   help=gran["outside_weight"])
+    p.add_argument("--unannotated-weight", type=float, default=GranularOptions.unannotated_weight,
+                   help=gran["unannotated_weight"])
+    p.add_argument("--include-eos", action=argparse.BooleanOptionalAction, default=GranularOptions.include_eos,
+                   help=gran["include_eos"])
+    p.add_argument("--html", metavar="OUT.html", help="write the token viewer page here (none if not given)")
+    p.add_argument("--json", metavar="OUT.jsonl", help="write response ids and weights per record here "
+                   "(none if not given)")
     p.add_argument("--html-max-pairs", type=int, default=1000, help="pairs shown in the HTML page")
     return p
 
@@ -212,15 +235,20 @@ def json_lines(rows: Sequence[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status (0 ok, 1 invalid data, 2 bad arguments or tokenizer)."""
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as e:  # --help or a usage error: argparse already printed why
         return int(e.code or 0)
     try:
         enc = EncodeOptions(args.max_length, args.max_prompt_length, args.prompt_format, args.truncation_mode)
         gran = GranularOptions(args.granular, args.outside_weight, args.unannotated_weight, args.include_eos)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except ValueError as e:  # the options' checks name config keys: say the flags typed here
+        message = str(e)
+        for action in sorted(parser._actions, key=lambda a: -len(a.dest)):  # outside_weight before granular
+            if action.option_strings:
+                message = re.sub(rf"\b(granular\.)?{action.dest}\b", action.option_strings[0], message)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     try:
         tokenizer = load_tokenizer(args.tokenizer)

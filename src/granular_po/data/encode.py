@@ -56,8 +56,9 @@ class EncodeOptions:
             raise ValueError(f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
         if self.max_length < self.max_prompt_length + 2:
             raise ValueError(
-                f"max_length ({self.max_length}) must be at least max_prompt_length + 2 "
-                f"({self.max_prompt_length + 2}): room for one response token and the end token"
+                f"max_length={self.max_length} must be at least max_prompt_length + 2 = {self.max_prompt_length + 2} "
+                "(room for one response token and the end token): lower max_prompt_length too "
+                f"(e.g. max_prompt_length={max(1, self.max_length // 2)}), or raise max_length"
             )
 
 

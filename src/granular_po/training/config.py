@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from granular_po.settings import LOSS_GROUPS, TrainConfig, WandbSettings
+from granular_po.settings import DEFAULT_MODEL_NAME, LOSS_GROUPS, TrainConfig, WandbSettings
 
 if TYPE_CHECKING:
     from granular_po.losses import LossType
@@ -189,16 +189,72 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def existing_ancestor(path: Path) -> Path:
+    """`path`, or its nearest parent that exists."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def _first_usable_dir(local_dirs) -> Path:
+    """The first of `local_dirs` that exists, or could be created, and is writable. Nothing is created
+    here: the run directory is made once the start has succeeded (a failed start leaves nothing)."""
     for candidate in local_dirs:
         path = Path(os.path.expanduser(str(candidate)))
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(path, os.W_OK):
+        existing = existing_ancestor(path)
+        if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
             return path
-    raise ValueError(f"none of local_dirs={list(local_dirs)} exists or can be created")
+    raise ConfigError(f"local_dirs={list(local_dirs)}: none exists or can be created (no writable directory)")
+
+
+def _check_model_path(key: str, value: str | None, cache_dir: str | None = None) -> None:
+    """A model (or tokenizer) is an existing directory, the embedded default, or a hub id in a valid form."""
+    if value is None or os.path.isdir(os.path.expanduser(value)):
+        return
+    if value == DEFAULT_MODEL_NAME:
+        return
+    looks_local = value.startswith(("/", "./", "../", "~")) or os.sep in value.strip("/").replace("/", "", 1)
+    if looks_local or os.path.exists(value):
+        what = "is a file, not a model directory" if os.path.isfile(value) else "no such directory"
+        raise ConfigError(f"{key}={value}: {what} (a local Hugging Face model directory, a hub id like "
+                          f"org/name, or {DEFAULT_MODEL_NAME})")
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError as error:
+        raise ConfigError(f"{key}={value}: neither an existing directory nor a hub id "
+                          f"({str(error).splitlines()[0]})") from None
+
+
+def check_inputs(config: TrainConfig) -> None:
+    """What the run reads, checked before anything is loaded: the model and tokenizer (an existing
+    directory, the embedded default, or a hub id in a valid form), the archive, the data files.
+    (`validate` checks the values; this, the world they point at.)"""
+    _check_model_path("model.name_or_path", config.model.name_or_path)
+    _check_model_path("model.tokenizer_name_or_path", config.model.tokenizer_name_or_path)
+    archive = config.model.archive
+    if archive and not os.path.exists(os.path.expanduser(archive)):
+        raise ConfigError(f"model.archive={archive}: no such file or directory (a stage-1 run's LATEST, a model "
+                          "directory, or a research-code policy.pt)")
+    _check_data(config)
+
+
+def _check_data(config: TrainConfig) -> None:
+    """Dataset names known, and the files of datasets=[ours] present."""
+    from granular_po.data.records import HUB_DATASETS
+
+    for name in config.datasets:
+        if name != "ours" and name not in HUB_DATASETS and name not in HUB_DATASETS.values():
+            _choose("datasets", name, ("ours", *HUB_DATASETS))
+    if "ours" in config.datasets and not config.custom_train_path:
+        raise ConfigError("datasets=[ours] needs custom_train_path=<JSON or JSONL file>")
+    for key in ("custom_train_path", "custom_eval_path"):
+        path = getattr(config, key)
+        if "ours" in config.datasets and path and not os.path.isfile(os.path.expanduser(path)):
+            raise ConfigError(f"{key}={path}: no such file")
 
 
 def _choose(key: str, value, choices) -> None:
@@ -239,6 +295,19 @@ def validate(config: TrainConfig) -> RunSettings:
     _choose("resume", str(config.resume).lower(), ("auto", "true", "false"))
     _choose("share_prompt", str(config.share_prompt).lower(), ("auto", "true", "false"))
     _check_optimizer(config.optimizer)
+    dtypes = ("float32", "bfloat16", "float16")
+    _choose("model.policy_dtype", config.model.policy_dtype, dtypes)
+    for key in ("reference_dtype", "fsdp_policy_mp"):
+        if getattr(config.model, key) is not None:
+            _choose(f"model.{key}", getattr(config.model, key), dtypes)
+    for key in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "n_epochs", "eval_every"):
+        if getattr(config, key) < 1:
+            raise ConfigError(f"{key}={getattr(config, key)}: must be >= 1")
+    for key in ("warmup_steps", "max_grad_norm"):
+        if getattr(config, key) < 0:
+            raise ConfigError(f"{key}={getattr(config, key)}: must be >= 0")
+    if not config.lr > 0:
+        raise ConfigError(f"lr={config.lr}: must be > 0")
     preference = loss_cfg.name != "sft"
     if preference and not loss_cfg.beta > 0:
         raise ConfigError(f"loss.beta={loss_cfg.beta}: must be > 0 (it divides the implicit reward's scale)")

@@ -23,7 +23,7 @@ from granular_po.losses import LossType
 from granular_po.settings import TrainConfig
 from granular_po.training import checkpoints, reference_cache, resources
 from granular_po.training.callbacks import MetricsFileCallback, ThrottledProgressCallback
-from granular_po.training.config import RunSettings, redacted_yaml, validate
+from granular_po.training.config import RunSettings, check_inputs, existing_ancestor, redacted_yaml, validate
 from granular_po.training.objectives import LossSettings
 from granular_po.training.trainer import GranularTrainer
 
@@ -57,9 +57,7 @@ def _split_sources(cfg: TrainConfig, split: str, eos_text: str | None, sft: bool
     for name in cfg.datasets:
         if name == "ours":
             path = cfg.custom_train_path if split == "train" else cfg.custom_eval_path
-            if path is None:
-                if split == "train":
-                    raise ValueError("datasets=[ours] needs custom_train_path=<JSON or JSONL file>")
+            if path is None:  # (a missing custom_train_path was refused by validate)
                 logger.warning("notice: no custom_eval_path: evaluation is off")
                 continue
             recs, report = load_records(path, on_invalid=cfg.on_invalid, eos_text=eos_text)
@@ -166,10 +164,39 @@ def _maybe_relaunch_distributed(cfg: TrainConfig, argv: list[str]) -> bool:
 
 def run_training(cfg: TrainConfig, argv: list[str] | None = None, settings: RunSettings | None = None) -> Path:
     """Train as the config says; returns the run directory (with `LATEST` unless debug=true).
-    `settings`: what `validate(cfg)` returned, when the caller validated already."""
+    `settings`: what `validate(cfg)` returned, when the caller validated (and ran `check_inputs`) already.
+
+    A start that fails, and a debug run, leave no directory behind (Trainer makes its output_dir as it
+    is built; the run's own files are written only once the start has succeeded)."""
+    if settings is None:
+        settings = validate(cfg)
+        check_inputs(cfg)
+    untouched = existing_ancestor(settings.run_dir)
+    ok = False
+    try:
+        run_dir = _train(cfg, argv, settings)
+        ok = True
+        return run_dir
+    finally:
+        if cfg.debug or not ok:
+            _remove_empty_dirs(settings.run_dir, untouched)
+
+
+def _remove_empty_dirs(path: Path, stop: Path) -> None:
+    """Remove `path` and its parents up to `stop` (excluded) while they are empty directories."""
+    path = path.absolute()
+    while path != stop and stop in path.parents:
+        try:
+            path.rmdir()
+        except OSError:  # not empty (or not there): leave it
+            if path.exists():
+                return
+        path = path.parent
+
+
+def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings) -> Path:
     from granular_po import models
 
-    settings = settings or validate(cfg)
     if argv is not None and _maybe_relaunch_distributed(cfg, argv):
         return settings.run_dir
     run_dir = settings.run_dir

@@ -16,14 +16,13 @@ from __future__ import annotations
 import logging
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import psutil
 import torch
 from torch import nn
 
 from granular_po.settings import LogprobsSettings, TrainConfig
-from granular_po.training.config import OPTIMIZER_STATES, RunSettings
+from granular_po.training.config import OPTIMIZER_STATES, RunSettings, existing_ancestor
 
 logger = logging.getLogger(__name__)
 
@@ -131,13 +130,6 @@ def checkpoint_bytes(policy: nn.Module, optimizer: str) -> int:
     return weights + OPTIMIZER_STATES.get(optimizer, 2) * trainable + CHECKPOINT_MARGIN
 
 
-def _existing_parent(path: Path) -> Path:
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def _on_cpu(policy: nn.Module) -> bool:
     first = next(iter(policy.parameters()), None)
     return first is None or first.device.type == "cpu"
@@ -179,7 +171,7 @@ def check_disk(cfg: TrainConfig, policy: nn.Module, settings: RunSettings) -> in
     if cfg.debug:
         return None
     needed = checkpoint_bytes(policy, cfg.optimizer)
-    where = _existing_parent(settings.run_dir)
+    where = existing_ancestor(settings.run_dir)
     free = shutil.disk_usage(where).free
     if needed > free:
         raise ResourceError(
