@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 from transformers import TrainingArguments
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from granular_po.data.collate import PreferenceCollator, SFTCollator
 from granular_po.data.encode import EncodeOptions, build_dataset
 from granular_po.data.masks import GranularOptions
 from granular_po.losses import LossType
 from granular_po.settings import TrainConfig
-from granular_po.training import checkpoints, reference_cache, resources
-from granular_po.training.callbacks import MetricsFileCallback, ThrottledProgressCallback
+from granular_po.training import checkpoints, console, reference_cache, resources
+from granular_po.training.callbacks import MetricsFileCallback
 from granular_po.training.config import RunSettings, redacted_yaml, validate
 from granular_po.training.objectives import LossSettings
 from granular_po.training.trainer import GranularTrainer
@@ -170,6 +170,8 @@ def run_training(cfg: TrainConfig, argv: list[str] | None = None, settings: RunS
         return settings.run_dir
     run_dir = settings.run_dir
     is_main = int(os.environ.get("RANK", "0")) == 0
+    if not console.interactive():  # a log file: no carriage-return bars from the libraries
+        console.quiet_library_bars()
 
     tokenizer_name = cfg.model.tokenizer_name_or_path or cfg.model.name_or_path
     tokenizer = models.load_tokenizer(models.resolve_model_path(tokenizer_name, cfg.cache_dir),
@@ -212,8 +214,10 @@ def run_training(cfg: TrainConfig, argv: list[str] | None = None, settings: RunS
         trainer.add_callback(SampleDuringEvalCallback(
             trainer, run_dir / "samples.jsonl", cfg.n_eval_model_samples,
             max_new_tokens=max(1, cfg.max_length - cfg.max_prompt_length), seed=cfg.seed))
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(ThrottledProgressCallback(cfg.minimum_log_interval_secs))
+    for noisy in (ProgressCallback, PrinterCallback):  # dicts of strings, cursor escapes in log files
+        trainer.remove_callback(noisy)
+    screen = console.ConsoleCallback(cfg.minimum_log_interval_secs)
+    trainer.add_callback(screen)
 
     if cfg.precompute_ref_log_probs and loss_type is LossType.DPO and not loss_settings.reference_free:
         cache_dir, batch = cfg.cache_dir or models_cache_dir(), cfg.eval_batch_size
