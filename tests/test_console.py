@@ -1,8 +1,9 @@
-"""What `granular-po train` prints when its output goes to a pipe or a log file (issue 13, item 5).
+"""What `granular-po train` prints when its output goes to a pipe or a log file (issue 13, items 4 and 5).
 
-One line per logging step with numbers as numbers, no carriage-return bars or cursor escapes, nothing
-repeated on resume; the full metrics stay in `metrics.jsonl`. The real command runs in a subprocess with
-stdout and stderr to pipes, as `granular-po train ... > log 2>&1` would.
+Item 5: one line per logging step with numbers as numbers, no carriage-return bars or cursor escapes,
+nothing repeated on resume; the full metrics stay in `metrics.jsonl`. Item 4: a start-up block saying where
+things go and what was loaded, a closing block with the checkpoint and the next command. The real
+command runs in a subprocess with stdout and stderr to pipes, as `granular-po train ... > log 2>&1` would.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +134,86 @@ def test_console_throttles_train_lines_but_not_the_last_or_evals():
     lines = [line for line in "".join(out).splitlines() if line]
     assert [line.split()[1] for line in lines] == ["1/10", "10/10", "10/10"]
     assert lines[-1].startswith("eval") and callback.last_train["step"] == 10
+
+
+# ---------------------------------------------------------------- item 4: start and end blocks
+
+
+def block_rows(out: str, title_prefix: str) -> dict[str, str]:
+    """The `label  value` rows of the block whose title starts with `title_prefix` (continuations joined)."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(title_prefix))
+    rows: dict[str, str] = {}
+    label = None
+    for line in lines[start + 1:]:
+        if not line.startswith("  "):
+            break
+        key, _, value = line.strip().partition("  ")
+        if line.startswith("   ") and label is not None and line[2] == " ":  # a continuation line
+            rows[label] += "\n" + line.strip()
+        else:
+            label = key
+            rows[label] = value.strip()
+    return rows
+
+
+def test_start_block_says_where_things_go(sft, workspace):
+    result, run_dir = sft
+    rows = block_rows(result.stdout, "granular-po train: sft (SFT, response-level)")
+    assert rows["run directory"].startswith(f"{run_dir} (config.yaml, metrics.jsonl, step-N/ checkpoints, LATEST)")
+    assert rows["policy"] == str(workspace / "tiny")
+    assert rows["reference"] == "none (SFT trains without one)"
+    # the lines `granular-po inspect` prints for the same file
+    assert f"{workspace / 'train.json'}: read 16 records, kept 16, 16 regions" in rows["train data"]
+    assert re.search(r"response tokens carrying weight: (\d+)/\1 = 100\.0%", rows["train data"])
+    assert rows["eval data"] == f"{workspace / 'eval.json'}: read 4 records, kept 4, 4 regions"
+    assert rows["forward"] == "padded rows, chunked lm_head on weighted positions"
+    assert re.fullmatch(r"about [\d.]+ MiB per step \(parameters .*, activations .*, logits .*\)", rows["memory"])
+    assert rows["schedule"] == "4 steps of 4 examples, AdamW lr 0.001, warmup 0 steps"
+    # printed before the first step
+    assert result.stdout.index("granular-po train: sft") < result.stdout.index("step  1/4")
+
+
+def test_end_block_names_checkpoint_and_next_command(sft, workspace):
+    result, run_dir = sft
+    rows = block_rows(result.stdout, "done: step 4")
+    assert rows["checkpoint"] == f"{run_dir / 'LATEST'} -> step-4"
+    assert (run_dir / "LATEST").resolve().name == "step-4"
+    assert rows["all metrics"] == str(run_dir / "metrics.jsonl")
+    assert re.fullmatch(rf"step 4: loss {NUMBER}  grad norm {NUMBER}  lr 0.001", rows["final train"])
+    assert re.fullmatch(rf"step 4: loss {NUMBER}", rows["final eval"])
+    command = shlex.split(rows["next"])
+    assert command[:2] == ["granular-po", "train"]
+    for item in ("loss=tdpo", "loss.if_tdpo2=true", "granular=true", "exp_name=sft_tdpo",
+                 f"model.archive={run_dir / 'LATEST'}", f"custom_train_path={workspace / 'train.json'}"):
+        assert item in command, item
+    assert "loss=sft" not in command and "exp_name=sft" not in command
+
+
+def test_next_command_runs_stage_two_from_the_archive(sft, workspace, capsys):
+    """The printed stage-2 command, run as printed: policy and reference both start from the SFT output."""
+    from granular_po.apps.cli import train_main
+
+    result, run_dir = sft
+    command = shlex.split(block_rows(result.stdout, "done: step 4")["next"])
+    assert train_main(command[2:]) == 0
+    out = capsys.readouterr().out
+    rows = block_rows(out, "granular-po train: sft_tdpo (TDPO2, granular)")
+    assert rows["policy"] == f"{workspace / 'tiny'}, weights from model.archive={run_dir / 'LATEST'} (-> step-4)"
+    assert rows["reference"] == "a frozen copy of model.archive (float32)"
+    assert re.search(r"response tokens carrying weight: \d+/\d+ = \d+\.\d%", rows["train data"])
+    end = block_rows(out, "done: step 4")
+    tdpo_dir = workspace / "runs" / "sft_tdpo"
+    assert end["checkpoint"] == f"{tdpo_dir / 'LATEST'} -> step-4"
+    assert end["next"] == f"granular-po eval --model {tdpo_dir / 'LATEST'} --data {workspace / 'eval.json'}"
+    assert "reward acc" in end["final eval"] and "kl margin" in end["final eval"]
+
+
+def test_stage_two_overrides_replace_only_the_stage_keys():
+    from granular_po.training.briefing import stage_two_overrides
+
+    given = ["loss=sft", "+granular=false", "granular.outside_weight=0.1", "exp_name=a", "lr=3e-5",
+             "model.archive=old", "model.name_or_path=m", "losses_seen=1"]
+    assert stage_two_overrides(given, Path("/r/LATEST"), "a") == [
+        "granular.outside_weight=0.1", "lr=3e-5", "model.name_or_path=m", "losses_seen=1", "loss=tdpo", "loss.beta=0.1", "loss.alpha=0.5",
+        "loss.if_tdpo2=true", "granular=true", "exp_name=a_tdpo", "model.archive=/r/LATEST"]
