@@ -1,14 +1,19 @@
-"""Task accuracy: answer extraction, batched greedy generation on a tiny model, the eval command."""
+"""Task accuracy: what a response states, how answers compare, batched greedy generation on a tiny model,
+and the `granular-po eval` command (run in a subprocess: exit status and what it prints)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
-import torch
 from tiny import tiny_llama, tiny_tokenizer
 
 from granular_po.apps import eval as evaluate
+from granular_po.apps.answers import is_correct, normalize, stated_answer
 from granular_po.apps.eval import extract_answer, format_prompt, questions_from_pairs, task_accuracy
-from granular_po.data.synthetic import generate_pairs, write_json
+from granular_po.data.synthetic import generate_pairs
 from granular_po.models import save_model_dir
 
 
@@ -17,8 +22,10 @@ from granular_po.models import save_model_dir
     [
         ("7 * 8 = 56. The answer is 56.", 56),
         ("The answer is 56, not 54.", 56),  # "answer is" wins over the last integer
-        ("7 * 8 = 56 and 3 more", 56),  # "=" wins over the last integer
-        ("First 7 * 8 = 54, wait: 7 * 8 = 56", 56),  # the last "=" counts
+        ("7 * 8 = 56? No: 7 * 8 is 54.", 54),  # the last stated number, not an earlier "= 56"
+        ("First 7 * 8 = 54, wait: 7 * 8 = 56", 56),
+        ("The answer is 56. (I checked it 3 ways.)", 56),  # the number after the last "answer is"
+        ("Half of 7 is 3.5.", 3.5),
         ("The product of 7 and 8 is 56.", 56),
         ("so the answer is **56**", 56),
         ("Answer: 1,234 apples", 1234),
@@ -76,18 +83,123 @@ def test_task_accuracy_counts_right_answers(monkeypatch):
     assert [r["predicted"] for r in rows] == [5, 7, None]
 
 
-def test_eval_command(tmp_path, capsys):
+def test_an_unrelated_or_earlier_number_does_not_make_a_question_right(monkeypatch):
+    """Old grading preferred the last "= N": "7 * 8 = 56? No: 7 * 8 is 54." scored 56 as right."""
+    tok = tiny_tokenizer(chat=True)
+    completions = ["7 * 8 = 56? No: 7 * 8 is 54.", "The answer is 54, since 56 is 7 * 8.",
+                   "56 apples. The answer is 54.", "The answer is 56. (I checked it 3 ways.)"]
+    monkeypatch.setattr(evaluate, "generate", lambda m, t, prompts, *a: completions[: len(prompts)])
+    acc, rows = task_accuracy(tiny_llama(len(tok)), tok, [("q", 56)] * 4, batch_size=4, progress=False)
+    assert [r["correct"] for r in rows] == [False, False, False, True] and acc == 0.25
+
+
+@pytest.mark.parametrize("expected, text, right", [
+    ("Paris", "The answer is Paris.", True),
+    ("Paris", "paris", True),
+    ("Paris", "I think it is Lyon.\nParis!", True),  # the last line
+    ("Paris", "Paris? No. The answer is Lyon.", False),  # the last stated answer counts
+    ("New York", "Answer:  new   york!", True),
+    ("1,234", "the answer is 1234", True),  # a string answer that is a number compares as one
+    (1234, "It is 1,234.", True),
+    (3.5, "The answer is 3.50", True),
+    (0.5, "The answer is 0.55", False),
+    ("56", "56 or 57", False),
+    ("Paris", "", False),
+])
+def test_answers_compare_as_documented(expected, text, right):
+    assert is_correct(stated_answer(text, expected), expected) is right
+
+
+def test_normalize_case_whitespace_punctuation():
+    assert normalize("  The  Eiffel-Tower!\n") == "the eiffeltower"
+
+
+def test_records_are_graded_by_answer_field_or_stated_result():
+    pairs = [{"prompt": "a", "answer": "Paris"}, {"prompt": "b", "answer": 7},
+             {"prompt": "c", "correct_response": "x = 9. The answer is 9."},
+             {"prompt": "d", "correct_response": "Hello!"}, {"prompt": "", "answer": 1},
+             {"prompt": "f", "answer": [1]}, {"prompt": "g", "answer": True}, "text"]
+    assert questions_from_pairs(pairs) == [("a", "Paris"), ("b", 7), ("c", 9)]
+    reasons = [evaluate.question_of(p, i) for i, p in enumerate(pairs)][3:]
+    assert "states no answer" in reasons[0] and "'prompt'" in reasons[1]
+    assert "not list" in reasons[2] and "not bool" in reasons[3] and "not a JSON object" in reasons[4]
+
+
+def eval_cli(*args: str) -> subprocess.CompletedProcess:
+    """`granular-po eval ARGS` in a subprocess."""
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "granular_po.apps.cli", "eval", *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+MIXED = [
+    {"prompt": "What is 7 * 8?", "correct_response": "7 * 8 = 56. The answer is 56.", "incorrect_response": "54"},
+    {"prompt": "Capital of France?", "answer": "Paris"},
+    {"prompt": "Say hello", "correct_response": "Hello!", "incorrect_response": "Bye."},
+    {"prompt": "What is 1000 + 234?", "answer": 1234},
+    {"prompt": "", "answer": 3},
+]
+
+
+def test_eval_command_grades_and_names_what_it_cannot(tmp_path):
     tok = tiny_tokenizer(chat=True)
     model_dir = save_model_dir(tiny_llama(len(tok)), tok, tmp_path / "model")
-    data = write_json(tmp_path / "eval.json", generate_pairs(6, seed=0))
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in MIXED) + '{"prompt": "What is 2+2?", "answer": 4\n')
     out = tmp_path / "results.json"
-    torch.manual_seed(0)
-    rc = evaluate.main(["--model", str(model_dir), "--data", str(data), "--n", "4", "--out", str(out),
-                        "--max-new-tokens", "4", "--device", "cpu"])
-    assert rc == 0
-    assert capsys.readouterr().out.startswith("accuracy ")
+    done = eval_cli("--model", str(model_dir), "--data", str(data), "--out", str(out), "--max-new-tokens", "4",
+                    "--device", "cpu")
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("accuracy ") and "/3 graded right; 6 records read)" in lines[0]
+    assert lines[1] == "not graded: 3 of 6 records"
+    assert lines[2].startswith("  record 2: no 'answer' field, and its correct_response states no answer")
+    assert lines[3].startswith("  record 4: field 'prompt' missing")
+    assert lines[4].startswith("  record 5: invalid JSON on line 6")  # a truncated last line
+    assert "\r" not in done.stdout + done.stderr and "Traceback" not in done.stderr
     result = json.loads(out.read_text())
-    assert result["n"] == 4 and len(result["per_question"]) == 4
+    assert [r["index"] for r in result["per_question"]] == [0, 1, 3]
+    assert [r["answer"] for r in result["per_question"]] == [56, "Paris", 1234]
+    assert [r["index"] for r in result["not_graded"]] == [2, 4, 5] and result["records"] == 6
+
+
+def test_eval_command_errors_are_one_line(tmp_path):
+    nothing = tmp_path / "nothing.jsonl"
+    nothing.write_text(json.dumps({"prompt": "Say hi", "correct_response": "Hi!", "incorrect_response": "Bye"}) + "\n")
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text('[{"prompt": "a", "answer": 1}, {"prom')
+    cases = [
+        (nothing, "nothing to grade (1 record read, none with a prompt and an answer"),
+        (tmp_path / "missing.jsonl", "missing.jsonl: file not found"),
+        (truncated, "truncated.json: invalid JSON at line 1"),
+    ]
+    for data, message in cases:
+        done = eval_cli("--model", "unused", "--data", str(data))
+        assert done.returncode == 1, (data, done.stderr)
+        assert done.stderr.startswith("invalid data: ") and message in done.stderr.splitlines()[0], done.stderr
+        assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_eval_command_missing_model_is_one_line(tmp_path):
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"prompt": "What is 2 + 2?", "answer": 4}) + "\n")
+    done = eval_cli("--model", str(tmp_path / "no_model"), "--data", str(data))
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"error: cannot load model '{tmp_path / 'no_model'}': FileNotFoundError: " \
+                                  f"no model directory {tmp_path / 'no_model'}"
+
+
+def test_eval_help_states_the_grading_rules():
+    done = eval_cli("--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    for phrase in ('its "answer" field (a string or a number)', "LAST STATED ANSWER counts",
+                   "unrelated number in the output does not make a question right", "numbers numerically",
+                   "normalising case, whitespace and punctuation", "a file with nothing to grade is an error",
+                   "counted and named", "(default: 16)"):
+        assert phrase in text, phrase
+    assert "(default: None)" not in text
 
 
 def test_run_eval_preference_metrics_hook():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import shutil
 import subprocess
 
@@ -53,7 +55,10 @@ def test_json_output(tmp_path, tok_dir, capsys):
     tok = tiny_tokenizer("byte_level", chat=True)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     for i, line in enumerate(lines):
-        assert set(line) == {"index", "chosen_ids", "chosen_weights", "rejected_ids", "rejected_weights"}
+        assert set(line) == {"index", "chosen_ids", "chosen_tokens", "chosen_weights", "rejected_ids",
+                             "rejected_tokens", "rejected_weights"}
+        for side in ("chosen", "rejected"):  # one token string per id: each id decoded alone
+            assert line[f"{side}_tokens"] == [tok.decode([t]) for t in line[f"{side}_ids"]]
         expected = encode_record(as_record(ROWS[i], i), tok, EncodeOptions(), GranularOptions(enabled=True))
         for key in ("chosen_ids", "chosen_weights", "rejected_ids", "rejected_weights"):
             assert line[key] == expected[key]
@@ -61,7 +66,8 @@ def test_json_output(tmp_path, tok_dir, capsys):
         chosen = tok(ROWS[i]["correct_response"], add_special_tokens=False)["input_ids"]
         assert line["chosen_ids"][:-1] == chosen
     first = lines[0]
-    assert [tok.decode([t]) for t, w in zip(first["chosen_ids"][:-1], first["chosen_weights"]) if w] == ["56"]
+    assert [t for t, w in zip(first["chosen_tokens"][:-1], first["chosen_weights"]) if w] == ["56"]
+    assert first["chosen_tokens"][-1] == "<|im_end|>" and "".join(first["chosen_tokens"][:-1]) == ROWS[0]["correct_response"]
 
     off = tmp_path / "off.jsonl"
     assert inspect_cmd.main([str(data), "--tokenizer", str(tok_dir), "--no-granular", "--json", str(off)]) == 0
@@ -127,10 +133,73 @@ def _chromium() -> str | None:
     return None
 
 
+# Runs in the page (at the end of <body>): toggles the first prompt and reads the rendered colours.
+PROBE = """<script>
+(() => {
+  const css = el => getComputedStyle(el);
+  const card = document.getElementById("record-0"), details = card.querySelector("details.prompt-box");
+  const out = {closed: !details.open, cardClosed: card.getBoundingClientRect().height,
+               promptClosed: details.querySelector(".prompt").checkVisibility()};
+  details.querySelector("summary").click();
+  Object.assign(out, {openAfterClick: details.open, cardOpen: card.getBoundingClientRect().height,
+                      promptOpen: details.querySelector(".prompt").checkVisibility()});
+  out.card = css(card).backgroundColor;
+  out.items = {};
+  for (const [name, selector] of Object.entries({
+      "weight 0": ".tok.w-off", "weight 0.1": '.tok.w-on[data-weight="0.1"]', "weight 1": '.tok.w-on:not(.end)[data-weight="1"]',
+      "flag 1": ".tok.w-pos", "flag -1": ".tok.w-neg", "projected": ".tok.w-proj",
+      "label": ".label", "prompt toggle": "summary", "card title": "h2 small"})) {
+    const el = document.querySelector(selector);
+    out.items[name] = el && {color: css(el).color, background: css(el).backgroundColor, title: el.title,
+                             text: el.textContent};
+  }
+  out.legend = document.querySelector(".legend").textContent;
+  document.body.insertAdjacentHTML("beforeend", "<pre id=probe>" + JSON.stringify(out) + "</pre>");
+})();
+</script>"""
+
+
+def rgba(css: str) -> tuple[float, float, float, float]:
+    """'rgb(1, 2, 3)' / 'rgba(1, 2, 3, 0.5)' -> (r, g, b, alpha), r g b in 0..255."""
+    values = [float(v) for v in re.findall(r"[\d.]+", css)]
+    return (*values[:3], values[3] if len(values) > 3 else 1.0)
+
+
+def over(top: tuple, below: tuple) -> tuple[float, float, float]:
+    """`top` (with its alpha) composited over an opaque `below`."""
+    alpha = top[3]
+    return tuple(alpha * t + (1 - alpha) * b for t, b in zip(top[:3], below[:3]))
+
+
+def luminance(rgb) -> float:
+    """WCAG 2 relative luminance."""
+    def channel(c):
+        c /= 255
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+    r, g, b = (channel(c) for c in rgb[:3])
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def contrast(a, b) -> float:
+    """WCAG 2 contrast ratio of two opaque colours (1 to 21)."""
+    high, low = sorted((luminance(a), luminance(b)), reverse=True)
+    return (high + 0.05) / (low + 0.05)
+
+
+def test_contrast_formula():
+    assert contrast((0, 0, 0), (255, 255, 255)) == pytest.approx(21)
+    assert contrast((0x88,) * 3, (255, 255, 255)) == pytest.approx(3.54, abs=0.01)  # the old weight-0 grey
+    assert over((0, 0, 0, 0.5), (255, 255, 255)) == (127.5, 127.5, 127.5)
+
+
 def test_html_viewer_renders_in_chromium(tmp_path, tok_dir):
+    """The page in headless Chromium: prompt behind a toggle that a click opens, every text colour at
+    least 4.5:1 against what it is drawn on (weight-0 text included), fractional weights shaded by weight
+    with the value in the tooltip, the SFT projection explained in the legend; plus a screenshot."""
     data = write_jsonl(tmp_path / "data.jsonl", ROWS)
     page = tmp_path / "view.html"
-    assert inspect_cmd.main([str(data), "--tokenizer", str(tok_dir), "--html", str(page)]) == 0
+    assert inspect_cmd.main([str(data), "--tokenizer", str(tok_dir), "--html", str(page),
+                             "--outside-weight", "0.1"]) == 0
     text = page.read_text(encoding="utf-8")
     assert "&lt;b&gt;me&lt;/b&gt;" in text and "<b>me</b>" not in text and "<wrong>" not in text
     assert 'class="tok w-pos"' in text and 'class="tok w-neg"' in text and 'title="weight 1' in text
@@ -141,10 +210,41 @@ def test_html_viewer_renders_in_chromium(tmp_path, tok_dir):
     flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    probed = tmp_path / "probed.html"
+    probed.write_text(text.replace("</body>", PROBE + "\n</body>"), encoding="utf-8")
+    dom = subprocess.run([*flags, "--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert '<span class="tok w-pos" title="weight 1' in dom.stdout and ">56</span>" in dom.stdout
+    assert '<span class="tok w-pos" data-weight="1" title="weight 1' in dom.stdout and ">56</span>" in dom.stdout
     assert 'class="tok w-neg"' in dom.stdout and 'id="record-2"' in dom.stdout
+    probe = json.loads(html.unescape(re.search(r'<pre id="probe">(.*?)</pre>', dom.stdout, re.S).group(1)))
+
+    # the prompt: closed at first, opened by a click
+    assert probe["closed"] and not probe["promptClosed"]
+    assert probe["openAfterClick"] and probe["promptOpen"] and probe["cardOpen"] > probe["cardClosed"]
+
+    # every text readable on what it is drawn on: the token's own background over the card's
+    card = rgba(probe["card"])
+    for name, item in probe["items"].items():
+        assert item is not None, f"no {name} element on the page"
+        background = over(rgba(item["background"]), card)
+        ratio = contrast(over(rgba(item["color"]), background), background)
+        assert ratio >= 4.5, f"{name}: contrast {ratio:.2f}:1 ({item['color']} on {item['background']})"
+
+    # fractional weights: lighter than weight 1, unlike weight 0, the value in the tooltip
+    shade = {w: over(rgba(probe["items"][f"weight {w}"]["background"]), card) for w in ("0", "0.1", "1")}
+    assert luminance(shade["0"]) > luminance(shade["0.1"]) > luminance(shade["1"])
+    assert probe["items"]["weight 0.1"]["title"].startswith("weight 0.1 ")
+    assert probe["items"]["weight 1"]["title"].startswith("weight 1 ")
+
+    # classes this data does not produce, from the page's CSS: text between tokens, whitespace marks
+    for selector in (".gap", ".ws"):
+        colour = re.search(re.escape(selector) + r" \{[^}]*?color: #([0-9a-f]{6})", inspect_cmd._STYLE).group(1)
+        rgb = tuple(int(colour[i:i + 2], 16) for i in (0, 2, 4))
+        assert contrast(rgb, card) >= 4.5, f"{selector}: #{colour} on the card"
+
+    legend = " ".join(probe["legend"].split())
+    assert "chosen, SFT weights" in legend and "flagged -1" in legend and "projected onto the chosen" in legend
+    assert "shaded by their weight" in legend
 
     png = tmp_path / "view.png"
     shot = subprocess.run([*flags, f"--screenshot={png}", "--window-size=1200,900", page.as_uri()],

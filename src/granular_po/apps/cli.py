@@ -73,7 +73,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
     try:
         run_training(cfg, argv=[sys.argv[0], *argv] if sys.argv[0].endswith("train.py") else None,
-                     settings=settings)
+                     settings=settings, overrides=argv)
     except (DataError, ValueError, ModelLoadError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -1,9 +1,9 @@
-"""Task accuracy by greedy generation: does the model state the right result?
+"""`granular-po eval`: task accuracy by greedy generation, on the records it can grade, naming the others.
 
-    granular-po eval --model smollm2-135m --data eval.json [--n 50] [--out results.json]
+    granular-po eval --model DIR --data eval.jsonl [--n 50] [--out results.json]
 
-`--data` is a research-format JSON list (or JSONL) of {prompt, correct_response, ...}; the expected
-answer of a question is the result its correct response states (`extract_answer`).
+The grading rules (what a response states, how answers compare) live in `answers.py`; `HELP` below says
+them to the user. Demo and compare call `task_accuracy` on (prompt, answer) questions directly.
 """
 
 from __future__ import annotations
@@ -11,34 +11,29 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import re
+import math
+import os
+import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from granular_po.apps.answers import (
+    Answer,
+    answer_of_response,
+    extract_answer,
+    is_correct,
+    stated_answer,
+)
 
-from granular_po.apps.help import DefaultsFormatter
+__all__ = ["Question", "extract_answer", "format_prompt", "generate", "load_questions", "main", "questions_from_pairs",
+           "read_pairs", "run_eval", "task_accuracy"]
 
-_INT = r"-?\d+(?:,\d{3})*(?!\d)"  # 1,234 is one number; "56, so" is 56
-_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*\**\s*(" + _INT + ")", re.IGNORECASE)
-_EQUALS = re.compile(r"=\s*\**\s*(" + _INT + ")")
-_ANY_INT = re.compile(_INT)
 # end-of-turn / end-of-text tokens of common models; generation also stops at these when they exist
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
-
-
-def extract_answer(text: str) -> int | None:
-    """The stated result: the number after the last "answer is", else after the last "=", else the last integer.
-
-    None when the text has no integer. Thousands separators are allowed ("1,234" -> 1234).
-    """
-    for pattern in (_ANSWER_IS, _EQUALS):
-        found = pattern.findall(text)
-        if found:
-            return int(found[-1].replace(",", ""))
-    found = _ANY_INT.findall(text)
-    return int(found[-1].replace(",", "")) if found else None
+# the correct response's field and its aliases, as the training data reader accepts them
+_CORRECT_FIELDS = ("correct_response", "correct", "chosen")
 
 
 def format_prompt(tokenizer: Any, prompt: str, prompt_format: str = "auto") -> str:
@@ -76,10 +71,9 @@ def _generation_mode(model: Any, tokenizer: Any):
         model.train(was_training)
 
 
-@torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 32,
              prompt_format: str = "auto") -> list[str]:
-    """Greedy completions of one batch of prompts (special tokens stripped)."""
+    """Greedy completions of one batch of prompts (special tokens stripped; `generate` runs without grad)."""
     from transformers import GenerationConfig
 
     texts = [format_prompt(tokenizer, p, prompt_format) for p in prompts]
@@ -96,13 +90,14 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
 def task_accuracy(
     model: Any,
     tokenizer: Any,
-    questions: Sequence[tuple[str, int]],
+    questions: Sequence[tuple[str, Answer]],
     max_new_tokens: int = 32,
     batch_size: int = 16,
     prompt_format: str = "auto",
     progress: bool = True,
 ) -> tuple[float, list[dict]]:
-    """(accuracy, per-question dicts) by greedy generation; a question is right when its stated result matches."""
+    """(accuracy, per-question dicts) by greedy generation; a question is right when the completion's last
+    stated answer matches (`answers.is_correct`). NaN for no question."""
     from tqdm.auto import tqdm
 
     rows: list[dict] = []
@@ -111,37 +106,97 @@ def task_accuracy(
         batch = questions[start:start + batch_size]
         completions = generate(model, tokenizer, [p for p, _ in batch], max_new_tokens, prompt_format)
         for (prompt, answer), completion in zip(batch, completions):
-            predicted = extract_answer(completion)
-            rows.append({"prompt": prompt, "answer": int(answer), "predicted": predicted,
-                         "correct": predicted == int(answer), "completion": completion})
+            predicted = stated_answer(completion, answer)
+            rows.append({"prompt": prompt, "answer": answer, "predicted": predicted,
+                         "correct": is_correct(predicted, answer), "completion": completion})
         bar.update(len(batch))
     bar.close()
     accuracy = sum(r["correct"] for r in rows) / len(rows) if rows else float("nan")
     return accuracy, rows
 
 
-def questions_from_pairs(pairs: Sequence[dict]) -> list[tuple[str, int]]:
-    """(prompt, answer) for each pair whose correct response states a result; others are left out."""
-    out = []
-    for pair in pairs:
-        answer = extract_answer(pair.get("correct_response", ""))
-        if answer is not None:
-            out.append((pair["prompt"], answer))
-    return out
+# ---------------------------------------------------------------- which records can be graded
+
+
+@dataclass(frozen=True)
+class Question:
+    """A gradable record: its index in the file, its prompt and its expected answer."""
+
+    index: int
+    prompt: str
+    answer: Answer
+
+
+def question_of(item: Any, index: int) -> Question | str:
+    """The record as a question, or why it cannot be graded (one phrase naming the field)."""
+    if not isinstance(item, dict):
+        return f"not a JSON object but {type(item).__name__}"
+    prompt = item.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        return "field 'prompt' missing or not a non-empty string"
+    if "answer" in item:
+        answer = item["answer"]
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            return f"field 'answer' must be a string or a number, not {type(answer).__name__}"
+        if isinstance(answer, float) and not math.isfinite(answer):
+            return "field 'answer' must be a finite number"
+        if isinstance(answer, str) and not answer.strip():
+            return "field 'answer' is empty"
+        return Question(index, prompt, answer)
+    response = next((item[f] for f in _CORRECT_FIELDS if isinstance(item.get(f), str)), None)
+    if response is None:
+        return "no 'answer' field and no correct_response to read one from"
+    answer = answer_of_response(response)
+    if answer is None:
+        return "no 'answer' field, and its correct_response states no answer (no number, no \"answer is\")"
+    return Question(index, prompt, answer)
+
+
+def load_questions(path: str | os.PathLike) -> tuple[list[Question], list[tuple[int, str]], int]:
+    """(questions, [(index, why not gradable)], records read) of a JSON list or JSONL file.
+
+    Raises DataError (naming the file) when the file is missing, unreadable, empty or not JSON.
+    """
+    from granular_po.data.records import iter_json_values
+    from granular_po.data.schema import DataError
+
+    questions, ungraded, n = [], [], 0
+    for index, line, item in iter_json_values(path):
+        n += 1
+        where = f" (line {line})" if line is not None else ""
+        if isinstance(item, DataError) and f"line {line}" in item.reason:
+            where = ""
+        found = item.reason if isinstance(item, DataError) else question_of(item, index)
+        if isinstance(found, Question):
+            questions.append(found)
+        else:
+            ungraded.append((index, found + where))
+    return questions, ungraded, n
+
+
+def questions_from_pairs(pairs: Sequence[dict]) -> list[tuple[str, Answer]]:
+    """(prompt, answer) of each record that can be graded (see `question_of`); the others are left out."""
+    found = (question_of(pair, i) for i, pair in enumerate(pairs))
+    return [(q.prompt, q.answer) for q in found if isinstance(q, Question)]
 
 
 def read_pairs(path: str | Path) -> list[dict]:
-    """A research-format JSON list, or JSONL, of pair dicts."""
-    text = Path(path).read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    """A research-format JSON list, or JSONL, of pair dicts (DataError names a file that does not parse)."""
+    from granular_po.data.records import iter_json_values
+    from granular_po.data.schema import DataError
+
+    items = []
+    for _, _, item in iter_json_values(path):
+        if isinstance(item, DataError):
+            raise item
+        items.append(item)
+    return items
 
 
 def run_eval(
     model: Any,
     tokenizer: Any,
-    questions: Sequence[tuple[str, int]],
+    questions: Sequence[tuple[str, Answer]],
     preference_metrics: Callable[[Any, Any], dict] | None = None,
     **kwargs: Any,
 ) -> dict:
@@ -153,44 +208,125 @@ def run_eval(
     return result
 
 
+# ---------------------------------------------------------------- command line
+
+HELP = """\
+Task accuracy of a model by greedy generation on the records of a JSON list or JSONL file.
+
+What is graded: each record needs a "prompt" and an expected answer, either its "answer" field (a
+string or a number) or, without one, the answer its "correct_response" states (read as below).
+Records that have neither are not graded: they are counted and named (index and reason), and a file
+with nothing to grade is an error (exit status 1).
+
+How a model's output is read: only the LAST STATED ANSWER counts. That is the text after the last
+"answer is" / "answer:" (for a number: the first number there), or, without such a phrase, the last
+number in the output (numeric answers) or its last non-empty line (text answers). An earlier or
+unrelated number in the output does not make a question right.
+
+How answers compare: numbers numerically ("1,234" = 1234 = 1234.0; an "answer" string that is a
+number counts as one); text after normalising case, whitespace and punctuation ("Paris." = "paris").
+
+Exit status: 0 graded, 1 invalid data or nothing to grade, 2 bad arguments or a model that cannot load.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The options of `granular-po eval`."""
-    parser = argparse.ArgumentParser(prog="granular-po eval", description=main.__doc__,
-                                     formatter_class=DefaultsFormatter)
-    parser.add_argument("--model", required=True, help="HF directory, hub id, or smollm2-135m (the embedded "
-                        "default model)")
-    parser.add_argument("--data", required=True, help="research-format JSON list or JSONL")
-    parser.add_argument("--n", type=int, default=None, help="evaluate on the first N questions (default: all)")
-    parser.add_argument("--out", default=None, help="write accuracy and per-question results here (JSON; "
-                        "default: print only)")
-    parser.add_argument("--batch-size", type=int, default=16, help="questions generated at once")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="greedy generation budget per question")
-    parser.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "raw"],
-                        help="raw: the question as is; chat: the tokenizer's chat template; auto: chat when it "
-                        "has one")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype the model runs in (float16 falls back to float32 on CPU)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow custom modelling code from the hub (it runs arbitrary code)")
-    return parser
+    p = argparse.ArgumentParser(prog="granular-po eval", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True,
+                   help="required: a Hugging Face directory (e.g. a run's LATEST), a hub id, or smollm2-135m "
+                        "(the embedded default model)")
+    p.add_argument("--data", required=True, help="required: JSON list or JSONL file of records with a prompt and an answer")
+    p.add_argument("--n", type=int, default=None, help="grade only the first N gradable records (default: all)")
+    p.add_argument("--out", default=None, help="also write the accuracy, every graded record and the records "
+                                               "not graded here (JSON; default: not written)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts generated at once (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generation budget per prompt (default: %(default)s)")
+    p.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "raw"],
+                   help="chat: the tokenizer's chat template with the prompt as the user turn; raw: the "
+                        "prompt as is; auto: chat when the tokenizer has a template (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights' dtype for generation (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow custom modelling code from the hub (it runs arbitrary code; default: off)")
+    return p
+
+
+def _check_model_name(model_name: str) -> None:
+    """A path that names no directory fails here, before torch loads (a hub id is `name` or `org/name`)."""
+    looks_local = model_name.startswith((".", "/", "~")) or model_name.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(model_name)):
+        raise FileNotFoundError(f"no model directory {model_name}")
+
+
+def _load(model_name: str, args: argparse.Namespace):
+    """(tokenizer, model), or raise with one line that names the model."""
+    from granular_po.models import load_model, load_tokenizer
+
+    _check_model_name(model_name)
+    tokenizer = load_tokenizer(os.path.expanduser(model_name), trust_remote_code=args.trust_remote_code)
+    model = load_model(os.path.expanduser(model_name), args.dtype, args.trust_remote_code, device=args.device)
+    return tokenizer, model
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _not_graded_lines(ungraded: list[tuple[int, str]], total: int, shown: int = 20) -> list[str]:
+    lines = [f"not graded: {len(ungraded)} of {_plural(total, 'record')}"]
+    lines += [f"  record {index}: {why}" for index, why in ungraded[:shown]]
+    if len(ungraded) > shown:
+        lines.append(f"  ... and {len(ungraded) - shown} more (all in --out)")
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`granular-po eval`: print the task accuracy of a model on an eval file."""
-    from granular_po.models import load_model, load_tokenizer
+    """`granular-po eval`: print the task accuracy of a model on the gradable records of a file."""
+    from granular_po.data.schema import DataError
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help or a usage error: argparse already printed why
+        return int(e.code or 0)
+    try:  # the data first: its errors come in the first second, before any model loads
+        questions, ungraded, total = load_questions(args.data)
+    except DataError as e:
+        print(f"invalid data: {e}", file=sys.stderr)
+        return 1
+    if not questions:
+        print(f"invalid data: {args.data}: nothing to grade ({_plural(total, 'record')} read, none with a prompt "
+              "and an answer: an 'answer' field, or a correct_response that states one)", file=sys.stderr)
+        for line in _not_graded_lines(ungraded, total, shown=5)[1:]:
+            print(line, file=sys.stderr)
+        return 1
+    graded = questions[: args.n] if args.n is not None else questions
+    try:
+        _check_model_name(args.model)
+        from granular_po.training.console import interactive, quiet_library_bars
 
-    questions = questions_from_pairs(read_pairs(args.data))[: args.n]
-    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    model = load_model(args.model, args.dtype, args.trust_remote_code, device=args.device)
-    result = run_eval(model, tokenizer, questions, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, prompt_format=args.prompt_format)
-    print(f"accuracy {result['accuracy']:.3f} ({sum(r['correct'] for r in result['per_question'])}/{result['n']})")
+        if not interactive():  # a log file: no carriage-return progress bars
+            quiet_library_bars()
+        tokenizer, model = _load(args.model, args)
+    except Exception as e:  # missing model, no network, bad weights: one line, no traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"error: cannot load model {args.model!r}: {type(e).__name__}: {first}", file=sys.stderr)
+        return 2
+    result = run_eval(model, tokenizer, [(q.prompt, q.answer) for q in graded],
+                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                      prompt_format=args.prompt_format, progress=interactive())
+    for question, row in zip(graded, result["per_question"]):
+        row["index"] = question.index
+    correct = sum(r["correct"] for r in result["per_question"])
+    print(f"accuracy {result['accuracy']:.3f} ({correct}/{result['n']} graded right; "
+          f"{_plural(total, 'record')} read)")
+    if ungraded:
+        print("\n".join(_not_graded_lines(ungraded, total)))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"model": args.model, "data": args.data, **result}, indent=1))
+        not_graded = [{"index": index, "reason": why} for index, why in ungraded]
+        Path(args.out).write_text(json.dumps({"model": args.model, "data": args.data, "records": total, **result,
+                                              "not_graded": not_graded}, indent=1, default=str))
     return 0
 
 

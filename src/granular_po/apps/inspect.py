@@ -3,8 +3,9 @@
     granular-po inspect data.jsonl --tokenizer smollm2-135m --html weights.html --json weights.jsonl
 
 Prints a validation summary (exit status 1 when the data is invalid); `--html` writes a self-contained
-page with every response token boxed and the weighted ones highlighted; `--json` writes one line of
-response ids and weights per record (the prompt excluded, the end-of-response token last).
+page with every response token boxed, the weighted ones shaded by their weight (hover for the value) and
+the prompt behind a toggle; `--json` writes one line per record with the response ids, their token
+strings and weights (the prompt excluded, the end-of-response token last).
 """
 
 from __future__ import annotations
@@ -61,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-eos", action=argparse.BooleanOptionalAction, default=GranularOptions.include_eos,
                    help=gran["include_eos"])
     p.add_argument("--html", metavar="OUT.html", help="write the token viewer page here (none if not given)")
-    p.add_argument("--json", metavar="OUT.jsonl", help="write response ids and weights per record here "
-                   "(none if not given)")
+    p.add_argument("--json", metavar="OUT.jsonl", help="write response ids, token strings and weights per "
+                   "record here (none if not given)")
     p.add_argument("--html-max-pairs", type=int, default=1000, help="pairs shown in the HTML page")
     return p
 
@@ -125,23 +126,27 @@ def summarize(report: LoadReport, records, rows, tokenizer, layout: TokenLayout,
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; background: #fafafa; }
-h1 { font-size: 1.3em; } h2 { font-size: 1em; margin: 0 0 .4em; } h2 small { color: #777; font-weight: normal; }
+h1 { font-size: 1.3em; } h2 { font-size: 1em; margin: 0 0 .4em; } h2 small { color: #555; font-weight: normal; }
 .summary { font-family: ui-monospace, monospace; font-size: .85em; white-space: pre-wrap; background: #eef;
   padding: .6em; border-radius: 4px; }
 .pair { background: #fff; border: 1px solid #ddd; border-radius: 6px; padding: .8em 1em; margin: 1em 0; }
-.label { font-size: .75em; text-transform: uppercase; color: #666; margin-top: .6em; }
+.label { font-size: .75em; text-transform: uppercase; color: #555; margin-top: .6em; }
+details.prompt-box { margin-top: .6em; }
+details.prompt-box > summary { cursor: pointer; font-size: .75em; text-transform: uppercase; color: #555; }
+.legend { line-height: 2; }
+.legend p { margin: .3em 0; }
 .text { font-family: ui-monospace, monospace; font-size: .9em; white-space: pre-wrap; word-break: break-word;
   line-height: 1.9; }
 .prompt { color: #444; background: #f4f4f4; padding: .3em; }
 .tok { border: 1px solid #bbb; border-radius: 3px; padding: 0 1px; margin: 0 1px 0 0; }
-.w-off { color: #888; }
-.w-on { background: #e8e8ff; border-color: #99c; }
+.w-off { color: #595959; }
+.w-on { border-color: #66a; }
 .w-pos { background: #b9f3c3; border-color: #2a8a3e; color: #0b4d1a; font-weight: 600; }
 .w-neg { background: #ffc2c2; border-color: #b02a2a; color: #6b0d0d; font-weight: 600; }
 .w-proj { background: #ffe3b0; border-color: #c47f00; font-weight: 600; }
 .end { font-size: .75em; font-style: italic; }
-.ws { color: #aaa; font-weight: normal; }
-.gap { color: #aaa; }
+.ws { color: #6e6e6e; font-weight: normal; }
+.gap { color: #595959; }
 .cut { color: #b02a2a; font-style: italic; }
 """
 _WS = {" ": '<span class="ws">\u00b7</span>', "\t": '<span class="ws">\u2192</span>\t',
@@ -163,6 +168,20 @@ def _tok_class(weight: float, flag: int, projected: bool) -> str:
     return "w-on" if weight else "w-off"
 
 
+def weight_shade(weight: float) -> str:
+    """The background of a weighted token outside any region: darker with the weight (0.1 faint, 1 full),
+    so `--outside-weight 0.1` looks unlike weight 1. Text stays dark on it (contrast above 7:1)."""
+    alpha = 0.08 + 0.37 * min(max(weight, 0.0), 1.0)
+    return f"background-color: rgba(70, 70, 220, {alpha:.3f})"
+
+
+def _tok_span(classes: str, weight: float, title: str, body: str) -> str:
+    """One token box: its class, its weight (shade and `data-weight`) and a tooltip with weight and ids."""
+    style = f' style="{weight_shade(weight)}"' if classes.endswith("w-on") else ""
+    return (f'<span class="tok {classes}" data-weight="{weight:g}"{style} title="{html.escape(title)}">'
+            f"{body}</span>")
+
+
 def render_tokens(text: str, row: dict[str, Any], side: str, tokenizer, weights_key: str | None = None) -> str:
     """One response as boxed tokens. Tokens sharing one char span (byte pieces of an emoji) share a box."""
     ids, offsets = row[f"{side}_ids"], row[f"{side}_offsets"]
@@ -179,7 +198,7 @@ def render_tokens(text: str, row: dict[str, Any], side: str, tokenizer, weights_
         piece = text[max(s, pos):e] if e > s else tokenizer.convert_ids_to_tokens(ids[i])
         cls = _tok_class(weights[i], flags[i], projected[i])
         title = f"weight {weights[i]:g} · id{'s' if j - i > 1 else ''} {' '.join(map(str, ids[i:j]))} · chars [{s}, {e})"
-        parts.append(f'<span class="tok {cls}" title="{html.escape(title)}">{_show(piece)}</span>')
+        parts.append(_tok_span(cls, weights[i], title, _show(piece)))
         pos, i = max(pos, e), j
     rest = text[pos:]
     if rest.strip() and row.get("truncated"):
@@ -188,27 +207,35 @@ def render_tokens(text: str, row: dict[str, Any], side: str, tokenizer, weights_
         parts.append(f'<span class="gap">{_show(rest)}</span>')
     end_name = tokenizer.convert_ids_to_tokens(ids[-1])
     cls = _tok_class(weights[-1], 0, False)
-    parts.append(f'<span class="tok end {cls}" title="end-of-response token · weight {weights[-1]:g} · id {ids[-1]}">'
-                 f"{html.escape(end_name)}</span>")
+    parts.append(_tok_span(f"end {cls}", weights[-1], f"end-of-response token · weight {weights[-1]:g} · id {ids[-1]}",
+                           html.escape(end_name)))
     return "".join(parts)
 
 
 def render_html(title: str, summary: Sequence[str], records, rows, tokenizer, max_pairs: int) -> str:
     """The whole viewer page: summary, legend, then one block per pair."""
-    legend = ('<span class="tok w-pos">region in chosen (flag 1)</span> '
+    shades = " ".join(f'<span class="tok w-on" style="{weight_shade(w)}" title="weight {w:g}">weight {w:g}</span>'
+                      for w in (0.1, 0.5, 1))
+    legend = ('<div class="legend"><p><span class="tok w-pos">region in chosen (flag 1)</span> '
               '<span class="tok w-neg">region in rejected (flag -1)</span> '
-              '<span class="tok w-proj">rejected region projected onto chosen (SFT)</span> '
-              '<span class="tok w-on">weighted</span> <span class="tok w-off">weight 0</span> '
-              '— the last box is the end-of-response token: weight 1 in a response with a region '
-              '(include_eos), the unannotated weight in the other response of an annotated pair; '
-              'hover a token for its weight and ids; \u00b7 is a space, \u21b5 a newline')
+              f'{shades} <span class="tok w-off">weight 0</span> '
+              '— weighted tokens outside a region are shaded by their weight; the last box is the '
+              'end-of-response token: weight 1 in a response with a region (include_eos), the unannotated '
+              'weight in the other response of an annotated pair; hover any token for its weight and ids; '
+              '\u00b7 is a space, \u21b5 a newline.</p>'
+              '<p><span class="tok w-proj">projected</span> The row <em>chosen, SFT weights</em> is what SFT '
+              '(loss=sft with granular=true) trains on: SFT sees only the chosen response, so each region '
+              'flagged -1 (in the rejected response) is projected onto the chosen one through a character '
+              'alignment and marks the text that replaced it.</p>'
+              '<p>Click <em>prompt</em> on a card to show the prompt as the model sees it.</p></div>')
     blocks = []
     for record, row in zip(records[:max_pairs], rows[:max_pairs]):
         prompt_note = f" as the model sees it ({len(row['prompt_ids'])} tokens{', truncated' if row['truncated'] else ''})"
         prompt = tokenizer.decode(row["prompt_ids"], skip_special_tokens=False)
         block = [f'<section class="pair" id="record-{record.index}">',
                  f"<h2>#{record.index} <small>{html.escape(record.source)}</small></h2>",
-                 f'<div class="label">prompt{prompt_note}</div><div class="text prompt">{_show(prompt)}</div>',
+                 f'<details class="prompt-box"><summary>prompt{prompt_note}</summary>'
+                 f'<div class="text prompt">{_show(prompt)}</div></details>',
                  f'<div class="label">chosen</div><div class="text chosen">'
                  f"{render_tokens(record.chosen, row, 'chosen', tokenizer)}</div>",
                  f'<div class="label">rejected</div><div class="text rejected">'
@@ -220,14 +247,22 @@ def render_html(title: str, summary: Sequence[str], records, rows, tokenizer, ma
     more = f"<p>showing the first {max_pairs} of {len(records)} pairs</p>" if len(records) > max_pairs else ""
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_STYLE}</style></head>\n<body>\n<h1>{html.escape(title)}</h1>\n"
-            f'<div class="summary">{html.escape(chr(10).join(summary))}</div>\n<p>{legend}</p>\n{more}\n'
+            f'<div class="summary">{html.escape(chr(10).join(summary))}</div>\n{legend}\n{more}\n'
             + "\n".join(blocks) + "\n</body></html>\n")
 
 
-def json_lines(rows: Sequence[dict[str, Any]]) -> str:
-    """One JSON object per record: response ids and weights (prompt excluded, end token included)."""
-    keys = ("index", "chosen_ids", "chosen_weights", "rejected_ids", "rejected_weights")
-    return "".join(json.dumps({k: row[k] for k in keys}) + "\n" for row in rows)
+def json_lines(rows: Sequence[dict[str, Any]], tokenizer) -> str:
+    """One JSON object per record: response ids, their token strings (each id decoded alone, so a piece
+    of a multi-byte character shows as U+FFFD) and weights; prompt excluded, end token included."""
+    out = []
+    for row in rows:
+        line: dict[str, Any] = {"index": row["index"]}
+        for side in ("chosen", "rejected"):
+            line[f"{side}_ids"] = row[f"{side}_ids"]
+            line[f"{side}_tokens"] = [tokenizer.decode([i], skip_special_tokens=False) for i in row[f"{side}_ids"]]
+            line[f"{side}_weights"] = row[f"{side}_weights"]
+        out.append(json.dumps(line, ensure_ascii=False) + "\n")
+    return "".join(out)
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -277,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(summary))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            f.write(json_lines(rows))
+            f.write(json_lines(rows, tokenizer))
         print(f"wrote {args.json}")
     if args.html:
         page = render_html(f"granular-po inspect: {args.data}", summary, records, rows, tokenizer, args.html_max_pairs)

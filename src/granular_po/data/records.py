@@ -323,6 +323,15 @@ def load_records(path: str | os.PathLike[str], on_invalid: str = "error",
     return records, report
 
 
+def iter_json_values(path: str | os.PathLike[str]) -> Iterator[tuple[int, int | None, Any]]:
+    """(index, line or None, value) of each item of a JSON list or JSONL file, for readers of other record
+    shapes (eval questions). File-level faults raise DataError; a JSONL line that does not parse is
+    yielded as its DataError, so the reader can name it and go on."""
+    source = str(path)
+    with _open(path, source) as f:
+        yield from _iter_raw(f, source)
+
+
 def record_to_dict(record: PreferenceRecord) -> dict[str, Any]:
     """A record in the research file format (the format `load_records` reads back)."""
     return {

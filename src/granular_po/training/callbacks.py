@@ -1,4 +1,4 @@
-"""Trainer callbacks: the metrics file, the throttled progress bar, samples during evaluation.
+"""Trainer callbacks: the metrics file, step timing, samples during evaluation (the console: `console.py`).
 
 `SampleDuringEvalCallback` writes policy and reference generations for eval prompts to `samples.jsonl`
 (`sample_during_eval=true`) under `torch.random.fork_rng`, so a run with samples trains exactly like one
@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_callback import ProgressCallback
 
 from granular_po.models import has_adapters, reference_context
 
@@ -112,19 +111,3 @@ class MetricsFileCallback(TrainerCallback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"step": state.global_step, **logs}) + "\n")
-
-
-class ThrottledProgressCallback(ProgressCallback):
-    """The Trainer's progress bar, printing metrics at most every `minimum_log_interval_secs`."""
-
-    def __init__(self, minimum_interval: float):
-        super().__init__()
-        self.minimum_interval = minimum_interval
-        self._last = 0.0
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        now = time.monotonic()
-        is_eval = any(k.startswith(("eval_", "rewards_eval", "loss/eval")) for k in (logs or {}))
-        if is_eval or now - self._last >= self.minimum_interval:
-            self._last = now
-            super().on_log(args, state, control, logs=logs, **kwargs)

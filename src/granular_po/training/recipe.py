@@ -14,15 +14,15 @@ from pathlib import Path
 
 import torch
 from transformers import TrainingArguments
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from granular_po.data.collate import PreferenceCollator, SFTCollator
 from granular_po.data.encode import EncodeOptions, build_dataset
 from granular_po.data.masks import GranularOptions
 from granular_po.losses import LossType
 from granular_po.settings import TrainConfig
-from granular_po.training import checkpoints, reference_cache, resources
-from granular_po.training.callbacks import MetricsFileCallback, ThrottledProgressCallback
+from granular_po.training import briefing, checkpoints, console, reference_cache, resources
+from granular_po.training.callbacks import MetricsFileCallback
 from granular_po.training.config import RunSettings, check_inputs, existing_ancestor, redacted_yaml, validate
 from granular_po.training.objectives import LossSettings
 from granular_po.training.trainer import GranularTrainer
@@ -32,21 +32,23 @@ logger = logging.getLogger("granular_po")
 
 def load_split(cfg: TrainConfig, split: str, tokenizer, enc: EncodeOptions, gran: GranularOptions,
                sft: bool = False):
-    """One split of every dataset in `cfg.datasets`, validated and encoded (None when there is none), with
-    one summary line each: records skipped while loading or encoding are counted and named there. `sft`:
-    the hub datasets give their SFT records (one per prompt for se and shp, as the research code)."""
+    """(dataset, load reports) of one split of every dataset in `cfg.datasets`, validated and encoded (None
+    when there is none). The reports count and name the records skipped while loading or encoding; their
+    summary lines go into the start-up block. `sft`: the hub datasets give their SFT records (one per
+    prompt for se and shp, as the research code)."""
     from datasets import concatenate_datasets
 
-    parts = []
+    parts, reports = [], []
     for records, report in _split_sources(cfg, split, tokenizer.eos_token, sft):
         parts.append(build_dataset(records, tokenizer, enc, gran, num_proc=cfg.num_proc, cache_dir=cfg.cache_dir,
                                    on_invalid=cfg.on_invalid, report=report))
-        logger.info(report.summary())
-        if report.n_skipped:
+        logger.debug(report.summary())
+        if report.n_skipped:  # also in the start-up block; a skip is worth a line on stderr too
             print(report.summary(), file=sys.stderr)
+        reports.append(report)
     if not parts:
-        return None
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+        return None, reports
+    return (parts[0] if len(parts) == 1 else concatenate_datasets(parts)), reports
 
 
 def _split_sources(cfg: TrainConfig, split: str, eos_text: str | None, sft: bool):
@@ -162,9 +164,11 @@ def _maybe_relaunch_distributed(cfg: TrainConfig, argv: list[str]) -> bool:
     return True
 
 
-def run_training(cfg: TrainConfig, argv: list[str] | None = None, settings: RunSettings | None = None) -> Path:
+def run_training(cfg: TrainConfig, argv: list[str] | None = None, settings: RunSettings | None = None,
+                 overrides: list[str] | None = None) -> Path:
     """Train as the config says; returns the run directory (with `LATEST` unless debug=true).
-    `settings`: what `validate(cfg)` returned, when the caller validated (and ran `check_inputs`) already.
+    `settings`: what `validate(cfg)` returned, when the caller validated (and ran `check_inputs`) already;
+    `overrides` (the user's, as typed) make the closing block's next command; `argv` relaunches FSDP.
 
     A start that fails, and a debug run, leave no directory behind (Trainer makes its output_dir as it
     is built; the run's own files are written only once the start has succeeded)."""
@@ -174,7 +178,7 @@ def run_training(cfg: TrainConfig, argv: list[str] | None = None, settings: RunS
     untouched = existing_ancestor(settings.run_dir)
     ok = False
     try:
-        run_dir = _train(cfg, argv, settings)
+        run_dir = _train(cfg, argv, settings, overrides)
         ok = True
         return run_dir
     finally:
@@ -194,21 +198,25 @@ def _remove_empty_dirs(path: Path, stop: Path) -> None:
         path = path.parent
 
 
-def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings) -> Path:
+def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings,
+           overrides: list[str] | None) -> Path:
     from granular_po import models
 
     if argv is not None and _maybe_relaunch_distributed(cfg, argv):
         return settings.run_dir
     run_dir = settings.run_dir
     is_main = int(os.environ.get("RANK", "0")) == 0
+    if not console.interactive():  # a log file: no carriage-return bars from the libraries
+        console.quiet_library_bars()
 
     tokenizer_name = cfg.model.tokenizer_name_or_path or cfg.model.name_or_path
     tokenizer = models.load_tokenizer(models.resolve_model_path(tokenizer_name, cfg.cache_dir),
                                       trust_remote_code=cfg.trust_remote_code)
     enc, gran = cfg.encode_options(), cfg.granular
     sft = settings.loss is LossType.SFT
-    train_ds = _with_length(load_split(cfg, "train", tokenizer, enc, gran, sft))
-    eval_ds = load_split(cfg, "test", tokenizer, enc, gran, sft)
+    train_ds, train_reports = load_split(cfg, "train", tokenizer, enc, gran, sft)
+    train_ds = _with_length(train_ds)
+    eval_ds, eval_reports = load_split(cfg, "test", tokenizer, enc, gran, sft)
     if eval_ds is not None and cfg.n_eval_examples is not None:
         eval_ds = eval_ds.select(range(min(cfg.n_eval_examples, len(eval_ds))))
     if eval_ds is not None and len(eval_ds) == 0:
@@ -221,7 +229,7 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings) -> P
         lora_cfg=cfg.lora if cfg.lora.enabled else None, trust_remote_code=cfg.trust_remote_code,
         cache_dir=cfg.cache_dir,
     )
-    resources.preflight(cfg, policy, reference, settings)  # memory (CPU) and checkpoint disk space
+    memory = resources.preflight(cfg, policy, reference, settings)  # memory (CPU) and checkpoint disk space
     collator_cls = SFTCollator if loss_type is LossType.SFT else PreferenceCollator
     args = build_training_arguments(cfg, settings)
     if eval_ds is None:
@@ -244,8 +252,10 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings) -> P
         trainer.add_callback(SampleDuringEvalCallback(
             trainer, run_dir / "samples.jsonl", cfg.n_eval_model_samples,
             max_new_tokens=max(1, cfg.max_length - cfg.max_prompt_length), seed=cfg.seed))
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(ThrottledProgressCallback(cfg.minimum_log_interval_secs))
+    for noisy in (ProgressCallback, PrinterCallback):  # dicts of strings, cursor escapes in log files
+        trainer.remove_callback(noisy)
+    screen = console.ConsoleCallback(cfg.minimum_log_interval_secs)
+    trainer.add_callback(screen)
 
     if cfg.precompute_ref_log_probs and loss_type is LossType.DPO and not loss_settings.reference_free:
         cache_dir, batch = cfg.cache_dir or models_cache_dir(), cfg.eval_batch_size
@@ -264,7 +274,15 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings) -> P
     done = resume_from is not None and int(resume_from.name.removeprefix("step-")) >= total_steps
     if done:  # the same command again on a finished run: nothing to train (Trainer would add a step)
         print(f"run already complete at {resume_from.name} of {total_steps} steps", flush=True)
+        if is_main:
+            print(briefing.end_block(cfg, loss_type, run_dir, None, overrides, resume_from,
+                                     int(resume_from.name.removeprefix("step-"))), flush=True)
         return run_dir
+    if is_main:
+        print(briefing.start_block(
+            cfg, settings, train_reports=train_reports, eval_reports=eval_reports, train_ds=train_ds,
+            route_line=trainer.route.describe(), memory=memory, reference_loaded=reference is not None,
+            total_steps=total_steps, resume_from=resume_from), flush=True)
     with wandb_environment(cfg):
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if not cfg.debug:
@@ -275,6 +293,10 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings) -> P
             _save_merged(trainer, tokenizer, run_dir)
     if trainer.zero_weight_batches:
         print(f"{trainer.zero_weight_batches} batches had no weighted token", file=sys.stderr)
+    if is_main:
+        latest = None if cfg.debug else checkpoints.latest_complete_checkpoint(run_dir)
+        print(briefing.end_block(cfg, loss_type, run_dir, screen, overrides, latest, trainer.state.global_step),
+              flush=True)
     return run_dir
 
 

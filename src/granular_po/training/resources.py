@@ -5,7 +5,7 @@ second with the figures and what to change, instead of being killed by the OOM k
 dying half-way through writing a checkpoint:
 
     from granular_po.training.resources import preflight
-    preflight(cfg, policy, reference, settings)   # raises ResourceError (a ValueError) or returns
+    preflight(cfg, policy, reference, settings)   # raises ResourceError (a ValueError), or the estimate
 
 The memory figure is an estimate, deliberately simple (shapes times a per-token factor), not a
 measurement; it errs on the large side for activations, since the cost of being wrong is an OOM kill.
@@ -67,10 +67,11 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         parts = ("parameters", "reference", "gradients", "optimizer", "activations", "logits")
-        return ", ".join(f"{name} {_gib(getattr(self, name))}" for name in parts)
+        return ", ".join(f"{name} {format_bytes(getattr(self, name))}" for name in parts)
 
 
-def _gib(n_bytes: float) -> str:
+def format_bytes(n_bytes: float) -> str:
+    """Bytes as `1.23 GiB` or `4.5 MiB`."""
     return f"{n_bytes / GIB:.2f} GiB" if abs(n_bytes) >= GIB else f"{n_bytes / 1024**2:.1f} MiB"
 
 
@@ -151,13 +152,13 @@ def check_memory(cfg: TrainConfig, policy: nn.Module, reference: nn.Module | Non
     # `available`); weights converted on load are. Credit what the process holds beyond its baseline.
     resident = max(0, psutil.Process().memory_info().rss - PROCESS_BASELINE)
     needed = estimate.total - min(estimate.weights, resident)
-    logger.info("memory estimate per step: %s (%s); %s more needed, %s available", _gib(estimate.total),
-                estimate.describe(), _gib(needed), _gib(available))
+    logger.debug("memory estimate per step: %s (%s); %s more needed, %s available", format_bytes(estimate.total),
+                estimate.describe(), format_bytes(needed), format_bytes(available))
     if needed > available:
         raise ResourceError(
-            f"not enough memory: one training step needs about {_gib(estimate.total)} "
-            f"({estimate.describe()}), {_gib(needed)} more than this process holds now, but only "
-            f"{_gib(available)} is available. Per device: {settings.per_device_batch_size} examples x "
+            f"not enough memory: one training step needs about {format_bytes(estimate.total)} "
+            f"({estimate.describe()}), {format_bytes(needed)} more than this process holds now, but only "
+            f"{format_bytes(available)} is available. Per device: {settings.per_device_batch_size} examples x "
             f"{'2 sequences x ' if settings.loss.is_preference else ''}max_length={cfg.max_length}. "
             f"Lower batch_size={cfg.batch_size} or max_length={cfg.max_length}, or raise "
             f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} (same batch, fewer examples at once)"
@@ -175,15 +176,18 @@ def check_disk(cfg: TrainConfig, policy: nn.Module, settings: RunSettings) -> in
     free = shutil.disk_usage(where).free
     if needed > free:
         raise ResourceError(
-            f"not enough disk space for a checkpoint in {settings.run_dir}: one needs about {_gib(needed)} "
-            f"(weights + {cfg.optimizer} state + {_gib(CHECKPOINT_MARGIN)} margin), {_gib(free)} free on the disk "
+            f"not enough disk space for a checkpoint in {settings.run_dir}: one needs about {format_bytes(needed)} "
+            f"(weights + {cfg.optimizer} state + {format_bytes(CHECKPOINT_MARGIN)} margin), {format_bytes(free)} free on the disk "
             f"of {where}. Free space there or point local_dirs elsewhere."
         )
     return needed
 
 
-def preflight(cfg: TrainConfig, policy: nn.Module, reference: nn.Module | None, settings: RunSettings) -> None:
-    """Both checks, before the first step; raises ResourceError with the figures and what to change."""
+def preflight(cfg: TrainConfig, policy: nn.Module, reference: nn.Module | None,
+              settings: RunSettings) -> MemoryEstimate | None:
+    """Both checks, before the first step; raises ResourceError with the figures and what to change.
+    Returns the memory estimate (None off the CPU), for the start-up block."""
     with torch.no_grad():
-        check_memory(cfg, policy, reference, settings)
+        estimate = check_memory(cfg, policy, reference, settings)
         check_disk(cfg, policy, settings)
+    return estimate

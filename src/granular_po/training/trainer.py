@@ -227,6 +227,17 @@ class GranularTrainer(Trainer):
         super().log(logs, start_time)
 
     # ---- checkpoints ----
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """On resume, a tied lm_head is missing from the checkpoint on purpose (safetensors stores the
+        shared tensor once): tie it again instead of warning "missing keys" at every restart."""
+        model = self.accelerator.unwrap_model(self.model)
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+        missing = set(load_result.missing_keys)
+        if missing and missing <= tied:
+            model.tie_weights()
+            load_result = type(load_result)(missing_keys=[], unexpected_keys=load_result.unexpected_keys)
+        super()._issue_warnings_after_load(load_result)
+
     def _save_checkpoint(self, model, trial) -> None:
         """Write `step-N/` beside its final name and rename it into place only when complete."""
         run_dir = Path(self.args.output_dir)
