@@ -32,15 +32,15 @@ def workspace(tmp_path_factory) -> Path:
     tokenizer = tiny_tokenizer("byte_level")
     tiny_llama(len(tokenizer), hidden_size=32).save_pretrained(root / "tiny")
     tokenizer.save_pretrained(root / "tiny")
-    (root / "train.json").write_text(json.dumps(toy_preference_pairs(16)))
-    (root / "eval.json").write_text(json.dumps(toy_preference_pairs(4)))
+    (root / "train.json").write_text(json.dumps(toy_preference_pairs(16, filler_cycle=1)))
+    (root / "eval.json").write_text(json.dumps(toy_preference_pairs(4, filler_cycle=1)))
     return root
 
 
 def overrides(root: Path, exp: str, *extra: str) -> list[str]:
     return [f"model.name_or_path={root / 'tiny'}", "datasets=[ours]", f"custom_train_path={root / 'train.json'}",
             f"custom_eval_path={root / 'eval.json'}", f"local_dirs=[{root / 'runs'}]", f"exp_name={exp}",
-            "prompt_format=raw", "optimizer=AdamW", "lr=1e-3", "warmup_steps=0", "max_length=48",
+            "prompt_format=raw", "optimizer=AdamW", "lr=1e-3", "warmup_steps=0", "max_length=64",
             "max_prompt_length=24", "batch_size=4", "eval_batch_size=4", "eval_every=8",
             "minimum_log_interval_secs=0", *extra]
 
