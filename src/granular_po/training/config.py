@@ -244,7 +244,7 @@ def check_inputs(config: TrainConfig) -> None:
 
 def _check_data(config: TrainConfig) -> None:
     """Dataset names known, and the files of datasets=[ours] present."""
-    from granular_po.data.records import HUB_DATASETS
+    from granular_po.data.hub import HUB_DATASETS
 
     for name in config.datasets:
         if name != "ours" and name not in HUB_DATASETS and name not in HUB_DATASETS.values():
