@@ -3,6 +3,9 @@ subprocesses), then re-run: finished runs and accuracies are reused. The real de
 marked slow."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,6 +64,42 @@ def test_demo_writes_data_runs_and_report(demo_run, tiny_model):
     cached = json.loads((out / "eval" / "2.json").read_text())
     assert cached["n"] == 4 and 0.0 <= cached["accuracy"] <= 1.0
     assert cached["model"].endswith("demo_tdpo/LATEST")
+
+
+def test_demo_runs_on_a_local_model_dir_and_names_it(demo_run, tiny_model):
+    """`demo --model DIR`: the stages train from the directory, the report names it (issue 13, item 9)."""
+    report = (demo_run / "report.md").read_text()
+    assert f"Model `{tiny_model}`" in report and "model ready (a local directory)" in report
+    assert f"model.name_or_path={tiny_model}" in report  # the commands shown train from the directory
+    assert f"name_or_path: {tiny_model}" in (demo_run / "runs" / "demo_sft" / "config.yaml").read_text()
+
+
+def demo_cli(*args: str) -> subprocess.CompletedProcess:
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "granular_po.apps.cli", "demo", *args], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_demo_help_offers_a_local_model_dir():
+    done = demo_cli("--help")
+    assert done.returncode == 0
+    text = " ".join(done.stdout.split())
+    assert "--model DIR" in text and "a local Hugging Face model directory" in text
+    assert "(default: smollm2-135m)" in text
+
+
+def test_demo_refuses_a_model_that_is_no_model_dir_before_any_work(tmp_path):
+    not_model = tmp_path / "not_model"
+    not_model.mkdir()
+    for model, why in ((tmp_path / "missing", "no such directory"),
+                       (not_model, "not a Hugging Face model directory (no config.json in it)")):
+        done = demo_cli("--model", str(model), "--out", str(tmp_path / "report"))
+        assert done.returncode == 2
+        assert done.stderr.strip() == f"error: --model {model}: {why}" + (
+            " (give smollm2-135m, the embedded default, or a local Hugging Face model directory)"
+            if why == "no such directory" else "")
+        assert not (tmp_path / "report").exists()  # nothing written, no stage started
 
 
 def test_rerun_reuses_finished_runs_and_cached_accuracies(demo_run, tiny_model, capsys):

@@ -5,7 +5,8 @@
 
 1. data: `data.synthetic` arithmetic-correction pairs, train and eval sharing no question, written as
    research-format JSON into <out>/data/;
-2. model: the embedded SmolLM2-135M-Instruct, converted once to a Hugging Face directory;
+2. model: the embedded SmolLM2-135M-Instruct, converted once to a Hugging Face directory, or the local
+   model directory given as `--model DIR` (its own tokenizer);
 3. SFT, then 4. granular TDPO2 from its output, each through the train entry point users run
    (`python -u -m granular_po.apps.cli train OVERRIDES`, the same as `python -u train.py OVERRIDES`),
    runs in <out>/runs/{demo_sft,demo_tdpo};
@@ -23,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -232,7 +234,8 @@ def write_report(out: Path, s: DemoSettings, model: str, sft: dict, tdpo: dict, 
                (("SFT", sft_records), ("TDPO2", tdpo_records))}
     when_ran = "seconds when it ran"
     time_rows = [
-        {"stage": "default model ready (converted once, then read from the cache)", "seconds": timings["model"]},
+        {"stage": "default model ready (converted once, then read from the cache)" if model == DEFAULT_MODEL
+         else "model ready (a local directory)", "seconds": timings["model"]},
         {"stage": "SFT" + (" (reused)" if sft["reused"] else ""), "seconds": timings["sft"],
          when_ran: sft["seconds_when_run"], "Trainer's train_runtime": runtime["SFT"]},
         {"stage": "TDPO2" + (" (reused)" if tdpo["reused"] else ""), "seconds": timings["tdpo"],
@@ -312,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report", help="report directory (data, runs, eval cache, report.md, PNGs)")
     p.add_argument("--quick", action="store_true", help="a smoke run: a few steps on a few examples")
     p.add_argument("--fresh", action="store_true", help="delete this report's runs and eval cache first")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=argparse.SUPPRESS)  # tests: a tiny model dir
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="DIR",
+                   help="the model to run the demo on: smollm2-135m (the embedded SmolLM2-135M-Instruct) or a "
+                        "local Hugging Face model directory (a causal LM with its tokenizer, e.g. a run's LATEST)")
     docs = field_docs(DemoSettings)
     for field, value in asdict(d).items():  # default None: "not given", so --quick can change it
         quick = f"; {QUICK[field]} with --quick" if field in QUICK else ""
@@ -334,8 +339,29 @@ def settings_from_args(args: argparse.Namespace) -> DemoSettings:
     return replace(s, **given)
 
 
+def model_problem(model: str) -> str | None:
+    """Why `--model` cannot run the demo (None: it can): the embedded default, or a local directory with
+    a model config and a tokenizer. Checked before any data is written or any stage starts."""
+    if model == DEFAULT_MODEL:
+        return None
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return (f"--model {model}: no such directory (give {DEFAULT_MODEL}, the embedded default, or a local "
+                "Hugging Face model directory)")
+    if not (path / "config.json").is_file():
+        return f"--model {model}: not a Hugging Face model directory (no config.json in it)"
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return f"--model {model}: no tokenizer in the directory (tokenizer.json); the demo uses the model's own"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if problem := model_problem(args.model):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if args.model != DEFAULT_MODEL:  # the training subprocesses and the report see one absolute path
+        args.model = str(Path(args.model).expanduser().resolve())
     passive_openmp()
     s = settings_from_args(args)
     out = Path(args.out).resolve()
