@@ -32,6 +32,23 @@ def tiny_model_dir(tmp_path_factory):
     return root
 
 
+def weighted_share(model_dir: Path, n_pairs: int, seq_len: int) -> float:
+    """Share of response tokens with a non-zero weight in the bench's granular data, counted here."""
+    import workloads  # bench/, on sys.path after load_step
+
+    from granular_po.data.encode import build_dataset
+    from granular_po.data.masks import GranularOptions
+    from granular_po.data.records import parse_record
+    from granular_po.models import load_tokenizer
+
+    pairs = workloads.make_pairs(n_pairs, words_per_response=2 * seq_len)
+    records = [parse_record(p, "bench", i) for i, p in enumerate(pairs)]
+    rows = build_dataset(records, load_tokenizer(str(model_dir)), workloads.encode_options(seq_len),
+                         GranularOptions(enabled=True)).to_list()
+    weights = [w for r in rows for k in ("chosen_weights", "rejected_weights") for w in r[k]]
+    return sum(w != 0 for w in weights) / len(weights)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny ops on two threads of a busy machine spend most of their time in OpenMP barriers."""
@@ -44,7 +61,6 @@ def one_thread():
 
 
 def test_bench_runs_one_step_per_configuration(tiny_model_dir, tmp_path, one_thread):
-    pytest.importorskip("trl")
     step = load_step()
     out = tmp_path / "results.md"
     argv = ["--model", str(tiny_model_dir), "--steps", "1", "--warmup", "1", "--batch", "2", "--seq-len", "48",
@@ -57,12 +73,12 @@ def test_bench_runs_one_step_per_configuration(tiny_model_dir, tmp_path, one_thr
     # the granular run really weighs a fraction of the response tokens; the others all of them
     row = next(line for line in text.splitlines() if line.startswith("| TDPO chunked, granular |"))
     share = int(row.split("|")[3].strip().rstrip("%"))
-    assert 3 <= share <= 30
+    expected = weighted_share(tiny_model_dir, n_pairs=2 * 2, seq_len=48)  # batch 2 x (warmup 1 + 1 step)
+    assert share == round(100 * expected) and expected < 0.5
 
 
 def test_interleaved_processes_take_turns(tiny_model_dir, tmp_path, monkeypatch):
     """Two configurations in fresh processes, step by step in turn: both finish with their own figures."""
-    pytest.importorskip("trl")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     step = load_step()
     argv = ["--model", str(tiny_model_dir), "--steps", "2", "--warmup", "1", "--batch", "2", "--seq-len", "48",
@@ -74,7 +90,8 @@ def test_interleaved_processes_take_turns(tiny_model_dir, tmp_path, monkeypatch)
     for r in results.values():
         assert len(r["step_s"]) == 2 and all(t > 0 for t in r["step_s"])
         assert r["peak_rss_mb"] > 0
-    assert 0 < results["tdpo-gran"]["weighted_share"] < 0.5
+    expected = weighted_share(tiny_model_dir, n_pairs=2 * 3, seq_len=48)  # batch 2 x (warmup 1 + 2 steps)
+    assert results["tdpo-gran"]["weighted_share"] == pytest.approx(expected) and expected < 0.5
 
 
 def test_a_worker_that_dies_is_reported(tmp_path):

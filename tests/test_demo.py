@@ -12,6 +12,8 @@ import pytest
 from tiny import tiny_llama, tiny_tokenizer
 
 from granular_po.apps import demo, stages
+from granular_po.apps.eval import task_accuracy
+from granular_po.models import load_model, load_tokenizer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY_ARGS = ["--quick", "--n-train", "12", "--n-eval", "4", "--sft-steps", "2", "--tdpo-steps", "2",
@@ -62,8 +64,15 @@ def test_demo_writes_data_runs_and_report(demo_run, tiny_model):
         assert f"]({image})" in report
     assert "12 training pairs" in report and "4 held-out questions" in report
     cached = json.loads((out / "eval" / "2.json").read_text())
-    assert cached["n"] == 4 and 0.0 <= cached["accuracy"] <= 1.0
-    assert cached["model"].endswith("demo_tdpo/LATEST")
+    assert cached["n"] == 4 and cached["model"].endswith("demo_tdpo/LATEST")
+    # the cached figure is the final model's: greedy generation again gives the same rows and accuracy
+    tokenizer, final = load_tokenizer(str(tiny_model)), load_model(cached["model"])
+    questions = [tuple(q) for q in cached["key"]["questions"]]
+    accuracy, rows = task_accuracy(final, tokenizer, questions, max_new_tokens=cached["key"]["max_new_tokens"],
+                                   progress=False)
+    assert [r["completion"] for r in rows] == [r["completion"] for r in cached["rows"]]
+    assert cached["accuracy"] == accuracy == cached["correct"] / 4
+    assert f"{cached['correct']}/4" in report
 
 
 def test_demo_runs_on_a_local_model_dir_and_names_it(demo_run, tiny_model):

@@ -157,7 +157,9 @@ def test_response_token_share():
     total = sum(len(r[k]) for r in rows for k in ("chosen_weights", "rejected_weights"))
     assert response_token_share(ds) == pytest.approx(nonzero / total)
     assert response_token_share(rows) == pytest.approx(nonzero / total)
-    assert 0 < response_token_share(ds) < 1
+    # record 0: chosen 9 tokens, '56' and the end token weighted; rejected 10, '5', '4' and the end token;
+    # record 1 (no region): all 9 + 10
+    assert (nonzero, total) == (2 + 3 + 19, 9 + 10 + 19)
     assert response_token_share(ds.select([1])) == 1.0  # unannotated pair: every token
     assert response_token_share([]) == 0.0
 

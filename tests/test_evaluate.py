@@ -67,8 +67,12 @@ def test_task_accuracy_runs_and_batching_does_not_change_answers(chat):
     acc_1, rows_1 = task_accuracy(model, tok, questions, max_new_tokens=6, batch_size=1, progress=False)
     acc_4, rows_4 = task_accuracy(model, tok, questions, max_new_tokens=6, batch_size=4, progress=False)
     assert model.training and tok.padding_side == side  # restored
-    assert 0.0 <= acc_1 <= 1.0 and len(rows_1) == 7
-    assert set(rows_1[0]) == {"prompt", "answer", "predicted", "correct", "completion"}
+    assert len(rows_1) == 7 and set(rows_1[0]) == {"prompt", "answer", "predicted", "correct", "completion"}
+    for row, (prompt, answer) in zip(rows_1, questions):  # each row judged by its own completion
+        assert (row["prompt"], row["answer"]) == (prompt, answer)
+        assert row["predicted"] == extract_answer(row["completion"])
+        assert row["correct"] == (row["predicted"] == answer)
+    assert acc_1 == sum(r["correct"] for r in rows_1) / 7
     # left padding: a batched row continues exactly as it would alone
     assert [r["completion"] for r in rows_1] == [r["completion"] for r in rows_4]
     assert acc_1 == acc_4

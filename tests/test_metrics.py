@@ -24,7 +24,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import tiny_llama, tiny_tokenizer, toy_preference_pairs
+from tiny import mixed_preference_pairs, tiny_llama, tiny_tokenizer, toy_preference_pairs
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from granular_po.apps.cli import train_main
@@ -84,20 +84,7 @@ def tok():
     return tiny_tokenizer("byte_level")
 
 
-def pair(prompt: str, good: str, bad: str, good_span: str | None, bad_span: str | None) -> dict:
-    regions = [[good.index(good_span), good.index(good_span) + len(good_span), 1]] if good_span else []
-    regions += [[bad.index(bad_span), bad.index(bad_span) + len(bad_span), -1]] if bad_span else []
-    return {"prompt": prompt, "correct_response": good, "incorrect_response": bad, "masked_regions": regions}
-
-
-PAIRS = [
-    pair("What is 7 * 8?", "7 * 8 = 56. The answer is 56.", "7 * 8 = 54. The answer is 54.", "56", "54"),
-    pair("Capital of France?", "The capital of France is Paris.", "The capital of France is Madrid, in Spain.",
-         None, "Madrid, in Spain"),
-    pair("Say hello.", "Hello world! This is a tiny corpus.", "Hello! quick brown fox jumps over the lazy dog.",
-         "tiny corpus", None),
-    pair("Is it good?", "The quick brown fox: yes.", "The lazy dog: no.", "quick brown fox", "lazy dog"),
-]
+PAIRS = mixed_preference_pairs()
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +152,7 @@ def logged_run(tmp_path_factory, tok):
     root = tmp_path_factory.mktemp("metrics")
     tiny_llama(len(tok), hidden_size=32).save_pretrained(root / "tiny")
     tok.save_pretrained(root / "tiny")
-    pairs = toy_preference_pairs(8)
+    pairs = mixed_preference_pairs() + toy_preference_pairs(4)
     (root / "train.json").write_text(json.dumps(pairs[:6]))
     (root / "eval.json").write_text(json.dumps(pairs[6:]))
     seen: list[dict] = []

@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import tiny_llama, tiny_tokenizer, toy_preference_pairs
+from tiny import mixed_preference_pairs, tiny_llama, tiny_tokenizer
 
 from granular_po.apps.cli import train_main
 from granular_po.training import reference_cache
@@ -66,8 +66,8 @@ def first_eval_margin(logs: list[dict]) -> float:
 def three_runs(tmp_path_factory, tok):
     """Weights A at `model/`; then weights B written at the same path; then B's bytes rewritten again."""
     root = tmp_path_factory.mktemp("refcache")
-    (root / "train.json").write_text(json.dumps(toy_preference_pairs(4)))
-    (root / "eval.json").write_text(json.dumps(toy_preference_pairs(6)[4:]))
+    (root / "train.json").write_text(json.dumps(mixed_preference_pairs()))
+    (root / "eval.json").write_text(json.dumps(mixed_preference_pairs()[1:3]))
     out = []
     for exp, seed in (("a", 0), ("b", 1), ("b_again", 1)):
         save_model(root / "model", tok, seed=seed)
@@ -82,9 +82,12 @@ def test_other_weights_under_the_same_path_are_recomputed(three_runs):
     assert second["calls"] == 2, "the old reference was reused for other weights under the same path"
     new = [v for k, v in second["cache"].items() if k not in first["cache"]]
     assert len(new) == 2
-    by_size = sorted(first["cache"].values(), key=lambda t: t["chosen"].numel())
-    for a, b in zip(sorted(new, key=lambda t: t["chosen"].numel()), by_size):
-        assert not torch.allclose(a["chosen"], b["chosen"])  # the numbers differ
+    def values(tensors):  # train and eval, chosen and rejected, in a fixed order
+        return torch.cat([torch.cat([t["chosen"], t["rejected"]]) for t in sorted(tensors, key=lambda t: t["chosen"].numel())])
+
+    old = values(first["cache"].values())
+    assert old.abs().max() > 0
+    assert (values(new) - old).abs().max() > 1e-3  # the numbers differ
     # the policy starts as the reference: the first evaluation's margin is 0, not a stale reference's
     for run_ in (first, second):
         assert first_eval_margin(run_["logs"]) == pytest.approx(0.0, abs=1e-6)

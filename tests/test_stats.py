@@ -564,7 +564,10 @@ def test_forward_hidden_through_ddp():
 def test_fused_head_backward_recomputes_in_the_forwards_autocast_precision():
     """Mixed precision (fp32 weights, bf16 autocast): forward under autocast, backward outside it, as
     Trainer runs them. The fused backward must recompute the logits in bf16 as its forward did;
-    recomputed in fp32 instead, softmax(z) no longer matches the saved bf16 log-normaliser."""
+    recomputed in fp32 instead, softmax(z) no longer matches the saved bf16 log-normaliser.
+    Measured (largest gradient error relative to the largest gradient, against the checkpointed path),
+    over make_problem seeds 0-7: 0.0033-0.0069 as built (0.0056 here, seed 0), 0.0143-0.0204 with the
+    backward recomputed in fp32 (0.0178 here). The tolerance 0.01 lies between the two."""
     hidden, ref_hidden, head, ref_head, ids, weights = make_problem(bias=False)
 
     def grads(fused):
@@ -578,7 +581,7 @@ def test_fused_head_backward_recomputes_in_the_forwards_autocast_precision():
     fused, checkpointed = grads(True), grads(False)
     for a, b in zip(fused, checkpointed):
         scale = b.abs().max().item()
-        assert (a - b).abs().max().item() <= 2e-2 * scale
+        assert (a - b).abs().max().item() <= 1e-2 * scale
 
 
 @pytest.mark.parametrize("route", ["hidden", "logits"])

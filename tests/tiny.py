@@ -112,3 +112,22 @@ def toy_preference_pairs(n: int, filler_cycle: int = 4) -> list[dict]:
                       "correct_response": f"About {word}{filler}: the answer is yes.",
                       "incorrect_response": incorrect, "masked_region": [start, start + 2, -1]})
     return pairs
+
+
+def _pair(prompt: str, good: str, bad: str, good_span: str | None, bad_span: str | None) -> dict:
+    regions = [[good.index(good_span), good.index(good_span) + len(good_span), 1]] if good_span else []
+    regions += [[bad.index(bad_span), bad.index(bad_span) + len(bad_span), -1]] if bad_span else []
+    return {"prompt": prompt, "correct_response": good, "incorrect_response": bad, "masked_regions": regions}
+
+
+def mixed_preference_pairs() -> list[dict]:
+    """Four records whose highlights weigh the two sides differently: regions on both sides, on the
+    incorrect side only, on the correct side only."""
+    return [
+        _pair("What is 7 * 8?", "7 * 8 = 56. The answer is 56.", "7 * 8 = 54. The answer is 54.", "56", "54"),
+        _pair("Capital of France?", "The capital of France is Paris.",
+              "The capital of France is Madrid, in Spain.", None, "Madrid, in Spain"),
+        _pair("Say hello.", "Hello world! This is a tiny corpus.",
+              "Hello! quick brown fox jumps over the lazy dog.", "tiny corpus", None),
+        _pair("Is it good?", "The quick brown fox: yes.", "The lazy dog: no.", "quick brown fox", "lazy dog"),
+    ]
