@@ -119,6 +119,14 @@ class GranularTrainer(Trainer):
         return norm
 
     # ---- loss ----
+    def compute_loss_context_manager(self):
+        """The whole loss under Accelerate's autocast (mixed precision), not only the wrapped policy's
+        forward: the reference's forward and the token statistics on the policy's half-precision hidden
+        states run in the same precision (Trainer leaves autocast to the prepared model's forward)."""
+        stack = super().compute_loss_context_manager()
+        stack.enter_context(self.accelerator.autocast())
+        return stack
+
     def _statistics(self, hidden, head, logits, batch, ref=(None, None, None), need_kl=False):
         settings = self.loss_settings
         return compute_token_stats(
@@ -153,7 +161,7 @@ class GranularTrainer(Trainer):
         chosen, rejected = [], []
         for batch in tqdm(loader, desc="reference log-probs", disable=not self.is_world_process_zero()):
             batch = self._prepare_inputs(batch)
-            with reference_context(self.model, self.ref_model) as reference:
+            with reference_context(self.model, self.ref_model) as reference, self.compute_loss_context_manager():
                 stats = self._statistics(*self.route.outputs(reference, batch), batch)
             n = batch["input_ids"].shape[0] // 2
             chosen += stats.policy_logps[:n].float().cpu().tolist()
@@ -198,7 +206,7 @@ class GranularTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
+        with torch.no_grad(), self.compute_loss_context_manager():
             loss, metrics = self.loss_and_metrics(model, inputs, "eval")
         self._store(metrics, "eval")
         return loss.detach(), None, None
