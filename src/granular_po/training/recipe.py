@@ -123,6 +123,11 @@ def build_training_arguments(cfg: TrainConfig, settings: RunSettings,
         seed=cfg.seed,
         data_seed=cfg.seed,
         logging_steps=1,
+        # the non-finite guard checks the losses once per step (GranularTrainer._get_grad_norm); Trainer's
+        # filter would read every micro-batch's loss back from the device
+        logging_nan_inf_filter=False,
+        # batches go to the GPU from pinned memory without waiting for the work queued before them
+        accelerator_config={"non_blocking": on_gpu},
         eval_strategy="steps" if cfg.custom_eval_path or cfg.datasets != ["ours"] else "no",
         eval_steps=settings.eval_steps,
         eval_on_start=bool(cfg.do_first_eval),
