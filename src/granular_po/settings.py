@@ -221,7 +221,9 @@ class TrainConfig(EncodeOptions):
     on one without, none on CPU (bf16 autocast on a CPU without bf16 instructions is over 20x slower);
     or bf16, fp16, no. Decided once at start-up (`training/precision.py`) and logged."""
     skip_nonfinite: bool = False
-    """On a non-finite loss or gradient norm: stop (false), or skip the step and count it (true)."""
+    """On a non-finite loss or gradient norm: stop (false), or skip the step and count it (true). Checked
+    once per optimizer step; with several processes decided for all of them together (one all-reduce), so
+    every process skips (or stops at) the same step. The count is kept in the checkpoint."""
     logprobs: LogprobsSettings = field(default_factory=LogprobsSettings)
     group_by_length: bool = True
     """Group batches by length (seeded; every record still once per epoch)."""

@@ -3,7 +3,9 @@
 On a GPU every read of a tensor's value on the host (`.item()`, `.tolist()`, `.cpu()`, `bool(t)`)
 waits for all queued work: a read per micro-batch keeps the GPU idle while the host catches up. So:
 - `StepGuard` holds each micro-batch's loss (a device scalar) and its record indices (host lists), and
-  decides once, at the optimizer step, from one read of all of them with the gradient norm.
+  decides once, at the optimizer step, from one read of all of them with the gradient norm. With
+  several processes the decision is agreed by one all-reduce, so every rank skips (or stops) at the
+  same step and runs the same collectives.
 - `MetricBuffer` holds per-example metric tensors on the device: a step's are kept when its update is
   applied (dropped with a skipped step) and reduced over processes and read back once per log.
 """
@@ -51,11 +53,11 @@ class StepGuard:
     def step_records(self) -> list[int]:
         return [i for batch in self.records for i in batch]
 
-    def decide(self, grad_norm, step: int, scaler_handles_overflow: bool = False) -> StepDecision:
-        """One read of the step's losses and gradient norm. Raises NonFiniteError unless `skip_nonfinite`;
-        `scaler_handles_overflow` (fp16 loss scaling) leaves a non-finite gradient norm with finite losses
-        to the scaler."""
-        rank, world_size = 0, 1
+    def decide(self, grad_norm, step: int, rank: int = 0, world_size: int = 1, reduce: Reduce | None = None,
+               scaler_handles_overflow: bool = False) -> StepDecision:
+        """One read of the step's losses and gradient norm (after one all-reduce of a per-rank count of
+        non-finite losses). Raises NonFiniteError unless `skip_nonfinite`; `scaler_handles_overflow`
+        (fp16 loss scaling) leaves a non-finite gradient norm with finite losses to the scaler."""
         losses, records = self.losses, self.records
         self.losses, self.records = [], []
         norm = grad_norm if isinstance(grad_norm, torch.Tensor) else torch.tensor(
@@ -64,6 +66,8 @@ class StepGuard:
         local = torch.stack(losses) if losses else torch.zeros(0, device=device)
         per_rank = torch.zeros(world_size, device=device)
         per_rank[rank] = (~torch.isfinite(local)).sum()
+        if world_size > 1 and reduce is not None:
+            per_rank = reduce(per_rank)
         values = torch.cat([per_rank, norm.detach().float().reshape(1).to(device), local]).tolist()  # the read
         bad_ranks = [r for r in range(world_size) if values[r] > 0]
         value = values[world_size] if grad_norm is not None else 0.0
@@ -75,7 +79,7 @@ class StepGuard:
             if here:
                 what = f"non-finite loss ({here[0][0]}) at {where}, records {[i for _, r in here for i in r]}"
             else:
-                what = f"non-finite loss at {where}"
+                what = f"non-finite loss at {where} on rank(s) {bad_ranks}"
             hint = "set skip_nonfinite=true to skip"
         else:
             flat = [i for r in records for i in r]

@@ -9,8 +9,8 @@ integrations come from `transformers.Trainer`. What we change, and why:
 - `create_scheduler`: the research code's warmup, `min(1, (step + 1) / (warmup_steps + 1))`.
 - `_get_train_sampler`: seeded by (seed, epoch), grouped by length; the resumed order is the same.
 - `_get_grad_norm`: the step's non-finite guard (`step_state.StepGuard`): one read of the step's losses
-  and gradient norm; a non-finite one stops the run naming the step and records, or
-  (skip_nonfinite=true) drops the step.
+  and gradient norm, agreed over processes; a non-finite one stops the run naming the step and records,
+  or (skip_nonfinite=true) drops the step on every rank.
 - `log`: the research code's per-step metrics (`objectives.py`), `examples_per_second` (examples of the
   step over the step's own time), `counters/examples`, `counters/updates`. Metrics stay on the device
   until a log reads them all at once (`step_state.MetricBuffer`): no micro-batch reads a value back.
@@ -19,6 +19,7 @@ integrations come from `transformers.Trainer`. What we change, and why:
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from granular_po.training.step_state import MetricBuffer, NonFiniteError, StepGu
 logger = logging.getLogger(__name__)
 
 __all__ = ["GranularTrainer", "NonFiniteError"]
+STATE_FILE = "granular_state.json"  # our counters in a checkpoint, beside Trainer's trainer_state.json
 
 
 class GranularTrainer(Trainer):
@@ -101,10 +103,11 @@ class GranularTrainer(Trainer):
         return self.lr_scheduler
 
     def _get_grad_norm(self, model, grad_norm=None):
-        """The step's one read from the device: its losses and gradient norm."""
+        """The step's one read from the device: its losses and gradient norm, agreed over processes."""
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
         decision = self.guard.decide(
-            norm, step=self.state.global_step + 1,
+            norm, step=self.state.global_step + 1, rank=self.args.process_index, world_size=self.args.world_size,
+            reduce=lambda t: self.accelerator.reduce(t, reduction="sum"),
             scaler_handles_overflow=getattr(self.accelerator, "scaler", None) is not None,
         )
         if decision.skip:  # zero gradients would still move Adam-like optimizers (momentum): drop them
@@ -237,6 +240,15 @@ class GranularTrainer(Trainer):
                 logs["nonfinite_skipped"] = self.nonfinite_skipped
         super().log(logs, start_time)
 
+    # ---- resume ----
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Trainer's train, with our counters (skipped steps, weightless batches) restored on resume."""
+        if resume_from_checkpoint and (Path(resume_from_checkpoint) / STATE_FILE).is_file():
+            state = json.loads((Path(resume_from_checkpoint) / STATE_FILE).read_text(encoding="utf-8"))
+            self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+            self.zero_weight_batches = int(state.get("zero_weight_batches", 0))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     # ---- checkpoints ----
     def _issue_warnings_after_load(self, load_result) -> None:
         """On resume, a tied lm_head is missing from the checkpoint on purpose (safetensors stores the
@@ -270,6 +282,8 @@ class GranularTrainer(Trainer):
             self._save_rng_state(str(staged))
         if self.args.should_save:
             self.state.save_to_json(str(staged / "trainer_state.json"))
+            counters = {"nonfinite_skipped": self.nonfinite_skipped, "zero_weight_batches": self.zero_weight_batches}
+            (staged / STATE_FILE).write_text(json.dumps(counters), encoding="utf-8")
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             checkpoints.commit_staged(run_dir, step)
