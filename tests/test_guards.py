@@ -281,3 +281,16 @@ def test_memory_estimate_scales_with_batch_length_and_optimizer():
     model.config._attn_implementation = "sdpa"
     assert estimate(activation_checkpointing=True).activations < base.activations
     assert resources.checkpoint_bytes(model, "AdamW") == 3 * n_bytes + resources.CHECKPOINT_MARGIN
+
+
+def test_skipped_count_survives_a_resume(tiny_dirs, tmp_path, monkeypatch):
+    """`nonfinite_skipped` is kept in the checkpoint (granular_state.json) and restored on resume."""
+    poison_id = tiny_tokenizer("byte_level").convert_tokens_to_ids(POISON)
+    run_dir = tmp_path / "runs" / "run"
+    first = argv(tiny_dirs, tmp_path, "nan_embedding", records(), ["loss=sft", "skip_nonfinite=true"])
+    assert train_main(first) == 0  # one epoch: 4 steps, the poisoned one skipped
+    assert json.loads((run_dir / "step-4" / "granular_state.json").read_text())["nonfinite_skipped"] == 1
+    trace = ParameterTrace(monkeypatch, poison_id, inf_grad=False)
+    assert train_main(first + ["n_examples=10"]) == 0  # resumes from step-4 for one more step
+    (resumed,) = [r for r in train_records(run_dir) if r["step"] == 5]
+    assert resumed["nonfinite_skipped"] == 1 + len(trace.poisoned_forwards)

@@ -195,17 +195,21 @@ def load_policy_and_reference(
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
     cache_dir: str | None = None,
+    policy_dtype: str | torch.dtype | None = None,
+    reference_dtype: str | torch.dtype | None = None,
 ) -> tuple[nn.Module, nn.Module | None]:
     """(policy, reference or None); both start from `model_cfg.archive` when one is given.
 
     `model_cfg.archive` is an HF dir or a research-code policy.pt; `reference_dtype` None: the
     policy's. With `lora_cfg` (enabled) the policy is a PeftModel and the reference is None: use
     `reference_context(policy)`. Models are moved to `device`
-    (None: cuda if available, else cpu); the reference is frozen and in eval mode.
+    (None: cuda if available, else cpu); the reference is frozen and in eval mode. `policy_dtype` /
+    `reference_dtype` given here win over `model_cfg`'s (the run's precision decision,
+    `training.precision.choose_precision`).
     """
     name, archive = model_cfg.name_or_path, model_cfg.archive
-    policy_dtype = model_cfg.policy_dtype
-    reference_dtype = model_cfg.reference_dtype or policy_dtype
+    policy_dtype = policy_dtype or model_cfg.policy_dtype
+    reference_dtype = reference_dtype or model_cfg.reference_dtype or policy_dtype
     use_lora = lora_cfg is not None and lora_cfg.enabled
 
     source, state = name, None

@@ -43,11 +43,15 @@ class ModelSettings:
     block_name: Optional[str] = None
     """The transformer block class FSDP wraps (e.g. LlamaDecoderLayer, GPT2Block)."""
     policy_dtype: str = "float32"
-    """float32, bfloat16 or float16: dtype of the policy weights (and optimizer state)."""
+    """float32 (the master weights under mixed precision: see `mixed_precision`) or bfloat16 (pure bf16
+    weights, warned about: updates smaller than half a bf16 step of a weight are lost); float16 loads as
+    float32 on CPU and is refused on a GPU (no loss scaling for fp16 weights)."""
     fsdp_policy_mp: Optional[str] = None
-    """FSDP mixed precision (bfloat16 / float16); applies to trainer=FSDPTrainer only."""
+    """FSDP mixed precision (bfloat16 / float16 / float32); applies to trainer=FSDPTrainer only, where it
+    means the same as `mixed_precision` (bf16 / fp16 / no)."""
     reference_dtype: Optional[str] = None
-    """dtype of the reference model (inference only); null: the policy's."""
+    """dtype of the reference model (inference only); null: the autocast dtype under mixed precision, else
+    the policy's."""
 
 
 @dataclass
@@ -212,8 +216,14 @@ class TrainConfig(EncodeOptions):
     """Resume from the newest complete checkpoint in the run directory: auto (when one exists), true, false."""
     save_every: Optional[int] = None
     """Save a checkpoint every this many training examples (null: at evaluation time, as the research code)."""
+    mixed_precision: str = "auto"
+    """Autocast over fp32 master weights (new): auto = bf16 on a CUDA GPU with bf16, fp16 with loss scaling
+    on one without, none on CPU (bf16 autocast on a CPU without bf16 instructions is over 20x slower);
+    or bf16, fp16, no. Decided once at start-up (`training/precision.py`) and logged."""
     skip_nonfinite: bool = False
-    """On a non-finite loss or gradient norm: stop (false), or skip the step and count it (true)."""
+    """On a non-finite loss or gradient norm: stop (false), or skip the step and count it (true). Checked
+    once per optimizer step; with several processes decided for all of them together (one all-reduce), so
+    every process skips (or stops at) the same step. The count is kept in the checkpoint."""
     logprobs: LogprobsSettings = field(default_factory=LogprobsSettings)
     group_by_length: bool = True
     """Group batches by length (seeded; every record still once per epoch)."""

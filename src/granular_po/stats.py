@@ -269,7 +269,7 @@ class _FusedHeadStats(torch.autograd.Function):
 
 def _chunked(
     policy_hidden, policy_head, ref_hidden, ref_head, input_ids, weights, need_kl, reference_free, chunk_size,
-    fused=True,
+    fused=True, weighted_positions=None,
 ):
     """Only weighted positions, `chunk_size` rows at a time: through `_FusedHeadStats` where the heads
     are plain linear layers (and `fused`), otherwise each chunk under activation checkpointing."""
@@ -277,7 +277,10 @@ def _chunked(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     n, t1 = weights.shape
     t = t1 + 1
-    seq, pos = torch.nonzero(weights != 0, as_tuple=True)  # target at (seq, pos + 1)
+    if weighted_positions is None:  # a data-dependent shape: the device reports the count (a sync)
+        seq, pos = torch.nonzero(weights != 0, as_tuple=True)  # target at (seq, pos + 1)
+    else:
+        seq, pos = weighted_positions[0], weighted_positions[1]
     hidden_rows = seq * t + pos  # row of hidden[:, :-1] predicting it, in the flattened (N*T, H) view
     targets = input_ids[:, 1:][seq, pos]
     policy_flat = policy_hidden.reshape(n * t, -1)
@@ -344,6 +347,7 @@ def compute_token_stats(
     impl: Impl = LogprobsSettings.impl,
     chunk_size: int = LogprobsSettings.chunk_size,
     fused: bool = True,
+    weighted_positions: torch.Tensor | None = None,
 ) -> TokenStats:
     """Weighted per-sequence log-probs, log-ratios and sequential KL from final hidden states.
 
@@ -369,7 +373,7 @@ def compute_token_stats(
     _check_inputs(policy_hidden, ref_hidden, input_ids, loss_weights, need_kl, reference_free, impl)
     weights = _upcast(loss_weights[:, 1:])  # weight of the target at t, predicted from hidden t-1
     args = (policy_hidden, policy_head, ref_hidden, ref_head, input_ids, weights, need_kl, reference_free)
-    per_pos = _naive(*args) if impl == "naive" else _chunked(*args, chunk_size, fused)
+    per_pos = _naive(*args) if impl == "naive" else _chunked(*args, chunk_size, fused, weighted_positions)
     return _finish(per_pos, weights, average, reference_free)
 
 

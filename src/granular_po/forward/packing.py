@@ -99,30 +99,34 @@ def pack_batch(
     pad_token_id: int,
     one_row: bool = False,
     attention_cost: float | None = None,
+    lengths: list[int] | None = None,
 ) -> PackedBatch | None:
     """Pack the real tokens of right-padded rows; None when there is no padding worth removing.
 
     `one_row`: every sequence in a single row (flash attention). Otherwise `choose_bins` decides.
+    `lengths`: the rows' real tokens as the collator lists them (`batch["host"]`); the layout is then
+    built on the host and the packed ids gathered on the device, with nothing read back from it.
+    Without them they are read from `attention_mask`, which must be right-padded.
     Shape: input_ids, attention_mask (N, T) -> PackedBatch.
     """
     n, t = input_ids.shape
-    lengths = attention_mask.sum(-1).tolist()
-    if any(not bool(attention_mask[i, :length].all()) for i, length in enumerate(lengths)):
-        raise ValueError("padding_free needs right-padded rows (attention_mask 1...1 0...0)")
+    if lengths is None:
+        real = attention_mask.sum(-1)
+        lengths = real.tolist()
+        if not bool((attention_mask == (torch.arange(t, device=real.device) < real[:, None])).all()):
+            raise ValueError("padding_free needs right-padded rows (attention_mask 1...1 0...0)")
     if all(length == t for length in lengths):
         return None
     bins = choose_bins(lengths, one_row, attention_cost)
     if bins is None:
         return None
     width = max(sum(lengths[i] for i in rows) for rows in bins)
-    packed_ids = torch.full((len(bins), width), pad_token_id, dtype=input_ids.dtype)
     position_ids = torch.zeros((len(bins), width), dtype=torch.long)
     padded_index, packed_index = [], []
     for b, rows in enumerate(bins):
         offset = 0
         for row in rows:
             length = lengths[row]
-            packed_ids[b, offset : offset + length] = input_ids[row, :length].cpu()
             position_ids[b, offset : offset + length] = torch.arange(length)
             padded_index.append(torch.arange(length) + row * t)
             packed_index.append(torch.arange(length) + b * width + offset)
@@ -130,11 +134,15 @@ def pack_batch(
         # the tail is a sequence of its own (positions restart), so it attends to nothing real
         position_ids[b, offset:] = torch.arange(width - offset)
     device = input_ids.device
+    padded = torch.cat(padded_index).to(device, non_blocking=True)  # host to device: no wait
+    packed = torch.cat(packed_index).to(device, non_blocking=True)
+    packed_ids = input_ids.new_full((len(bins) * width,), pad_token_id).index_copy(
+        0, packed, input_ids.reshape(-1).index_select(0, padded))
     return PackedBatch(
-        input_ids=packed_ids.to(device),
-        position_ids=position_ids.to(device),
-        padded_index=torch.cat(padded_index).to(device),
-        packed_index=torch.cat(packed_index).to(device),
+        input_ids=packed_ids.view(len(bins), width),
+        position_ids=position_ids.to(device, non_blocking=True),
+        padded_index=padded,
+        packed_index=packed,
         padded_shape=(n, t),
     )
 

@@ -57,10 +57,15 @@ class PromptSplit:
 
 
 def split_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
-                  pad_token_id: int = 0) -> PromptSplit:
+                  pad_token_id: int = 0, lengths: list[int] | None = None,
+                  prompt_lengths: list[int] | None = None) -> PromptSplit:
     """Split the collator's rows ([0:B] prompt + chosen, [B:2B] prompt + rejected, right-padded).
 
-    Raises ValueError when a chosen row's prompt is not its rejected row's prompt.
+    `lengths` / `prompt_lengths` (real and prompt tokens per row, as the collator lists them in
+    `batch["host"]`): the layout is then built on the host and nothing is read back from the device
+    (the collator builds both rows of a pair from one prompt, so the equal-prompt check is not needed).
+    Without them they are read from the masks, and a chosen row whose prompt is not its rejected row's
+    raises ValueError.
     Shape: input_ids, attention_mask, response_mask (2B, T) -> PromptSplit.
     """
     rows, t = input_ids.shape
@@ -68,45 +73,61 @@ def split_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, respons
         raise ValueError(f"share_prompt needs chosen + rejected rows, got {rows} rows")
     n = rows // 2
     device = input_ids.device
-    lengths = attention_mask.sum(-1)  # (2B,)
-    prompt_len = lengths - response_mask.sum(-1)  # (2B,)
-    response_len = lengths - prompt_len
-    positions = torch.arange(t, device=device)
-    in_prompt = positions < prompt_len[:, None]  # (2B, T)
-    same = torch.equal(prompt_len[:n], prompt_len[n:]) and bool(
-        ((input_ids[:n] == input_ids[n:]) | ~in_prompt[:n]).all()
-    )
-    if not same:
-        raise ValueError("share_prompt: a chosen row and its rejected row do not start with the same prompt")
-    p_max = max(int(prompt_len.max()), 1)
-    r_max = max(int(response_len.max()), 1)
+    if lengths is None or prompt_lengths is None:
+        real = attention_mask.sum(-1)  # (2B,)
+        in_prompt = torch.arange(t, device=device) < (real - response_mask.sum(-1))[:, None]  # (2B, T)
+        same = bool(((input_ids[:n] == input_ids[n:]) | ~in_prompt[:n]).all() & (in_prompt[:n] == in_prompt[n:]).all())
+        if not same:
+            raise ValueError("share_prompt: a chosen row and its rejected row do not start with the same prompt")
+        lengths, prompt_lengths = torch.stack([real, in_prompt.sum(-1)]).tolist()
+    layout = _host_layout(lengths, prompt_lengths, t)
+    layout = {k: v.to(device, non_blocking=True) for k, v in layout.items()}  # host to device: no wait
+    p_max = layout["prompt_mask"].shape[1]
     prompt_ids = input_ids[:n, :p_max]
-    prompt_mask = (torch.arange(p_max, device=device) < prompt_len[:n, None]).long()  # (B, P)
-    # interleaved response order, as the cache's batch_repeat_interleave(2) lays out the prompts
-    order = torch.stack([torch.arange(n, device=device), torch.arange(n, device=device) + n], 1).reshape(-1)
-    k = torch.arange(r_max, device=device)
-    real = k < response_len[order, None]  # (2B, R)
-    cols = (prompt_len[order, None] + k).clamp(max=t - 1)
-    response_ids = torch.where(real, input_ids[order].gather(1, cols), torch.full_like(cols, pad_token_id))
-    position_ids = prompt_len[order, None] + k  # positions continue after each row's own prompt
-
-    # where every real token of the padded batch comes from
-    row = torch.arange(rows, device=device)
-    prompt_rows, prompt_cols = torch.nonzero(in_prompt & (attention_mask > 0), as_tuple=True)
-    prompt_source = (prompt_rows % n) * p_max + prompt_cols
-    j = 2 * (row % n) + (row >= n).long()  # the row's index in the interleaved responses
-    resp_rows, resp_k = torch.nonzero(k[None, :] < response_len[:, None], as_tuple=True)
-    response_source = n * p_max + j[resp_rows] * r_max + resp_k
+    cols = layout["response_cols"]
+    response_ids = torch.where(layout["response_mask"] > 0, input_ids[layout["order"]].gather(1, cols),
+                               torch.full_like(cols, pad_token_id))
     return PromptSplit(
         prompt_ids=prompt_ids,
-        prompt_mask=prompt_mask,
+        prompt_mask=layout["prompt_mask"],
         response_ids=response_ids,
-        response_mask=real.long(),
-        position_ids=position_ids,
-        source_index=torch.cat([prompt_source, response_source]),
-        target_index=torch.cat([prompt_rows * t + prompt_cols, resp_rows * t + prompt_len[resp_rows] + resp_k]),
+        response_mask=layout["response_mask"],
+        position_ids=layout["position_ids"],
+        source_index=layout["source_index"],
+        target_index=layout["target_index"],
         padded_shape=(rows, t),
     )
+
+
+def _host_layout(lengths: list[int], prompt_lengths: list[int], t: int) -> dict[str, torch.Tensor]:
+    """Every index `split_prompts` needs, built on the CPU from the rows' lengths (2B rows of width T)."""
+    rows = len(lengths)
+    n = rows // 2
+    response_lengths = [total - p for total, p in zip(lengths, prompt_lengths)]
+    p_max, r_max = max(max(prompt_lengths), 1), max(max(response_lengths), 1)
+    prompt_len = torch.tensor(prompt_lengths, dtype=torch.long)  # (2B,)
+    response_len = torch.tensor(response_lengths, dtype=torch.long)
+    prompt_mask = (torch.arange(p_max) < prompt_len[:n, None]).long()  # (B, P)
+    # interleaved response order, as the cache's batch_repeat_interleave(2) lays out the prompts
+    order = torch.stack([torch.arange(n), torch.arange(n) + n], 1).reshape(-1)
+    k = torch.arange(r_max)
+    response_mask = (k < response_len[order, None]).long()  # (2B, R)
+    cols = (prompt_len[order, None] + k).clamp(max=t - 1)
+    position_ids = prompt_len[order, None] + k  # positions continue after each row's own prompt
+
+    # where every real token of the padded batch comes from: row by row, prompt tokens then response tokens
+    prompt_rows = torch.repeat_interleave(torch.arange(rows), prompt_len)
+    prompt_cols = torch.cat([torch.arange(p) for p in prompt_lengths])
+    prompt_source = (prompt_rows % n) * p_max + prompt_cols
+    resp_rows = torch.repeat_interleave(torch.arange(rows), response_len)
+    resp_k = torch.cat([torch.arange(r) for r in response_lengths])
+    j = 2 * (resp_rows % n) + (resp_rows >= n).long()  # the row's index in the interleaved responses
+    response_source = n * p_max + j * r_max + resp_k
+    return {
+        "prompt_mask": prompt_mask, "order": order, "response_mask": response_mask, "response_cols": cols,
+        "position_ids": position_ids, "source_index": torch.cat([prompt_source, response_source]),
+        "target_index": torch.cat([prompt_rows * t + prompt_cols, resp_rows * t + prompt_len[resp_rows] + resp_k]),
+    }
 
 
 def _cache_argument(model: nn.Module) -> str:

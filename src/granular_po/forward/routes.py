@@ -53,10 +53,12 @@ class ForwardRoute:
         so neither is built twice.
         """
         layouts = {} if layouts is None else layouts
+        host = host_facts(batch)
         if self.share_prompt and "response_mask" in batch:
             if "split" not in layouts:
                 layouts["split"] = split_prompts(batch["input_ids"], batch["attention_mask"],
-                                                 batch["response_mask"], self.pad_token_id)
+                                                 batch["response_mask"], self.pad_token_id,
+                                                 lengths=host.get("lengths"), prompt_lengths=host.get("prompt_lengths"))
             hidden = forward_hidden_shared(model, layouts["split"])
             return hidden, unwrap_model(model).get_output_embeddings(), None
         packed = None
@@ -65,10 +67,24 @@ class ForwardRoute:
             if ("packed", one_row) not in layouts:
                 layouts[("packed", one_row)] = pack_batch(batch["input_ids"], batch["attention_mask"],
                                                           self.pad_token_id, one_row=one_row,
-                                                          attention_cost=self.attention_cost)
+                                                          attention_cost=self.attention_cost,
+                                                          lengths=host.get("lengths"))
             packed = layouts[("packed", one_row)]
         return hidden_states_and_head(model, batch["input_ids"], batch["attention_mask"],
                                       self.use_hidden_path, packed)
+
+
+def host_facts(batch: dict) -> dict:
+    """The collator's host-side lists (`batch["host"]`: index, lengths, prompt_lengths) when they match
+    the batch's shape, else {} (a batch built or sliced by hand: the layouts are read from its masks)."""
+    host = batch.get("host")
+    if not isinstance(host, dict):
+        return {}
+    rows, width = batch["input_ids"].shape[:2]
+    lengths = host.get("lengths")
+    if lengths is None or len(lengths) != rows or max(lengths, default=0) > width:
+        return {}
+    return host
 
 
 def _why_not_share(models: dict[str, nn.Module], *, is_preference: bool, use_hidden_path: bool,

@@ -23,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from granular_po.settings import DEFAULT_MODEL_NAME, LOSS_GROUPS, TrainConfig, WandbSettings
+from granular_po.training.precision import MIXED_PRECISION_MODES
 
 if TYPE_CHECKING:
     from granular_po.losses import LossType
@@ -294,6 +295,7 @@ def validate(config: TrainConfig) -> RunSettings:
     _choose("logprobs.impl", config.logprobs.impl, ("chunked", "naive"))
     _choose("resume", str(config.resume).lower(), ("auto", "true", "false"))
     _choose("share_prompt", str(config.share_prompt).lower(), ("auto", "true", "false"))
+    _choose("mixed_precision", str(config.mixed_precision).lower(), MIXED_PRECISION_MODES)
     _check_optimizer(config.optimizer)
     dtypes = ("float32", "bfloat16", "float16")
     _choose("model.policy_dtype", config.model.policy_dtype, dtypes)

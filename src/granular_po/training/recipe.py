@@ -25,6 +25,7 @@ from granular_po.training import briefing, checkpoints, console, reference_cache
 from granular_po.training.callbacks import MetricsFileCallback
 from granular_po.training.config import RunSettings, check_inputs, existing_ancestor, redacted_yaml, validate
 from granular_po.training.objectives import LossSettings
+from granular_po.training.precision import DeviceCaps, Precision, choose_precision
 from granular_po.training.trainer import GranularTrainer
 
 logger = logging.getLogger("granular_po")
@@ -76,11 +77,26 @@ def _with_length(dataset):
     return dataset.map(length, desc="lengths")
 
 
-def build_training_arguments(cfg: TrainConfig, settings: RunSettings) -> TrainingArguments:
+def uses_fsdp(cfg: TrainConfig, settings: RunSettings) -> bool:
+    """trainer=FSDPTrainer with several processes."""
+    return cfg.trainer == "FSDPTrainer" and torch.cuda.is_available() and settings.world_size > 1
+
+
+def run_precision(cfg: TrainConfig, settings: RunSettings, device: DeviceCaps | None = None) -> Precision:
+    """The run's precision (`training.precision.choose_precision`) from the config and this device."""
+    return choose_precision(
+        cfg.model.policy_dtype, cfg.model.reference_dtype, cfg.mixed_precision, device or DeviceCaps.detect(),
+        fsdp_policy_mp=cfg.model.fsdp_policy_mp if uses_fsdp(cfg, settings) else None,
+    )
+
+
+def build_training_arguments(cfg: TrainConfig, settings: RunSettings,
+                             precision: Precision | None = None) -> TrainingArguments:
     """Research-code keys to `TrainingArguments`; the loop, accumulation and engines come from there."""
     on_gpu = torch.cuda.is_available()
+    precision = precision or run_precision(cfg, settings)
     fsdp_kwargs = {}
-    if cfg.trainer == "FSDPTrainer" and on_gpu and settings.world_size > 1:
+    if uses_fsdp(cfg, settings):
         fsdp_kwargs = {
             "fsdp": "full_shard auto_wrap",
             "fsdp_config": {
@@ -93,7 +109,6 @@ def build_training_arguments(cfg: TrainConfig, settings: RunSettings) -> Trainin
                        "tensor parallelism is not carried over); use FSDPTrainer to shard a model over GPUs")
     elif cfg.trainer == "FSDPTrainer":
         logger.warning("notice: trainer=FSDPTrainer needs several GPUs; running one process (BasicTrainer)")
-    mixed = cfg.model.fsdp_policy_mp if fsdp_kwargs else None
     return TrainingArguments(
         output_dir=str(settings.run_dir),
         per_device_train_batch_size=settings.per_device_batch_size,
@@ -108,6 +123,11 @@ def build_training_arguments(cfg: TrainConfig, settings: RunSettings) -> Trainin
         seed=cfg.seed,
         data_seed=cfg.seed,
         logging_steps=1,
+        # the non-finite guard checks the losses once per step (GranularTrainer._get_grad_norm); Trainer's
+        # filter would read every micro-batch's loss back from the device
+        logging_nan_inf_filter=False,
+        # batches go to the GPU from pinned memory without waiting for the work queued before them
+        accelerator_config={"non_blocking": on_gpu},
         eval_strategy="steps" if cfg.custom_eval_path or cfg.datasets != ["ours"] else "no",
         eval_steps=settings.eval_steps,
         eval_on_start=bool(cfg.do_first_eval),
@@ -119,8 +139,7 @@ def build_training_arguments(cfg: TrainConfig, settings: RunSettings) -> Trainin
         activation_checkpointing=bool(cfg.activation_checkpointing) and not fsdp_kwargs,
         dataloader_drop_last=False,  # the research code dropped the last partial batch every epoch
         use_cpu=not on_gpu,
-        bf16=mixed == "bfloat16",
-        fp16=mixed == "float16",
+        **precision.training_arguments,  # bf16 / fp16 autocast over fp32 master weights
         disable_tqdm=False,
         **fsdp_kwargs,
     )
@@ -224,14 +243,16 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings,
 
     loss_type = settings.loss
     loss_settings = LossSettings.from_config(cfg, loss_type)
+    precision = run_precision(cfg, settings)
+    logger.info(precision.describe())
     policy, reference = models.load_policy_and_reference(
         cfg.model, loss_needs_reference=loss_settings.needs_reference,
         lora_cfg=cfg.lora if cfg.lora.enabled else None, trust_remote_code=cfg.trust_remote_code,
-        cache_dir=cfg.cache_dir,
+        cache_dir=cfg.cache_dir, policy_dtype=precision.policy_dtype, reference_dtype=precision.reference_dtype,
     )
     memory = resources.preflight(cfg, policy, reference, settings)  # memory (CPU) and checkpoint disk space
     collator_cls = SFTCollator if loss_type is LossType.SFT else PreferenceCollator
-    args = build_training_arguments(cfg, settings)
+    args = build_training_arguments(cfg, settings, precision)
     if eval_ds is None:
         args.eval_strategy = "no"
         args.eval_on_start = False

@@ -8,35 +8,38 @@ integrations come from `transformers.Trainer`. What we change, and why:
   the arguments as `training_args.json`, not Trainer's pickled `training_args.bin`.
 - `create_scheduler`: the research code's warmup, `min(1, (step + 1) / (warmup_steps + 1))`.
 - `_get_train_sampler`: seeded by (seed, epoch), grouped by length; the resumed order is the same.
-- `_get_grad_norm`: a non-finite gradient norm stops the run, naming the step and records.
+- `_get_grad_norm`: the step's non-finite guard (`step_state.StepGuard`): one read of the step's losses
+  and gradient norm, agreed over processes; a non-finite one stops the run naming the step and records,
+  or (skip_nonfinite=true) drops the step on every rank.
 - `log`: the research code's per-step metrics (`objectives.py`), `examples_per_second` (examples of the
-  step over the step's own time), `counters/examples`, `counters/updates`.
+  step over the step's own time), `counters/examples`, `counters/updates`. Metrics stay on the device
+  until a log reads them all at once (`step_state.MetricBuffer`): no micro-batch reads a value back.
+- `compute_loss_context_manager`: the whole loss (reference forward, token statistics) under the autocast.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import math
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import Trainer
 
-from granular_po.forward.routes import ForwardRoute, choose_route
+from granular_po.forward.routes import ForwardRoute, choose_route, host_facts
 from granular_po.models import reference_context
 from granular_po.stats import compute_token_stats
 from granular_po.training import checkpoints
 from granular_po.training.callbacks import StepTimer
 from granular_po.training.objectives import LossSettings, compute_objective
 from granular_po.training.sampler import SeededLengthGroupedSampler, examples_after
+from granular_po.training.step_state import MetricBuffer, NonFiniteError, StepGuard
 
 logger = logging.getLogger(__name__)
 
-
-class NonFiniteError(RuntimeError):
-    """A loss or gradient norm became NaN or infinite; names the step and the batch's records."""
+__all__ = ["GranularTrainer", "NonFiniteError"]
+STATE_FILE = "granular_state.json"  # our counters in a checkpoint, beside Trainer's trainer_state.json
 
 
 class GranularTrainer(Trainer):
@@ -52,12 +55,11 @@ class GranularTrainer(Trainer):
         self.warmup_steps = warmup_steps
         self.group_by_length = group_by_length
         self.keep_checkpoints = save_total_limit
-        self._stored = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics = {"train": MetricBuffer(), "eval": MetricBuffer()}
+        self.guard = StepGuard(skip_nonfinite=loss_settings.skip_nonfinite)
         self.nonfinite_skipped = 0
         self.zero_weight_batches = 0
         self._last_indices: list[int] = []
-        self._step_indices: list[int] = []  # records of every micro-batch of the current optimizer step
-        self._skip_step = False  # a micro-batch of this step had a non-finite loss (skip_nonfinite=true)
         self._examples_since_log = 0
         self.step_timer = StepTimer()
         super().__init__(*args, **kwargs)
@@ -101,32 +103,40 @@ class GranularTrainer(Trainer):
         return self.lr_scheduler
 
     def _get_grad_norm(self, model, grad_norm=None):
+        """The step's one read from the device: its losses and gradient norm, agreed over processes."""
         norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        value = float(norm) if norm is not None else 0.0
-        skip, self._skip_step = self._skip_step, False
-        indices, self._step_indices = self._step_indices, []
-        if not math.isfinite(value):
-            where = f"step {self.state.global_step + 1}, records {indices}"
-            if not self.loss_settings.skip_nonfinite:
-                raise NonFiniteError(f"non-finite gradient norm ({value}) at {where}; "
-                                     "set skip_nonfinite=true to skip such steps")
-            logger.warning("skipping optimizer step: non-finite gradient norm at %s", where)
-            skip = True
-        if skip:  # zero gradients would still move Adam-like optimizers (momentum): drop them
+        decision = self.guard.decide(
+            norm, step=self.state.global_step + 1, rank=self.args.process_index, world_size=self.args.world_size,
+            reduce=lambda t: self.accelerator.reduce(t, reduction="sum"),
+            scaler_handles_overflow=getattr(self.accelerator, "scaler", None) is not None,
+        )
+        if decision.skip:  # zero gradients would still move Adam-like optimizers (momentum): drop them
+            logger.warning("skipping optimizer step: %s", decision.message)
             self.nonfinite_skipped += 1
             for param in model.parameters():
                 param.grad = None  # the optimizer leaves parameters without gradients untouched
-        return norm
+        self._metrics["train"].end_step(applied=not decision.skip)
+        return decision.grad_norm
 
     # ---- loss ----
+    def compute_loss_context_manager(self):
+        """The whole loss under Accelerate's autocast (mixed precision), not only the wrapped policy's
+        forward: the reference's forward and the token statistics on the policy's half-precision hidden
+        states run in the same precision (Trainer leaves autocast to the prepared model's forward)."""
+        stack = super().compute_loss_context_manager()
+        stack.enter_context(self.accelerator.autocast())
+        return stack
+
     def _statistics(self, hidden, head, logits, batch, ref=(None, None, None), need_kl=False):
         settings = self.loss_settings
+        # the collator's host-side list of weighted positions, where its facts match the batch
+        positions = batch.get("weighted_positions") if host_facts(batch) else None
         return compute_token_stats(
             policy_hidden=hidden, policy_head=head, ref_hidden=ref[0], ref_head=ref[1],
             policy_logits=logits, ref_logits=ref[2], input_ids=batch["input_ids"],
             loss_weights=batch["loss_weights"], need_kl=need_kl, average=settings.average_log_prob,
             reference_free=settings.reference_free, impl=settings.logprobs_impl,
-            chunk_size=settings.chunk_size, fused=self.fused_head,
+            chunk_size=settings.chunk_size, fused=self.fused_head, weighted_positions=positions,
         )
 
     def token_stats(self, model, batch, need_reference: bool):
@@ -153,7 +163,7 @@ class GranularTrainer(Trainer):
         chosen, rejected = [], []
         for batch in tqdm(loader, desc="reference log-probs", disable=not self.is_world_process_zero()):
             batch = self._prepare_inputs(batch)
-            with reference_context(self.model, self.ref_model) as reference:
+            with reference_context(self.model, self.ref_model) as reference, self.compute_loss_context_manager():
                 stats = self._statistics(*self.route.outputs(reference, batch), batch)
             n = batch["input_ids"].shape[0] // 2
             chosen += stats.policy_logps[:n].float().cpu().tolist()
@@ -168,51 +178,55 @@ class GranularTrainer(Trainer):
         if precomputed is not None:
             stats.logratio = stats.policy_logps - precomputed.to(stats.policy_logps.dtype)
         losses, metrics = compute_objective(settings, stats, batch["input_ids"].shape[0] // 2, split)
-        weight_sum = stats.weight_sum.detach()
         if "response_mask" in batch:
             metrics[f"weighted_token_share_{split}"] = (
                 (batch["loss_weights"] > 0).sum(-1).float() / batch["response_mask"].sum(-1).clamp(min=1).float()
             )
-        if bool((weight_sum == 0).all()):
+        if self._no_weighted_token(batch, stats):
             self.zero_weight_batches += 1
             logger.warning("batch with records %s has no weighted token: nothing to learn from it",
-                           batch["index"].tolist())
+                           self._records(batch))
         metrics[f"loss/{split}"] = losses.detach()
         return losses.mean(), metrics
 
+    @staticmethod
+    def _records(batch) -> list[int]:
+        """The batch's record indices: the collator's host-side list (no read from the device)."""
+        host = host_facts(batch)
+        return list(host["index"]) if "index" in host else batch["index"].tolist()
+
+    @staticmethod
+    def _no_weighted_token(batch, stats) -> bool:
+        """Whether no target of the batch has a weight: from the host-side positions' count where given."""
+        if host_facts(batch) and "weighted_positions" in batch:
+            return batch["weighted_positions"].shape[1] == 0
+        return bool((stats.weight_sum == 0).all())
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self._last_indices = inputs["index"].tolist()
-        self._step_indices.extend(self._last_indices)
+        self._last_indices = self._records(inputs)
         loss, metrics = self.loss_and_metrics(model, inputs, "train")
-        if not torch.isfinite(loss):
-            where = f"step {self.state.global_step + 1}, records {self._last_indices}"
-            if not self.loss_settings.skip_nonfinite:
-                raise NonFiniteError(f"non-finite loss ({loss.item()}) at {where}; set skip_nonfinite=true to skip")
-            logger.warning("skipping non-finite loss at %s", where)
-            self._skip_step = True  # counted, and the whole optimizer step dropped, in _get_grad_norm
-            loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
-        else:
-            self._store(metrics, "train")
+        self._metrics["train"].add(metrics)  # dropped again if the step is skipped
+        loss = self.guard.add(loss, self._last_indices)  # checked once, at the optimizer step
         self._examples_since_log += len(self._last_indices) * self.args.world_size
         return (loss, metrics) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
+        with torch.no_grad(), self.compute_loss_context_manager():
             loss, metrics = self.loss_and_metrics(model, inputs, "eval")
         self._store(metrics, "eval")
         return loss.detach(), None, None
 
     def _store(self, metrics: dict, split: str) -> None:
-        for key, value in metrics.items():
-            gathered = self.accelerator.gather_for_metrics(value.detach().float().reshape(-1))
-            self._stored[split][key].append(gathered.cpu())
+        """Evaluation metrics, gathered over processes (on the device) batch by batch."""
+        gathered = {key: self.accelerator.gather_for_metrics(value.detach().float().reshape(-1))
+                    for key, value in metrics.items()}
+        self._metrics[split].add(gathered, keep=True)
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        for key, chunks in self._stored[split].items():
-            logs[key] = torch.cat(chunks).mean().item()
-        self._stored[split].clear()
+        reduce = (lambda t: self.accelerator.reduce(t, reduction="sum")) if split == "train" else None
+        logs.update(self._metrics[split].means(reduce if self.args.world_size > 1 else None))
         if split == "train" and "loss" in logs:  # a step's log (not the end-of-training summary)
             seconds = self.step_timer.take()
             if seconds > 0:
@@ -225,6 +239,15 @@ class GranularTrainer(Trainer):
             if self.nonfinite_skipped:
                 logs["nonfinite_skipped"] = self.nonfinite_skipped
         super().log(logs, start_time)
+
+    # ---- resume ----
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Trainer's train, with our counters (skipped steps, weightless batches) restored on resume."""
+        if resume_from_checkpoint and (Path(resume_from_checkpoint) / STATE_FILE).is_file():
+            state = json.loads((Path(resume_from_checkpoint) / STATE_FILE).read_text(encoding="utf-8"))
+            self.nonfinite_skipped = int(state.get("nonfinite_skipped", 0))
+            self.zero_weight_batches = int(state.get("zero_weight_batches", 0))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ---- checkpoints ----
     def _issue_warnings_after_load(self, load_result) -> None:
@@ -259,6 +282,8 @@ class GranularTrainer(Trainer):
             self._save_rng_state(str(staged))
         if self.args.should_save:
             self.state.save_to_json(str(staged / "trainer_state.json"))
+            counters = {"nonfinite_skipped": self.nonfinite_skipped, "zero_weight_batches": self.zero_weight_batches}
+            (staged / STATE_FILE).write_text(json.dumps(counters), encoding="utf-8")
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             checkpoints.commit_staged(run_dir, step)
