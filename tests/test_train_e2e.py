@@ -305,3 +305,33 @@ def test_a_failed_start_leaves_no_run_directory_and_debug_leaves_nothing(workspa
                                          "loss=sft", "batch_size=4", "debug=true", f"local_dirs=[{root / 'runs'}]"]
     assert train_main(argv) == 0
     assert not root.exists()
+
+
+README_SMALL_DATA_SFT = (
+    "python -u train.py loss=sft granular=false custom_train_path=train.json custom_eval_path=eval.json "
+    "exp_name=sft optimizer=AdamW lr=3e-5 warmup_steps=4 batch_size=8 n_examples=192 "
+    "max_length=128 max_prompt_length=96"
+)
+
+
+def test_warmup_longer_than_the_run_is_warned_and_the_small_data_variant_is_not(workspace, caplog):
+    """Issue 13.3: the research defaults (SGD, lr 5e-6, 150 warmup steps) on a small file train at a
+    fraction of lr and nothing moves, silently. The command line warns, naming the numbers and keys."""
+    from test_cli_config import cli
+
+    (workspace / "small8.json").write_text(json.dumps(toy_pairs(8, 0)))
+    done = cli(f"model.name_or_path={workspace / 'tiny'}", f"custom_train_path={workspace / 'small8.json'}",
+               "prompt_format=raw", "max_length=64", "max_prompt_length=32", "debug=true", "do_first_eval=false",
+               script=True, cwd=workspace, timeout=600)
+    assert done.returncode == 0, done.stderr
+    warning = ("warning: warmup_steps=150 is as long as the run or longer: 2 optimizer steps (8 examples x "
+               "n_epochs=1 / batch_size=4), so the learning rate only reaches 6.62e-08 of lr=5e-06 at the last "
+               "step. Lower warmup_steps (e.g. warmup_steps=0), or train longer (n_epochs, n_examples)")
+    assert warning in done.stderr
+    # the README's small-data command (model and paths replaced) trains past its warmup: no warning
+    argv = [word for word in README_SMALL_DATA_SFT.split()[3:] if not word.startswith(("custom_", "exp_name"))]
+    argv += [f"model.name_or_path={workspace / 'tiny'}", f"custom_train_path={workspace / 'small8.json'}",
+             "custom_eval_path=null", "debug=true", "prompt_format=raw"]
+    caplog.clear()
+    assert train_main(argv) == 0
+    assert not [r for r in caplog.records if "warmup_steps" in r.getMessage()]

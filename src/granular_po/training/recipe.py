@@ -145,6 +145,20 @@ def build_training_arguments(cfg: TrainConfig, settings: RunSettings,
     )
 
 
+def warmup_warning(cfg: TrainConfig, n_examples: int, total_steps: int) -> str | None:
+    """The research defaults (SGD, lr 5e-6, 150 warmup steps) on a small file: the run ends inside its
+    warmup and the learning rate never reaches `lr`. Says so with the numbers and the keys to change."""
+    if cfg.warmup_steps < total_steps or total_steps < 1:
+        return None
+    reached = cfg.lr * min(1.0, total_steps / (cfg.warmup_steps + 1))  # lr at the last step
+    length = (f"n_examples={cfg.n_examples}" if cfg.n_examples is not None
+              else f"{n_examples} examples x n_epochs={cfg.n_epochs}")
+    return (f"warning: warmup_steps={cfg.warmup_steps} is as long as the run or longer: {total_steps} optimizer "
+            f"steps ({length} / batch_size={cfg.batch_size}), so the learning rate only reaches {reached:.3g} "
+            f"of lr={cfg.lr:g} at the last step. Lower warmup_steps (e.g. warmup_steps={total_steps // 10}), "
+            "or train longer (n_epochs, n_examples); on small data see the README's small-data commands")
+
+
 @contextlib.contextmanager
 def wandb_environment(cfg: TrainConfig):
     """`wandb.project` / `wandb.entity` for this run, where transformers' WandbCallback and wandb read
@@ -240,6 +254,10 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings,
         eval_ds = eval_ds.select(range(min(cfg.n_eval_examples, len(eval_ds))))
     if eval_ds is not None and len(eval_ds) == 0:
         eval_ds = None
+    total_steps = settings.max_steps if settings.max_steps > 0 else (
+        -(-len(train_ds) // cfg.batch_size) * cfg.n_epochs)
+    if (warning := warmup_warning(cfg, len(train_ds), total_steps)) and is_main:
+        logger.warning(warning)
 
     loss_type = settings.loss
     loss_settings = LossSettings.from_config(cfg, loss_type)
@@ -290,8 +308,6 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings,
         (run_dir / "config.yaml").write_text(redacted_yaml(cfg))
     if resume_from is not None:
         trainer.args.eval_on_start = False  # do_first_eval: before the first step, not at every restart
-    total_steps = settings.max_steps if settings.max_steps > 0 else (
-        -(-len(train_ds) // cfg.batch_size) * cfg.n_epochs)
     done = resume_from is not None and int(resume_from.name.removeprefix("step-")) >= total_steps
     if done:  # the same command again on a finished run: nothing to train (Trainer would add a step)
         print(f"run already complete at {resume_from.name} of {total_steps} steps", flush=True)
