@@ -28,6 +28,7 @@ from tiny import tiny_llama, tiny_tokenizer
 
 from granular_po import models
 from granular_po.apps.cli import train_main
+from granular_po.data import encode
 from granular_po.training import resources
 from granular_po.training.config import compose_config, validate
 from granular_po.training.trainer import GranularTrainer
@@ -192,10 +193,14 @@ def test_nonfinite_grad_norm_skipped_and_counted(tiny_dirs, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("average", [False, True])
-def test_all_zero_weight_batch_is_reported_not_divided_by_zero(tiny_dirs, tmp_path, caplog, capsys, average):
+def test_all_zero_weight_batch_is_reported_not_divided_by_zero(tiny_dirs, tmp_path, caplog, capsys, average,
+                                                               monkeypatch):
     data = records(poison_at=None, zero_weight_at=(1, 4))
     extra = ["loss=dpo", "loss.beta=0.5", "granular=true", "granular.include_eos=false", "batch_size=1",
              "save_every=4", f"loss.average_log_prob={str(average).lower()}"]
+    # such pairs (a zero-length region) are refused when the data is encoded (issue 11.8); the trainer's
+    # guard stays for datasets made otherwise, so the data check is bypassed here to reach it
+    monkeypatch.setattr(encode, "admit_reached", lambda records, *args, **kwargs: list(range(len(records))))
     with caplog.at_level(logging.WARNING, logger="granular_po"):
         assert train_main(argv(tiny_dirs, tmp_path, "clean", data, extra)) == 0
     warnings = [r.getMessage() for r in caplog.records if "no weighted token" in r.getMessage()]
