@@ -217,5 +217,5 @@ def test_train_reads_se_as_the_research_code_sft_targets_for_sft(tmp_path, monke
     tok = tiny_tokenizer("byte_level")
     for loss, expected in (("sft", 6), ("dpo", 8)):
         cfg = compose_config([f"loss={loss}", "datasets=[se]", f"cache_dir={tmp_path / 'cache'}", "prompt_format=raw"])
-        ds = load_split(cfg, "train", tok, cfg.encode_options(), cfg.granular, sft=loss == "sft")
+        ds, _ = load_split(cfg, "train", tok, cfg.encode_options(), cfg.granular, sft=loss == "sft")
         assert len(ds) == expected, loss
