@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from granular_po.apps.annotate import main
@@ -85,6 +85,7 @@ _is_word = re.compile(r"\w").match
 
 @settings(max_examples=200, deadline=None)
 @given(chosen=_small, rejected=_small, include_correct=st.booleans())
+@example(chosen="a", rejected="1.1a", include_correct=False)  # a number joined to letters is one word
 def test_regions_are_in_bounds_sorted_whole_words_and_empty_only_for_a_prefix(chosen, rejected, include_correct):
     regions = derive_regions(chosen, rejected, include_correct, max_edit_ratio=1.0)
     assert regions is not None

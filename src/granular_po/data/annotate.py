@@ -23,9 +23,9 @@ from granular_po.data.schema import PreferenceRecord, Region, RegionFlag
 
 # Scripts written without spaces between words (CJK, Thai, Lao, Myanmar, Khmer): each character is a word.
 _UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u2e80-\u9fff\uf900-\ufaff\U00020000-\U0003ffff"
-# A word: a number with its decimal / thousands separators ("3.14", "1,000"), a run of word characters,
-# or one character of an unspaced script.
-_WORD = re.compile(rf"\d+(?:[.,]\d+)+|[^\W{_UNSPACED}]+|\w")
+# A word: a run of word characters that may hold numbers with decimal / thousands separators ("3.14",
+# "1,000", "1.5x"), a run of word characters, or one character of an unspaced script.
+_WORD = re.compile(rf"[^\W{_UNSPACED}]*\d(?:[.,]\d+)+[^\W{_UNSPACED}]*|[^\W{_UNSPACED}]+|\w")
 
 
 def _word_span(start: int, end: int, text: str, words: list[tuple[int, int]]) -> tuple[int, int]:
