@@ -78,8 +78,8 @@ def _with_length(dataset):
 
 
 def uses_fsdp(cfg: TrainConfig, settings: RunSettings) -> bool:
-    """trainer=FSDPTrainer with several processes."""
-    return cfg.trainer == "FSDPTrainer" and torch.cuda.is_available() and settings.world_size > 1
+    """trainer=FSDPTrainer with several processes: GPUs, or CPU processes over gloo (as the tests run it)."""
+    return cfg.trainer == "FSDPTrainer" and settings.world_size > 1
 
 
 def run_precision(cfg: TrainConfig, settings: RunSettings, device: DeviceCaps | None = None) -> Precision:
@@ -98,8 +98,10 @@ def build_training_arguments(cfg: TrainConfig, settings: RunSettings,
     fsdp_kwargs = {}
     if uses_fsdp(cfg, settings):
         fsdp_kwargs = {
-            "fsdp": "full_shard auto_wrap",
-            "fsdp_config": {
+            "fsdp": True,
+            "fsdp_config": {  # FSDP2 (`fully_shard`): parameters sharded, gathered block by block
+                "version": 2,
+                "reshard_after_forward": True,  # full shard
                 "transformer_layer_cls_to_wrap": [cfg.model.block_name],
                 "activation_checkpointing": bool(cfg.activation_checkpointing),
             },
@@ -108,7 +110,7 @@ def build_training_arguments(cfg: TrainConfig, settings: RunSettings,
         logger.warning("notice: trainer=TensorParallelTrainer runs one process here (the research code's naive "
                        "tensor parallelism is not carried over); use FSDPTrainer to shard a model over GPUs")
     elif cfg.trainer == "FSDPTrainer":
-        logger.warning("notice: trainer=FSDPTrainer needs several GPUs; running one process (BasicTrainer)")
+        logger.warning("notice: trainer=FSDPTrainer needs several processes; running one (BasicTrainer)")
     return TrainingArguments(
         output_dir=str(settings.run_dir),
         per_device_train_batch_size=settings.per_device_batch_size,
@@ -285,6 +287,9 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings,
         max_length=cfg.max_length,
         callbacks=[MetricsFileCallback(None if cfg.debug else run_dir / "metrics.jsonl")],
     )
+    if uses_fsdp(cfg, settings) and not trainer.is_fsdp_enabled:  # Accelerate runs FSDP on GPUs only
+        logger.warning("notice: trainer=FSDPTrainer: Accelerate enables FSDP on GPUs only; these %d CPU "
+                       "processes run data-parallel (DDP) with full copies of the model", settings.world_size)
     if cfg.sample_during_eval and eval_ds is not None and not cfg.debug:
         from granular_po.training.callbacks import SampleDuringEvalCallback
 

@@ -60,6 +60,8 @@ class StepGuard:
         (fp16 loss scaling) leaves a non-finite gradient norm with finite losses to the scaler."""
         losses, records = self.losses, self.records
         self.losses, self.records = [], []
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor (replicated): the plain value
+            grad_norm = grad_norm.full_tensor()
         norm = grad_norm if isinstance(grad_norm, torch.Tensor) else torch.tensor(
             float("nan") if grad_norm is None else float(grad_norm))
         device = losses[0].device if losses else norm.device

@@ -72,14 +72,21 @@ class GranularTrainer(Trainer):
             self.ref_model.requires_grad_(False)
             self.ref_model.to(self.args.device)
         sharded = bool(getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False))
-        # the fused head reads the lm_head's weights directly: not where FSDP / DeepSpeed shard them
-        self.fused_head = not sharded
+        # The fused head reads the lm_head's weights directly: not where DeepSpeed or FSDP1 shard them.
+        # Under FSDP2 Accelerate puts the lm_head in a unit that stays gathered after the forward, so its
+        # weights are whole when the statistics read them (and calling the module again, as the
+        # checkpointed path does, would re-enter FSDP's hooks: it crashes in backward).
+        self.fused_head = not sharded or self._fsdp_version() == 2
         self.route: ForwardRoute = choose_route(
             self.model, self.ref_model, is_preference=loss_settings.loss.is_preference,
             logprobs_impl=loss_settings.logprobs_impl, share_prompt=share_prompt, padding_free=padding_free,
             max_length=max_length, activation_checkpointing=bool(self.args.gradient_checkpointing),
             sharded=sharded, pad_token_id=getattr(self.data_collator, "pad_token_id", 0),
         )
+
+    def _fsdp_version(self) -> int | None:
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if getattr(self, "is_fsdp_enabled", False) else None
+        return None if plugin is None else int(getattr(plugin, "fsdp_version", 1))
 
     # ---- data ----
     def _global_batch_size(self) -> int:
