@@ -22,8 +22,13 @@ from typing import TYPE_CHECKING, Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from granular_po.settings import DEFAULT_MODEL_NAME, LOSS_GROUPS, TrainConfig, WandbSettings
-from granular_po.training.precision import MIXED_PRECISION_MODES
+from granular_po.settings import (
+    DEFAULT_MODEL_NAME,
+    LOSS_GROUPS,
+    MIXED_PRECISION_MODES,
+    TrainConfig,
+    WandbSettings,
+)
 
 if TYPE_CHECKING:
     from granular_po.losses import LossType
@@ -177,13 +182,19 @@ def _unknown_keys(node: DictConfig, prefix: str = "") -> list[tuple[str, list[st
 class RunSettings:
     """Numbers derived from the config once, checked, so the trainer never re-derives them."""
 
-    loss: LossType
+    loss_name: str
     world_size: int
     per_device_batch_size: int
     eval_steps: int
     save_steps: int | None
     max_steps: int  # -1: run n_epochs
     run_dir: Path
+
+    @property
+    def loss(self) -> LossType:
+        from granular_po.losses import LossType  # torch: not needed to check a configuration
+
+        return LossType(self.loss_name)
 
 
 def world_size() -> int:
@@ -355,10 +366,8 @@ def validate(config: TrainConfig) -> RunSettings:
         run_dir = _first_usable_dir(config.local_dirs) / config.exp_name
     if not config.debug and str(config.resume).lower() != "false":
         check_same_run(config, run_dir)
-    from granular_po.losses import LossType  # torch: only once the settings are known to be good
-
     return RunSettings(
-        loss=LossType(loss_cfg.name),
+        loss_name=loss_cfg.name,
         world_size=procs,
         per_device_batch_size=config.batch_size // per_step,
         eval_steps=eval_steps,
