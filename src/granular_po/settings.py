@@ -27,6 +27,9 @@ from granular_po.data.masks import GranularOptions
 # the embedded default model (SmolLM2-135M-Instruct, no network), the model preset `smollm2-135m`
 DEFAULT_MODEL_NAME = "smollm2-135m"
 
+# the choices of `mixed_precision` (decided at start-up by `training/precision.py`)
+MIXED_PRECISION_MODES = ("auto", "bf16", "fp16", "no")
+
 # Fields say `Optional[X]` (not `X | None`) as OmegaConf's own documentation does.
 
 

@@ -57,7 +57,8 @@ def train_main(argv: list[str] | None = None) -> int:
     if any(arg.split("=", 1)[0] in HYDRA_FLAGS for arg in argv):  # --cfg job, --info, -m ...: Hydra's own
         return _hydra_app(normalize_overrides(argv))  # (Hydra sets up its own logging)
     _setup_logging()
-    from granular_po.training.config import ConfigError, check_inputs, compose_config, validate
+    from granular_po.training.config import ConfigError, compose_config, validate
+    from granular_po.training.inputs import check_inputs
 
     try:  # the whole configuration, before torch, data or models are touched
         cfg = compose_config(argv)

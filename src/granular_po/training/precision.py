@@ -21,11 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
+from granular_po.settings import MIXED_PRECISION_MODES
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-MIXED_PRECISION_MODES = ("auto", "bf16", "fp16", "no")
 # research-code spelling of FSDP's mixed precision (`model.fsdp_policy_mp`) -> ours
 _FSDP_MP = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
 

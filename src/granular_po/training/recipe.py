@@ -23,7 +23,8 @@ from granular_po.losses import LossType
 from granular_po.settings import TrainConfig
 from granular_po.training import briefing, checkpoints, console, reference_cache, resources
 from granular_po.training.callbacks import MetricsFileCallback
-from granular_po.training.config import RunSettings, check_inputs, existing_ancestor, redacted_yaml, validate
+from granular_po.training.config import RunSettings, existing_ancestor, redacted_yaml, validate
+from granular_po.training.inputs import check_inputs
 from granular_po.training.objectives import LossSettings
 from granular_po.training.precision import DeviceCaps, Precision, choose_precision
 from granular_po.training.trainer import GranularTrainer
