@@ -102,6 +102,9 @@ def test_an_unrelated_or_earlier_number_does_not_make_a_question_right(monkeypat
     ("Paris", "paris", True),
     ("Paris", "I think it is Lyon.\nParis!", True),  # the last line
     ("Paris", "Paris? No. The answer is Lyon.", False),  # the last stated answer counts
+    ("Canberra", "The capital of Australia is Canberra.", True),  # a sentence ending with the answer
+    ("Canberra", "Canberra? No, it is Sydney.", False),
+    ("ork", "It is New York.", False),  # whole words only
     ("New York", "Answer:  new   york!", True),
     ("1,234", "the answer is 1234", True),  # a string answer that is a number compares as one
     (1234, "It is 1,234.", True),
@@ -201,6 +204,7 @@ def test_eval_help_states_the_grading_rules():
     for phrase in ('its "answer" field (a string or a number)', "LAST STATED ANSWER counts",
                    "unrelated number in the output does not make a question right", "numbers numerically",
                    "normalising case, whitespace and punctuation", "a file with nothing to grade is an error",
+                   "a stated text that ends with the expected answer counts",
                    "counted and named", "(default: 16)"):
         assert phrase in text, phrase
     assert "(default: None)" not in text

@@ -6,7 +6,8 @@ The rules, as `granular-po eval --help` states them:
 - the stated answer of a text is the last one: after the last "answer is" / "answer:" if the text has one,
   else the last number in the text (numeric answers) or its last line (text answers);
 - numbers compare numerically ("1,234" = 1234 = 1234.0; a string `answer` that is a number is one); text
-  compares after normalising case, whitespace and punctuation ("Paris." = "paris").
+  compares after normalising case, whitespace and punctuation ("Paris." = "paris"), and a stated text
+  that ends with the expected answer counts ("The capital of France is Paris." for "Paris").
 So an earlier or unrelated number never makes an answer right: only the last stated one counts.
 """
 
@@ -88,13 +89,15 @@ def stated_answer(text: str, expected: Answer) -> Answer | None:
 
 
 def is_correct(stated: Answer | None, expected: Answer) -> bool:
-    """Numbers numerically, text after `normalize`; nothing stated is wrong."""
+    """Numbers numerically; text after `normalize`, equal or ending with the expected answer's words (a
+    full sentence that ends with it); nothing stated is wrong."""
     if stated is None:
         return False
     expected = expected_value(expected)
     if isinstance(expected, (int, float)):
         return isinstance(stated, (int, float)) and math.isclose(stated, expected, rel_tol=1e-9, abs_tol=1e-12)
-    return normalize(str(stated)) == normalize(expected)
+    said, wanted = normalize(str(stated)), normalize(expected)
+    return bool(wanted) and (said == wanted or said.endswith(" " + wanted))
 
 
 def answer_of_response(response: str) -> Answer | None:

@@ -224,7 +224,8 @@ number in the output (numeric answers) or its last non-empty line (text answers)
 unrelated number in the output does not make a question right.
 
 How answers compare: numbers numerically ("1,234" = 1234 = 1234.0; an "answer" string that is a
-number counts as one); text after normalising case, whitespace and punctuation ("Paris." = "paris").
+number counts as one); text after normalising case, whitespace and punctuation ("Paris." = "paris"),
+and a stated text that ends with the expected answer counts ("The capital of France is Paris.").
 
 Exit status: 0 graded, 1 invalid data or nothing to grade, 2 bad arguments or a model that cannot load.
 """
