@@ -127,7 +127,8 @@ def records() -> list[PreferenceRecord]:
 
 def features(tokenizer) -> list[dict]:
     enc = EncodeOptions(max_length=128, max_prompt_length=32, prompt_format="raw")
-    gran = GranularOptions(enabled=True, outside_weight=0.25)  # fractional weights outside the region
+    # fractional weights outside the region and on the response without one (which weighs 0 by default)
+    gran = GranularOptions(enabled=True, outside_weight=0.25, unannotated_weight=0.25)
     return [encode_record(r, tokenizer, enc, gran) for r in records()]
 
 
