@@ -175,8 +175,14 @@ def _ref_target_logps(ref_rows, ref_head, targets) -> torch.Tensor:
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot product without an (R, V) temporary. Shape: (R, V), (R, V) -> (R,)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+    """Row-wise dot product without an (R, V) temporary, in the inputs' dtype (float32): under autocast
+    `bmm` would run in bf16 and round each of the V products. Shape: (R, V), (R, V) -> (R,)."""
+    try:
+        guard = torch.autocast(a.device.type, enabled=False)
+    except (RuntimeError, ValueError):  # a device type autocast does not know: nothing to switch off
+        guard = contextlib.nullcontext()
+    with guard:
+        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def fusable_head(head: Head | None) -> bool:

@@ -26,6 +26,8 @@ from granular_po.training.callbacks import MetricsFileCallback
 from granular_po.training.config import RunSettings, existing_ancestor, redacted_yaml, validate
 from granular_po.training.inputs import check_inputs
 from granular_po.training.objectives import LossSettings
+from granular_po.training.optimizer import describe as describe_optimizer
+from granular_po.training.optimizer import optimizer_kwargs
 from granular_po.training.precision import DeviceCaps, Precision, choose_precision
 from granular_po.training.trainer import GranularTrainer
 
@@ -278,11 +280,17 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings,
         args.eval_strategy = "no"
         args.eval_on_start = False
     optimizer_cls = getattr(torch.optim, cfg.optimizer)  # checked by validate
+    # torch's fused (else foreach) implementation of it where there is one: the same update, far fewer kernels
+    trainable = next((p for p in policy.parameters() if p.requires_grad), None)
+    opt_kwargs = optimizer_kwargs(optimizer_cls, cfg.lr, args.device,
+                                  trainable.dtype if trainable is not None else torch.float32,
+                                  sharded=uses_fsdp(cfg, settings))
+    logger.info("optimizer: %s", describe_optimizer(optimizer_cls, opt_kwargs))
     trainer = GranularTrainer(
         model=policy, ref_model=reference, args=args, loss_settings=loss_settings,
         data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id),
         train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-        optimizer_cls_and_kwargs=(optimizer_cls, {"lr": cfg.lr}),
+        optimizer_cls_and_kwargs=(optimizer_cls, opt_kwargs),
         warmup_steps=cfg.warmup_steps, group_by_length=cfg.group_by_length, run_dir=run_dir,
         padding_free=cfg.padding_free, share_prompt=str(cfg.share_prompt),
         max_length=cfg.max_length,
