@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from granular_po.apps.eval import extract_answer
 from granular_po.data.synthetic import (
     Question,
     diff_span,
@@ -16,7 +17,6 @@ from granular_po.data.synthetic import (
     write_json,
     wrong_result,
 )
-from granular_po.evaluate import extract_answer
 
 
 def _result_of(text: str) -> int:
