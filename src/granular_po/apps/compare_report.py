@@ -139,7 +139,6 @@ def _versions() -> str:
     import platform
     import subprocess
 
-    import torch
     import transformers
 
     try:
@@ -147,8 +146,10 @@ def _versions() -> str:
                                 capture_output=True, timeout=10).stdout.strip() or "unknown"
     except OSError:
         commit = "unknown"
-    return (f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"granular-po commit {commit}")
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else \
+        platform.processor()
+    return f"{cpu}; transformers {transformers.__version__}, granular-po commit {commit}"
 
 
 def _chosen_results(grid) -> dict[tuple, dict[int, dict]]:
@@ -161,6 +162,12 @@ def _chosen_results(grid) -> dict[tuple, dict[int, dict]]:
         if result is not None and result["test"] is not None:
             table[cell][seed] = result
     return table
+
+
+def _setting(value) -> str:
+    if isinstance(value, tuple):
+        return ", ".join(_setting(v) for v in value) or "(none)"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _mean(values):
@@ -295,8 +302,7 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
         "",
         f"```bash\n{invocation}\n```",
         "",
-        markdown_table([{"setting": k, "value": ", ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v)
-                         if isinstance(v, tuple) else v} for k, v in asdict_settings(s).items()]),
+        markdown_table([{"setting": k, "value": _setting(v)} for k, v in asdict_settings(s).items()]),
         f"SFT (shared by every run; {sft_seconds:.0f} s this invocation):",
         "",
         f"```bash\n{sft_command}\n```",
