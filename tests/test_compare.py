@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from granular_po.testing import tiny_llama, tiny_tokenizer
+from tiny import tiny_llama, tiny_tokenizer
 
 from granular_po.apps import compare
 from granular_po.apps.compare import CompareSettings, Run, grid_runs, pick
@@ -28,9 +28,9 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def quick_args(root: Path, *extra: str) -> list[str]:
-    # TDPO2 (DPO below), AdamW at two rates (so the validation choice is exercised), SGD at one; two seeds
+    # TDPO2 and AdamW at two rates (so the validation choice is exercised), two seeds; DPO and SGD below
     return ["--quick", "--task", "styled", "--model", str(root / "base"), "--out", str(root / "out"),
-            "--losses", "tdpo", "--adamw", "1,100", *extra]
+            "--losses", "tdpo", "--adamw", "1,100", "--sgd", "", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def _result(out: Path, run: Run) -> dict:
 def test_every_run_trained_from_the_shared_sft_model_with_its_settings(grid):
     s = compare.settings_from_args(compare.build_parser().parse_args(quick_args(grid.parent)))
     runs = grid_runs(s)
-    assert len(runs) == 2 * 3 * 2  # granularity x (AdamW 1, 100; SGD 100) x seeds
+    assert len(runs) == 2 * 2 * 2  # granularity x AdamW (1, 100) x seeds
     sft = (grid / "runs" / "sft" / "LATEST").resolve()
     for run in runs:
         config = yaml.safe_load((grid / "runs" / run.name / "config.yaml").read_text())
@@ -67,7 +67,7 @@ def test_only_the_validation_choice_is_scored_on_test(grid):
     groups = {}
     for r in runs:
         groups.setdefault((r.seed, r.cell), []).append(r)
-    assert len(tested) == len(groups) == 2 * 2 * 2  # one per seed x granularity x optimizer
+    assert len(tested) == len(groups) == 2 * 2  # one per seed x granularity
     for group in groups.values():
         (chosen,) = [r for r in group if r in tested]
         assert chosen == pick([(r, _result(grid, r)) for r in group])
@@ -81,19 +81,18 @@ def test_only_the_validation_choice_is_scored_on_test(grid):
 def test_report_has_intervals_pairs_and_plots(grid):
     text = (grid / "compare.md").read_text()
     assert "Status: complete" in text
-    for cell in ("TDPO2, granular, AdamW", "TDPO2, response-level, SGD", "SFT (the start of every run)"):
+    for cell in ("TDPO2, granular, AdamW", "TDPO2, response-level, AdamW", "SFT (the start of every run)"):
         assert f"| {cell} |" in text
     table = text.split("## Test accuracy")[1].split("## Granular")[0]
-    assert table.count(" [") >= 4  # a mean [low, high] per cell (two seeds each)
+    assert table.count(" [") >= 2  # a mean [low, high] per cell (two seeds each)
     paired = text.split("## Granular vs response-level, paired")[1].split("## Validation")[0]
-    for row in ("| TDPO2, AdamW |", "| TDPO2, SGD |"):
-        assert row in paired
+    assert "| TDPO2, AdamW | 2 |" in paired
     assert "| x1 | x100 |" in text  # the validation sweep's columns
     for name in ("test_accuracy.png", "val_sweep.png"):
         assert (grid / name).read_bytes()[:8] == PNG_SIGNATURE
         assert f"]({name})" in text
     summary = json.loads((grid / "compare.json").read_text())
-    assert summary["settings"]["task"] == "styled" and len(summary["cells"]) == 4
+    assert summary["settings"]["task"] == "styled" and len(summary["cells"]) == 2
 
 
 def test_rerun_reuses_every_run_and_a_larger_grid_adds_to_it(grid, workspace, capsys):
@@ -102,18 +101,22 @@ def test_rerun_reuses_every_run_and_a_larger_grid_adds_to_it(grid, workspace, ca
     assert compare.main(quick_args(workspace)) == 0
     assert ": training" not in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    # DPO added: only its runs train, the TDPO2 run of the same rate and seed is reused
-    assert compare.main([*quick_args(workspace, "--losses", "dpo,tdpo", "--adamw", "1", "--sgd", "",
+    # DPO and SGD added: only their runs train, at one rate (no validation scoring: nothing to choose)
+    assert compare.main([*quick_args(workspace, "--losses", "dpo,tdpo", "--adamw", "", "--sgd", "100",
                                      "--seeds", "1")]) == 0
     printed = capsys.readouterr().out
-    assert printed.count(": training") == 2 and "dpo_g1_AdamW_x1_s0: training" in printed
-    assert "tdpo_g1_AdamW_x1_s0: training" not in printed
+    assert printed.count(": training") == 4 and "dpo_g1_SGD_x100_s0: training" in printed
+    assert "(validation)" not in printed
+    for name in ("dpo_g1_SGD_x100_s0", "tdpo_g0_SGD_x100_s0"):
+        config = yaml.safe_load((grid / "runs" / name / "config.yaml").read_text())
+        assert config["optimizer"] == "SGD" and math.isclose(config["lr"], 5e-4)
     text = (grid / "compare.md").read_text()
-    assert "Status: complete" in text and "| DPO, AdamW |" in text and "| TDPO2, AdamW |" in text
+    assert "Status: complete" in text and "| DPO, SGD |" in text and "| TDPO2, SGD |" in text
 
 
 def test_pick_prefers_validation_accuracy_then_the_lower_rate():
     a, b, c = (Run("dpo", True, "AdamW", m, 0) for m in (1, 3, 10))
+    assert pick([(c, {"val_accuracy": None})]) == c  # one rate: no choice to make
     assert pick([(a, {"val_accuracy": 0.4}), (b, {"val_accuracy": 0.6}), (c, {"val_accuracy": 0.5})]) == b
     assert pick([(c, {"val_accuracy": 0.6}), (b, {"val_accuracy": 0.6}), (a, {"val_accuracy": 0.5})]) == b
 

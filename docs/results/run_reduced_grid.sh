@@ -4,6 +4,8 @@
 # of the one before (same overrides) and rewrites the task's compare.md. Run from the repository root:
 #   nohup bash docs/results/run_reduced_grid.sh > report/reduced-grid.log 2>&1 &
 set -euo pipefail
+# the code as it was at the start (later edits to the worktree do not reach a running grid)
+export PYTHONPATH="${FROZEN_SRC:-$PWD/src}"
 REDUCED=(--losses tdpo --adamw 3,10 --sgd '' --steps 12 --n-val 32 --n-test 200 --sft-steps 24
          --n-eval-pairs 16 --max-new-tokens 40)
 for seeds in 1 2 3; do

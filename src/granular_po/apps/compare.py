@@ -82,10 +82,11 @@ class CompareSettings:
     max_prompt_length: int = 96
     n_eval_pairs: int = 32  # validation pairs of the trainer's preference evaluation (reward accuracy)
     max_new_tokens: int = 48
+    eval_batch_size: int = 64  # questions generated together in task accuracy (not a training setting)
 
 
 QUICK = dict(n_train=16, n_val=4, n_test=4, sft_steps=2, sft_batch_size=4, steps=2, batch_size=2, adamw=(1,),
-             sgd=(100,), seeds=2, n_eval_pairs=4, max_new_tokens=4)
+             sgd=(100,), seeds=2, n_eval_pairs=4, max_new_tokens=4, eval_batch_size=4)
 
 
 @dataclass(frozen=True)
@@ -270,7 +271,11 @@ def drop_optimizer_state(run_dir: Path) -> None:
 
 
 def pick(scored: list[tuple[Run, dict]]) -> Run:
-    """The run with the best validation accuracy; ties go to the lower learning rate (the safer one)."""
+    """The run with the best validation accuracy; ties go to the lower learning rate (the safer one).
+
+    A cell trained at one rate only is not scored on validation (accuracy None): that run is the choice."""
+    if len(scored) == 1:
+        return scored[0][0]
     return max(scored, key=lambda rr: (rr[1]["val_accuracy"], -rr[0].multiplier))[0]
 
 
@@ -334,8 +339,12 @@ class Grid:
         self._record_command(overrides)
         train_seconds = train_in_process(overrides, run_dir, self.s.steps, self.fingerprint, run.name)
         drop_optimizer_state(run_dir)
-        val = evaluate_model(run_dir / checkpoints.LATEST, self.val_questions, self.out / "eval" / "val" /
-                             f"{run.name}.json", self.s.max_new_tokens, f"{run.name} (validation)")
+        if len(self._groups()[(run.seed, run.cell)]) > 1:
+            val = evaluate_model(run_dir / checkpoints.LATEST, self.val_questions, self.out / "eval" / "val" /
+                                 f"{run.name}.json", self.s.max_new_tokens, f"{run.name} (validation)",
+                                 batch_size=self.s.eval_batch_size)
+        else:  # one rate for this cell: nothing to choose, so the validation questions are not scored
+            val = {"accuracy": None, "n": 0}
         records = read_metrics(run_dir)
         result = {"run": asdict(run), "lr": run.multiplier * self.s.base_lr, "val_accuracy": val["accuracy"],
                   "val_n": val["n"], "train_seconds": train_seconds,
@@ -399,7 +408,8 @@ class Grid:
                       f"{result['val_accuracy']:.3f} before", flush=True)
         start = time.monotonic()
         test = evaluate_model(run_dir / checkpoints.LATEST, self.test_questions, self.out / "eval" / "test" /
-                              f"{run.name}.json", self.s.max_new_tokens, f"{run.name} (test)")
+                              f"{run.name}.json", self.s.max_new_tokens, f"{run.name} (test)",
+                              batch_size=self.s.eval_batch_size)
         result = self.result(run)
         result["test"] = {"accuracy": test["accuracy"], "n": test["n"], "correct": test["correct"],
                           "rows": [{"prompt": r["prompt"], "correct": r["correct"]} for r in test["rows"]]}
@@ -415,7 +425,8 @@ class Grid:
                 if self.result(run) is None:
                     self._progress(f"{run.name}: training")
                     result = self.train_and_validate(run)
-                    self._progress(f"{run.name}: validation accuracy {result['val_accuracy']:.3f}")
+                    self._progress(f"{run.name}: trained" + (f", validation accuracy {result['val_accuracy']:.3f}"
+                                                      if result["val_accuracy"] is not None else ""))
                 self.prune((seed, run.cell))
             for key in (k for k in groups if k[0] == seed):
                 if self._chosen_needs_test(key):
@@ -455,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     invocation = "granular-po compare " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     # the starting point of every run, on both splits (the test score is reported, never used to choose)
     baseline = {split: evaluate_model(sft, questions, out / "eval" / f"sft_{split}.json", s.max_new_tokens,
-                                      f"SFT ({split})")
+                                      f"SFT ({split})", batch_size=s.eval_batch_size)
                 for split, questions in (("val", grid.val_questions), ("test", grid.test_questions))}
 
     def report(seed: int | None) -> Path:

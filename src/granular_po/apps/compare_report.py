@@ -236,7 +236,8 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
         xs, ys = [], []
         for m in dict.fromkeys(r.multiplier for r in grid.runs if r.cell == cell):
             vals = [grid.result(r)["val_accuracy"] for r in grid.runs
-                    if r.cell == cell and r.multiplier == m and grid.result(r) is not None]
+                    if r.cell == cell and r.multiplier == m and grid.result(r) is not None
+                    and grid.result(r)["val_accuracy"] is not None]
             row[f"x{m:g}"] = f"{_mean(vals):.3f} ({len(vals)})" if vals else "n/a"
             if vals:
                 xs.append(math.log10(m))
