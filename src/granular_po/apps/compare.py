@@ -62,13 +62,13 @@ class CompareSettings:
     task: str = "arithmetic"  # arithmetic (minimal edits, the control) | styled
     confound: float = 0.75  # styled: share of pairs written correct = worked style, wrong = terse
     n_train: int = 512  # training pairs (questions repeat with other phrasings and errors)
-    n_val: int = 64  # validation questions: the learning rate is chosen on them
+    n_val: int = 32  # validation questions: the learning rate is chosen on them
     n_test: int = 200  # test questions: scored once per chosen run
     data_seed: int = 0  # the data and the SFT run
-    sft_steps: int = 32
+    sft_steps: int = 24
     sft_batch_size: int = 8
     sft_lr: float = 3e-5
-    steps: int = 16  # optimizer steps per preference run
+    steps: int = 8  # optimizer steps per preference run (72 runs: the budget's largest share)
     batch_size: int = 4  # pairs per step
     base_lr: float = 5e-6  # the research code's rate; the grids below are multiples of it
     adamw: tuple[float, ...] = (1, 3, 10, 30)
@@ -81,7 +81,7 @@ class CompareSettings:
     max_length: int = 128
     max_prompt_length: int = 96
     n_eval_pairs: int = 32  # validation pairs of the trainer's preference evaluation (reward accuracy)
-    max_new_tokens: int = 48
+    max_new_tokens: int = 40  # the longest styled response is about 40 tokens
     eval_batch_size: int = 64  # questions generated together in task accuracy (not a training setting)
 
 
