@@ -293,6 +293,7 @@ class Grid:
         self.test_questions = questions_from_pairs(read_pairs(data["test"]))
         self.runs = grid_runs(s)
         self.seconds: dict[str, list[float]] = {"run": [], "test": []}
+        self.test_seconds_hint: float | None = None  # seconds the SFT model's test scoring took
         self.started = time.monotonic()
 
     def result_path(self, run: Run) -> Path:
@@ -315,9 +316,9 @@ class Grid:
         if not self.seconds["run"]:
             return "time left: known after the first run"
         per_run = sum(self.seconds["run"]) / len(self.seconds["run"])
-        per_val = per_run  # upper bound for a test scoring until one is measured, scaled by question count
+        # until a test scoring is measured here: the SFT model's (same questions, same generation settings)
         per_test = (sum(self.seconds["test"]) / len(self.seconds["test"]) if self.seconds["test"] else
-                    0.5 * per_val * len(self.test_questions) / max(1, len(self.val_questions)))
+                    self.test_seconds_hint or per_run)
         left = todo_runs * per_run + todo_tests * per_test
         return f"about {left / 60:.0f} min left ({per_run:.0f} s per run)"
 
@@ -468,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     baseline = {split: evaluate_model(sft, questions, out / "eval" / f"sft_{split}.json", s.max_new_tokens,
                                       f"SFT ({split})", batch_size=s.eval_batch_size)
                 for split, questions in (("val", grid.val_questions), ("test", grid.test_questions))}
+    grid.test_seconds_hint = baseline["test"].get("seconds")
 
     def report(seed: int | None) -> Path:
         path = write_report(grid, baseline, invocation, time.monotonic() - t0, sft_seconds)
