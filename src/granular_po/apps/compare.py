@@ -413,6 +413,7 @@ class Grid:
                               batch_size=self.s.eval_batch_size)
         result = self.result(run)
         result["test"] = {"accuracy": test["accuracy"], "n": test["n"], "correct": test["correct"],
+                          "seconds": test.get("seconds"),
                           "rows": [{"prompt": r["prompt"], "correct": r["correct"]} for r in test["rows"]]}
         self._write_result(run, result)
         self.seconds["test"].append(time.monotonic() - start)

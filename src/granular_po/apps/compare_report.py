@@ -164,6 +164,14 @@ def _chosen_results(grid) -> dict[tuple, dict[int, dict]]:
     return table
 
 
+def _test_seconds(out: Path, result: dict, name: str) -> float | None:
+    """Seconds the test scoring of a run took: recorded in its result, else in its eval cache."""
+    if result["test"].get("seconds"):
+        return result["test"]["seconds"]
+    cache = out / "eval" / "test" / f"{name}.json"
+    return json.loads(cache.read_text()).get("seconds") if cache.is_file() else None
+
+
 def _setting(value) -> str:
     if isinstance(value, tuple):
         return ", ".join(_setting(v) for v in value) or "(none)"
@@ -250,6 +258,13 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
     plot_panels(sweep_panels, out / "val_sweep.png", ylabel="validation accuracy (mean over seeds)",
                 xlabel=f"log10(lr / {base:g})", title="validation accuracy by learning rate")
 
+    rates = sorted({r.multiplier for r in grid.runs})
+    one_rate = all(len(group) == 1 for group in grid._groups().values())
+    train_seconds = [grid.result(r)["train_seconds"] for r in grid.runs
+                     if grid.result(r) is not None and grid.result(r)["train_seconds"]]
+    test_seconds = [_test_seconds(out, grid.result(r), r.name) for r in grid.runs
+                    if grid.result(r) is not None and grid.result(r)["test"] is not None]
+    test_seconds = [t for t in test_seconds if t]
     total = len(grid.runs)
     status = ("complete" if n_done == total and all(len(v) == s.seeds for v in chosen.values()) else
               f"**PARTIAL**: {n_done} of {total} runs trained and scored; test results for seeds "
@@ -285,7 +300,9 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
         "",
         "## Granular vs response-level, paired",
         "",
-        "Same questions, same seeds, same loss and optimizer, each at its own validation-chosen learning rate.",
+        "Same questions, same seeds, same loss and optimizer, each at " + (
+            "the one learning rate given (nothing to choose)." if one_rate else
+            "its own validation-chosen learning rate."),
         "",
         markdown_table(paired_rows) if paired_rows else "No pair of cells has test results yet.\n",
         "Over seeds: Student-t on the per-seed differences (training noise included). Over questions: each "
@@ -294,11 +311,10 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
         "",
         "## Validation accuracy by learning rate",
         "",
-        f"Mean over the seeds scored (count in brackets); columns are multiples of {base:g}.",
-        "",
-        markdown_table(sweep_rows),
-        "![validation sweep](val_sweep.png)",
-        "",
+        *([f"One learning rate per cell ({', '.join(f'{m:g}' for m in rates)} x {base:g}): nothing is chosen, so "
+           "the validation questions were not scored.", ""] if one_rate else [
+            f"Mean over the seeds scored (count in brackets); columns are multiples of {base:g}.", "",
+            markdown_table(sweep_rows), "![validation sweep](val_sweep.png)", ""]),
         "## How it ran",
         "",
         f"```bash\n{invocation}\n```",
@@ -311,6 +327,13 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
         f"{len(commands)} preference runs recorded in `commands.txt`; the first:",
         "",
         f"```bash\n{commands[0] if commands else '# none yet'}\n```",
+        "",
+        "Measured when each ran (this machine, whatever its load then): "
+        + (f"training {_mean(train_seconds):.0f} s per run (mean of {len(train_seconds)}: model loading, "
+           f"{s.steps} steps x {s.batch_size} pairs, the trainer's evaluation, saving)" if train_seconds else
+           "no training time recorded")
+        + (f", test scoring {_mean(test_seconds):.0f} s per chosen run ({len(grid.test_questions)} questions, "
+           f"greedy, batches of {s.eval_batch_size})." if test_seconds else "."),
         "",
         f"Machine: {_machine()}; {_versions()}. Time this invocation: {seconds / 60:.1f} min"
         + (f"; {_mean(grid.seconds['run']):.0f} s per run (training + validation scoring), "
