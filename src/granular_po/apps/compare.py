@@ -68,7 +68,7 @@ class CompareSettings:
     sft_steps: int = 24
     sft_batch_size: int = 8
     sft_lr: float = 3e-5
-    steps: int = 8  # optimizer steps per preference run (72 runs: the budget's largest share)
+    steps: int = 16  # optimizer steps per preference run (72 runs: the budget's largest share)
     batch_size: int = 4  # pairs per step
     base_lr: float = 5e-6  # the research code's rate; the grids below are multiples of it
     adamw: tuple[float, ...] = (1, 3, 10, 30)
