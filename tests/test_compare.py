@@ -1,7 +1,10 @@
-"""`granular-po compare` on a tiny random model: the {DPO, TDPO2} x {granular, response-level} grid as
-Hydra multiruns of the train entry point, per-cell learning rates, the table and plots, and reuse."""
+"""`granular-po compare --quick` end to end on a tiny random model (the machinery, not the science):
+the {DPO, TDPO2} x {granular, response-level} x lr x seed grid from one SFT model, the validation
+choice of learning rate, test scoring of the chosen runs only, intervals, paired differences, plots,
+reuse; and the statistics on known numbers."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -9,8 +12,8 @@ import yaml
 from tiny import tiny_llama, tiny_tokenizer
 
 from granular_po.apps import compare
-from granular_po.apps.compare import CELLS, Cell, sweep_groups
-from granular_po.data.synthetic import split_train_eval, write_json
+from granular_po.apps.compare import CompareSettings, Run, grid_runs, pick
+from granular_po.apps.compare_report import mean_ci, paired_questions, paired_seeds, t975
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -19,75 +22,124 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("compare")
     tokenizer = tiny_tokenizer("byte_level", chat=True)
-    tiny_llama(len(tokenizer), hidden_size=32).save_pretrained(root / "sft")  # stands in for an SFT output
-    tokenizer.save_pretrained(root / "sft")
-    train, evals = split_train_eval(8, 3, seed=1, mark_correct=True)
-    write_json(root / "train.json", train)
-    write_json(root / "eval.json", evals)
+    tiny_llama(len(tokenizer), hidden_size=32).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
     return root
 
 
-def compare_args(root: Path) -> list[str]:
-    return ["--sft", str(root / "sft"), "--model", str(root / "sft"), "--train", str(root / "train.json"),
-            "--eval", str(root / "eval.json"), "--out", str(root / "out"), "--steps", "2", "--batch-size", "2",
-            "--checkpoints", "1", "--evals", "1", "--lr-granular", "0.001", "--lr-response", "0.0001", "--max-new-tokens", "4"]
+def quick_args(root: Path, *extra: str) -> list[str]:
+    # TDPO2 and AdamW at two rates (so the validation choice is exercised), two seeds; DPO and SGD below
+    return ["--quick", "--task", "styled", "--model", str(root / "base"), "--out", str(root / "out"),
+            "--losses", "tdpo", "--adamw", "1,100", "--sgd", "", *extra]
 
 
 @pytest.fixture(scope="module")
 def grid(workspace):
-    assert compare.main(compare_args(workspace)) == 0
+    assert compare.main(quick_args(workspace)) == 0
     return workspace / "out"
 
 
-def test_every_cell_trained_with_its_settings(grid):
-    for cell in CELLS:
-        run = grid / "runs" / cell.exp_name
-        assert (run / "LATEST").resolve().name == "step-2", cell
-        config = yaml.safe_load((run / "config.yaml").read_text())
-        assert config["exp_name"] == cell.exp_name  # the multirun's interpolated name resolved per job
-        assert config["loss"]["name"] == cell.loss
-        assert config["granular"]["enabled"] is cell.granular
-        assert config["lr"] == (0.001 if cell.granular else 0.0001)
-        assert config["model"]["archive"].endswith("sft")
-        assert config["n_examples"] == 4 and config["seed"] == 0
-        if cell.loss == "tdpo":
+def _result(out: Path, run: Run) -> dict:
+    return json.loads((out / "runs" / run.name / "compare_result.json").read_text())
+
+
+def test_every_run_trained_from_the_shared_sft_model_with_its_settings(grid):
+    s = compare.settings_from_args(compare.build_parser().parse_args(quick_args(grid.parent)))
+    runs = grid_runs(s)
+    assert len(runs) == 2 * 2 * 2  # granularity x AdamW (1, 100) x seeds
+    sft = (grid / "runs" / "sft" / "LATEST").resolve()
+    for run in runs:
+        config = yaml.safe_load((grid / "runs" / run.name / "config.yaml").read_text())
+        assert config["loss"]["name"] == run.loss and config["granular"]["enabled"] is run.granular
+        assert config["optimizer"] == run.optimizer and config["seed"] == run.seed
+        assert math.isclose(config["lr"], run.multiplier * 5e-6)
+        assert Path(config["model"]["archive"]).resolve() == sft
+        assert config["custom_eval_path"].endswith("val.json")  # the trainer never sees the test split
+        if run.loss == "tdpo":
             assert config["loss"]["if_tdpo2"] is True
-    commands = (grid / "commands.txt").read_text().splitlines()
-    assert len(commands) == 2 and all(" -m " in c and "loss=dpo,tdpo" in c for c in commands)
+    assert len((grid / "commands.txt").read_text().splitlines()) == len(runs)
 
 
-def test_table_and_plots(grid):
+def test_only_the_validation_choice_is_scored_on_test(grid):
+    s = compare.settings_from_args(compare.build_parser().parse_args(quick_args(grid.parent)))
+    runs = grid_runs(s)
+    tested = {r for r in runs if _result(grid, r)["test"] is not None}
+    groups = {}
+    for r in runs:
+        groups.setdefault((r.seed, r.cell), []).append(r)
+    assert len(tested) == len(groups) == 2 * 2  # one per seed x granularity
+    for group in groups.values():
+        (chosen,) = [r for r in group if r in tested]
+        assert chosen == pick([(r, _result(grid, r)) for r in group])
+        assert _result(grid, chosen)["test"]["n"] == 4
+    assert len(list((grid / "eval" / "test").glob("*.json"))) == len(tested)
+    # weights are kept for nothing (every choice is scored), metrics and results stay
+    assert not list((grid / "runs").glob("*_s*/step-*"))
+    assert all((grid / "runs" / r.name / "metrics.jsonl").is_file() for r in runs)
+
+
+def test_report_has_intervals_pairs_and_plots(grid):
     text = (grid / "compare.md").read_text()
-    for cell in CELLS:
-        assert f"| {cell.label} |" in text
-    header = next(line for line in text.splitlines() if line.startswith("| cell |"))
-    for column in ("task accuracy, SFT", "task accuracy, final", "eval reward accuracy", "eval margin"):
-        assert column in header
-    for name in ("task_accuracy.png", "eval_reward_accuracy.png", "eval_margin.png"):
+    assert "Status: complete" in text
+    for cell in ("TDPO2, granular, AdamW", "TDPO2, response-level, AdamW", "SFT (the start of every run)"):
+        assert f"| {cell} |" in text
+    table = text.split("## Test accuracy")[1].split("## Granular")[0]
+    assert table.count(" [") >= 2  # a mean [low, high] per cell (two seeds each)
+    paired = text.split("## Granular vs response-level, paired")[1].split("## Validation")[0]
+    assert "| TDPO2, AdamW | 2 |" in paired
+    assert "| x1 | x100 |" in text  # the validation sweep's columns
+    for name in ("test_accuracy.png", "val_sweep.png"):
         assert (grid / name).read_bytes()[:8] == PNG_SIGNATURE
         assert f"]({name})" in text
-    # task accuracy at step 0 (the SFT model, once) and at every saved checkpoint of every cell
-    assert (grid / "eval" / "sft.json").is_file()
-    for cell in CELLS:
-        result = json.loads((grid / "eval" / cell.exp_name / "step-2.json").read_text())
-        assert result["n"] == 3
+    summary = json.loads((grid / "compare.json").read_text())
+    assert summary["settings"]["task"] == "styled" and len(summary["cells"]) == 2
 
 
-def test_rerun_reuses_every_cell(grid, workspace, capsys):
-    mtimes = {c: (grid / "runs" / c.exp_name / "step-2").stat().st_mtime_ns for c in CELLS}
-    assert compare.main(compare_args(workspace)) == 0
+def test_rerun_reuses_every_run_and_a_larger_grid_adds_to_it(grid, workspace, capsys):
+    stamps = {p: p.stat().st_mtime_ns for p in (grid / "runs").glob("*/compare_result.json")}
+    capsys.readouterr()
+    assert compare.main(quick_args(workspace)) == 0
+    assert ": training" not in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # DPO and SGD added: only their runs train, at one rate (no validation scoring: nothing to choose)
+    assert compare.main([*quick_args(workspace, "--losses", "dpo,tdpo", "--adamw", "", "--sgd", "100",
+                                     "--seeds", "1")]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("reusing") == 4 and "grid (" not in printed
-    assert {c: (grid / "runs" / c.exp_name / "step-2").stat().st_mtime_ns for c in CELLS} == mtimes
-    assert "loss=dpo,tdpo" in (grid / "compare.md").read_text()  # the commands that trained them are kept
+    assert printed.count(": training") == 4 and "dpo_g1_SGD_x100_s0: training" in printed
+    assert "(validation)" not in printed
+    for name in ("dpo_g1_SGD_x100_s0", "tdpo_g0_SGD_x100_s0"):
+        config = yaml.safe_load((grid / "runs" / name / "config.yaml").read_text())
+        assert config["optimizer"] == "SGD" and math.isclose(config["lr"], 5e-4)
+    text = (grid / "compare.md").read_text()
+    assert "Status: complete" in text and "| DPO, SGD |" in text and "| TDPO2, SGD |" in text
 
 
-def test_sweep_groups_never_retrain_a_finished_cell():
-    full = list(CELLS)
-    assert sweep_groups(full) == [full]
-    assert sweep_groups([]) == []
-    partial = [Cell("tdpo", True), Cell("dpo", False), Cell("tdpo", False)]
-    assert sweep_groups(partial) == [[Cell("tdpo", True)], [Cell("dpo", False), Cell("tdpo", False)]]
+def test_pick_prefers_validation_accuracy_then_the_lower_rate():
+    a, b, c = (Run("dpo", True, "AdamW", m, 0) for m in (1, 3, 10))
+    assert pick([(c, {"val_accuracy": None})]) == c  # one rate: no choice to make
+    assert pick([(a, {"val_accuracy": 0.4}), (b, {"val_accuracy": 0.6}), (c, {"val_accuracy": 0.5})]) == b
+    assert pick([(c, {"val_accuracy": 0.6}), (b, {"val_accuracy": 0.6}), (a, {"val_accuracy": 0.5})]) == b
+
+
+def test_intervals_on_known_numbers():
+    assert t975(1) == 12.706 and t975(2) == 4.303 and t975(11) == 2.228 and t975(100) == 1.96
+    mean, low, high = mean_ci([0.4, 0.5, 0.6])
+    assert math.isclose(mean, 0.5) and math.isclose(high - mean, 4.303 * 0.1 / math.sqrt(3))
+    assert mean_ci([0.7]) == (0.7, None, None) and mean_ci([]) == (None, None, None)
+    diff = paired_seeds({0: 0.5, 1: 0.6, 2: 0.7}, {0: 0.4, 1: 0.6})  # seed 2 has no partner
+    assert diff["seeds"] == [0, 1] and [round(d, 6) for d in diff["diffs"]] == [0.1, 0.0]
+    rows = lambda bits: [{"prompt": f"q{i}", "correct": bool(b)} for i, b in enumerate(bits)]  # noqa: E731
+    q = paired_questions({0: rows([1, 1, 0, 0]), 1: rows([1, 0, 0, 1])}, {0: rows([1, 0, 0, 0]), 1: rows([0, 0, 0, 1])})
+    assert (q["a_only"], q["b_only"], q["n"]) == (2, 0, 4) and math.isclose(q["mean"], (0.5 + 0.5) / 4)
+    with pytest.raises(ValueError, match="different questions"):
+        paired_questions({0: rows([1])}, {0: [{"prompt": "other", "correct": True}]})
+
+
+def test_default_grid_is_the_issue_grid():
+    s = CompareSettings()
+    assert (s.adamw, s.sgd, s.seeds, s.losses) == ((1, 3, 10, 30), (1, 100), 3, ("dpo", "tdpo"))
+    assert s.n_test >= 200 and s.base_lr == 5e-6
+    assert len(grid_runs(s)) == 2 * 2 * 6 * 3
 
 
 def test_sft_argument_accepts_a_run_directory(tmp_path):

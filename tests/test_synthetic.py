@@ -6,11 +6,13 @@ import re
 
 import pytest
 
+from granular_po.apps.eval import extract_answer
 from granular_po.data.synthetic import (
     Question,
     diff_span,
     generate_pairs,
     make_pair,
+    split_questions,
     split_train_eval,
     write_json,
     wrong_result,
@@ -107,3 +109,86 @@ def test_write_json_is_the_research_format(tmp_path):
 def test_make_pair_rejects_unknown_region_unit():
     with pytest.raises(ValueError):
         make_pair(Question(7, "*", 8), random.Random(0), region_unit="words")
+
+
+# ---------------------------------------------------------------- the styled task
+
+
+def _key(prompt):
+    a, op, b = re.match(r"What is (\d+) (\S) (\d+)\?", prompt).groups()
+    return op, min(int(a), int(b)), max(int(a), int(b))
+
+
+def _style(pair, side):
+    """'worked' restates the question and ends in "answer is R"; no terse phrasing has both."""
+    a, op, b = re.match(r"What is (\d+) (\S) (\d+)\?", pair["prompt"]).groups()
+    text = pair[side]
+    return "worked" if f"{a} {op} {b}" in text and "answer is" in text else "terse"
+
+
+@pytest.mark.parametrize("mark_correct", [False, True])
+def test_styled_regions_are_exactly_the_whole_results(mark_correct):
+    train, val, test = split_questions(300, 50, 50, task="styled", seed=3, mark_correct=mark_correct)
+    for pair in train + val + test:
+        chosen, rejected = pair["correct_response"], pair["incorrect_response"]
+        q = Question(*(lambda a, op, b: (int(a), op, int(b)))(
+            *re.match(r"What is (\d+) (\S) (\d+)\?", pair["prompt"]).groups()))
+        right = str(q.answer)
+        wrong = {rejected[s:e] for s, e, f in pair["masked_regions"] if f == -1}
+        assert len(wrong) == 1 and wrong != {right}
+        (wrong,) = wrong
+        # every occurrence of the wrong result is a region, whole numbers only, and nothing else is
+        occurrences = [m.span() for m in re.finditer(r"\d+", rejected) if m.group() == wrong]
+        assert [[s, e, -1] for s, e in occurrences] == [r for r in pair["masked_regions"] if r[2] == -1]
+        assert occurrences
+        pos = [r[:2] for r in pair["masked_regions"] if r[2] == 1]
+        right_spans = [list(m.span()) for m in re.finditer(r"\d+", chosen) if m.group() == right]
+        assert pos == (right_spans if mark_correct else [])
+        for s, e, f in pair["masked_regions"]:
+            text = chosen if f == 1 else rejected
+            assert text[s:e].strip() == text[s:e] and text[s:e].isdigit()
+            assert (s == 0 or not text[s - 1].isdigit()) and (e == len(text) or not text[e].isdigit())
+        # the held-out score reads the right result from the correct response
+        assert extract_answer(chosen) == q.answer and extract_answer(rejected) == int(wrong)
+
+
+def test_styled_sides_differ_in_more_than_the_error():
+    train, _, _ = split_questions(400, 10, 10, task="styled", seed=0, confound=0.0)
+    blank = [(re.sub(r"\d+", "N", p["correct_response"]), re.sub(r"\d+", "N", p["incorrect_response"]))
+             for p in train]
+    different = sum(c != r for c, r in blank) / len(blank)
+    assert different > 0.6  # not minimal edits: phrasing, length, extra sentences drawn per side
+    lengths = {len(c) - len(r) for c, r in blank}
+    assert max(lengths) > 30 and min(lengths) < -30
+
+
+@pytest.mark.parametrize("confound", [0.0, 0.5, 1.0])
+def test_styled_confound_share_is_honoured(confound):
+    train, _, _ = split_questions(2000, 10, 10, task="styled", seed=1, confound=confound)
+    aligned = sum(_style(p, "correct_response") == "worked" and _style(p, "incorrect_response") == "terse"
+                  for p in train) / len(train)
+    # aligned with probability confound, else by chance (styles drawn uniformly per side: 1/4)
+    expected = confound + (1 - confound) / 4
+    assert abs(aligned - expected) < 0.035, (aligned, expected)
+    if confound == 1.0:
+        assert aligned == 1.0
+    with pytest.raises(ValueError, match="confound"):
+        split_questions(10, 1, 1, task="styled", confound=1.5)
+
+
+@pytest.mark.parametrize("task", ["arithmetic", "styled"])
+def test_split_questions_are_disjoint_and_deterministic(task):
+    train, val, test = split_questions(1000, 100, 200, task=task, seed=4)
+    assert (len(train), len(val), len(test)) == (1000, 100, 200)
+    keys = {name: [_key(p["prompt"]) for p in part] for name, part in
+            (("train", train), ("val", val), ("test", test))}
+    assert len(set(keys["test"])) == 200 and len(set(keys["val"])) == 100
+    assert not set(keys["train"]) & set(keys["val"])
+    assert not set(keys["train"]) & set(keys["test"])
+    assert not set(keys["val"]) & set(keys["test"])
+    assert split_questions(1000, 100, 200, task=task, seed=4) == (train, val, test)
+    assert split_questions(1000, 100, 200, task=task, seed=5)[2] != test
+    with pytest.raises(ValueError, match="task"):
+        split_questions(10, 1, 1, task="poetry")
+    with pytest.raises(ValueError, match="n_val"):
+        split_questions(10, 500, 500, task=task)

@@ -1,35 +1,42 @@
-"""`granular-po compare`: {DPO, TDPO2} x {granular, response-level} from one SFT checkpoint.
+"""`granular-po compare`: {DPO, TDPO2} x {granular, response-level} x learning rates x seeds, one SFT model.
 
-    granular-po compare                       # the demo's data and SFT run (made if missing), out: report/compare
-    granular-po compare --sft report/runs/demo_sft --train report/data/train.json --eval report/data/eval.json \
-        --steps 24 --lr-granular 2e-5 --lr-response 5e-6 --out report/compare
+    granular-po compare --task styled --out report/compare-styled      # the default grid (about 2.5 h, 2 cores)
+    granular-po compare --task arithmetic --seeds 2 --adamw 1,10 --sgd 100 --out report/compare-arith
+    granular-po compare --quick                                        # the machinery, a few steps
 
-Every cell trains from the same SFT weights on the same data with the same steps, batch size and seed;
-only the loss, the token weights (`granular=true|false`) and, when asked, the learning rate differ.
-The grid runs as Hydra multiruns of the train entry point, one per learning rate (granular and
-response-level halves), with `exp_name=cmp_${loss.name}_g${granular.enabled}` naming each cell's run.
-A cell whose run already ended at the final step is reused. Task accuracy is measured at every saved
-checkpoint (cached in <out>/eval/), eval reward accuracy read from each run's metrics.jsonl; the
-table goes to <out>/compare.md, the plots beside it.
+1. data: `data.synthetic.split_questions` train / validation / test pairs on disjoint questions
+   (`--task arithmetic`: the demo's minimal edits, the control; `--task styled`: sides that differ in
+   style as well as in the error, `--confound` the share of pairs whose style sides with the preference);
+2. one SFT run on the training pairs' correct responses (or `--sft`), the start of every preference run;
+3. per seed, optimizer and learning rate, the four cells trained one after another in this process with
+   the same config composition and entry point as `granular-po train` (each run's command in
+   <out>/commands.txt); only the loss, `granular`, optimizer, lr and seed differ between runs;
+4. each run is scored by greedy task accuracy on the validation questions; per seed, cell and optimizer
+   the learning rate with the best validation accuracy (ties: the lower rate) is then scored on the test
+   questions. Test questions are used for nothing else: no choice depends on them;
+5. <out>/compare.md: test accuracy (mean and 95% interval over seeds), the paired granular -
+   response-level differences, eval reward accuracy, the validation sweep, and plots with error bars.
+
+Resumable: a run with a recorded result is never retrained (a killed run resumes from its checkpoint),
+the report is rewritten after every seed, so a stopped grid leaves a partial table. Weights of runs not
+chosen on validation are deleted once scored (`--keep-weights` keeps them): a full grid would fill the
+disk otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
+import shlex
 import shutil
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from granular_po.apps.demo import (
-    DEFAULT_MODEL,
-    QUICK,
-    DemoSettings,
-    common_overrides,
-    make_data,
-    sft_overrides,
-)
+from granular_po.apps.demo import DEFAULT_MODEL, model_overrides
 from granular_po.apps.help import DefaultsFormatter
 from granular_po.apps.stages import (
     check_stamp,
@@ -39,67 +46,202 @@ from granular_po.apps.stages import (
     finished,
     hydra_value,
     passive_openmp,
-    run_stage,
     shown_command,
-    train_command,
-    train_stage,
 )
 from granular_po.training import checkpoints
 
 LOSSES = ("dpo", "tdpo")
 LOSS_LABELS = {"dpo": "DPO", "tdpo": "TDPO2"}
-EXP_NAME = "cmp_${loss.name}_g${granular.enabled}"  # resolved per job by Hydra: cmp_tdpo_gTrue, ...
+OPTIMIZERS = ("AdamW", "SGD")
 
 
 @dataclass(frozen=True)
-class Cell:
+class CompareSettings:
+    """The default grid: sized to finish in about 2.5 h on this project's 2-core CPU with SmolLM2-135M
+    (README, 'Does granular data teach more?', has the measured time per run)."""
+
+    task: str = "arithmetic"  # arithmetic (minimal edits, the control) | styled
+    confound: float = 0.75  # styled: share of pairs written correct = worked style, wrong = terse
+    n_train: int = 512  # training pairs (questions repeat with other phrasings and errors)
+    n_val: int = 32  # validation questions: the learning rate is chosen on them
+    n_test: int = 200  # test questions: scored once per chosen run
+    data_seed: int = 0  # the data and the SFT run
+    sft_steps: int = 24
+    sft_batch_size: int = 8
+    sft_lr: float = 3e-5
+    steps: int = 16  # optimizer steps per preference run (72 runs: the budget's largest share)
+    batch_size: int = 4  # pairs per step
+    base_lr: float = 5e-6  # the research code's rate; the grids below are multiples of it
+    adamw: tuple[float, ...] = (1, 3, 10, 30)
+    sgd: tuple[float, ...] = (1, 100)  # the research code's optimizer at its rate and at "100x for granular"
+    seeds: int = 3  # training seeds 0..seeds-1 (data order of the preference runs)
+    losses: tuple[str, ...] = LOSSES
+    beta: float = 0.1
+    alpha: float = 0.5  # TDPO2's KL weight
+    warmup_steps: int = 2
+    max_length: int = 128
+    max_prompt_length: int = 96
+    n_eval_pairs: int = 32  # validation pairs of the trainer's preference evaluation (reward accuracy)
+    max_new_tokens: int = 40  # the longest styled response is about 40 tokens
+    eval_batch_size: int = 64  # questions generated together in task accuracy (not a training setting)
+
+
+QUICK = dict(n_train=16, n_val=4, n_test=4, sft_steps=2, sft_batch_size=4, steps=2, batch_size=2, adamw=(1,),
+             sgd=(100,), seeds=2, n_eval_pairs=4, max_new_tokens=4, eval_batch_size=4)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One preference run of the grid."""
+
     loss: str
     granular: bool
+    optimizer: str
+    multiplier: float  # lr = multiplier x base_lr
+    seed: int
 
     @property
-    def exp_name(self) -> str:
-        return f"cmp_{self.loss}_g{self.granular}"
+    def name(self) -> str:
+        return f"{self.loss}_g{int(self.granular)}_{self.optimizer}_x{self.multiplier:g}_s{self.seed}"
 
     @property
-    def label(self) -> str:
-        return f"{LOSS_LABELS[self.loss]}, {'granular' if self.granular else 'response-level'}"
+    def cell(self) -> tuple[str, bool, str]:
+        """What a learning rate is chosen for: loss, granularity, optimizer."""
+        return (self.loss, self.granular, self.optimizer)
 
 
-CELLS = tuple(Cell(loss, granular) for loss in LOSSES for granular in (True, False))
+def cell_label(loss: str, granular: bool, optimizer: str | None = None) -> str:
+    label = f"{LOSS_LABELS[loss]}, {'granular' if granular else 'response-level'}"
+    return f"{label}, {optimizer}" if optimizer else label
+
+
+def grid_runs(s: CompareSettings) -> list[Run]:
+    """Every run in the order trained: seed, then optimizer and rate, then loss and granularity."""
+    rates = [("AdamW", m) for m in s.adamw] + [("SGD", m) for m in s.sgd]
+    return [Run(loss, granular, opt, m, seed) for seed in range(s.seeds) for opt, m in rates
+            for loss in s.losses for granular in (True, False)]
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d = CompareSettings()
     p = argparse.ArgumentParser(prog="granular-po compare", description=__doc__.split("\n")[0],
                                 formatter_class=DefaultsFormatter)
-    p.add_argument("--sft", default=None, help="SFT run directory, or a model directory (its LATEST, step-N); "
-                   "default: the demo's SFT run in --demo-out (trained first when missing)")
-    p.add_argument("--train", default=None, help="training pairs (default: the demo's data)")
-    p.add_argument("--eval", default=None, help="eval pairs: eval split and task-accuracy questions (default: "
-                   "the demo's)")
-    p.add_argument("--out", default="report/compare", help="runs, eval cache, compare.md and plots")
-    p.add_argument("--demo-out", default="report", help="where the demo's data and SFT run live")
-    p.add_argument("--steps", type=int, default=16, help="optimizer steps per cell")
-    p.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step")
-    p.add_argument("--lr", type=float, default=5e-6, help="learning rate of every cell")
-    p.add_argument("--lr-granular", type=float, default=None, help="learning rate of the granular cells "
-                   "(default: --lr)")
-    p.add_argument("--lr-response", type=float, default=None, help="learning rate of the response-level cells "
-                   "(default: --lr)")
-    p.add_argument("--optimizer", default="AdamW", help="torch.optim class of every cell")
-    p.add_argument("--warmup-steps", type=int, default=2, help="linear warmup steps of every cell")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO / TDPO temperature (loss.beta)")
-    p.add_argument("--alpha", type=float, default=0.5, help="TDPO2's KL weight")
-    p.add_argument("--checkpoints", type=int, default=2, help="saved checkpoints per cell (task accuracy at each)")
-    p.add_argument("--evals", type=int, default=4, help="evaluations on the eval split per cell (reward accuracy)")
-    p.add_argument("--n-eval", type=int, default=None, help="task accuracy on the first N eval questions "
-                   "(default: all)")
-    p.add_argument("--n-eval-pairs", type=int, default=24, help="eval pairs of the trainer's preference evaluation")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="greedy generation budget per question")
-    p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
-    p.add_argument("--quick", action="store_true", help="a smoke run: 4 steps, 2 checkpoints")
-    p.add_argument("--fresh", action="store_true", help="delete this comparison's runs and eval cache first")
+    p.add_argument("--out", default="report/compare", help="data, runs, eval cache, compare.md and plots")
+    p.add_argument("--sft", default=None, help="start every run from this SFT run or model directory "
+                   "instead of training one on the task's data")
+    p.add_argument("--quick", action="store_true", help="a smoke run: a few steps, two seeds, two rates")
+    p.add_argument("--fresh", action="store_true", help="delete this comparison's runs, results and eval cache")
+    p.add_argument("--keep-weights", action="store_true", help="keep every run's final weights")
     p.add_argument("--model", default=DEFAULT_MODEL, help=argparse.SUPPRESS)  # tests: a tiny base model dir
+    for f in fields(CompareSettings):
+        value = getattr(d, f.name)
+        flag = f"--{f.name.replace('_', '-')}"
+        quick = f" ({QUICK[f.name]} with --quick)" if f.name in QUICK else ""
+        if f.name == "task":
+            p.add_argument(flag, choices=("arithmetic", "styled"), default=None, help=f"default {value}")
+        elif isinstance(value, tuple):
+            kind = _names if f.name == "losses" else _floats
+            p.add_argument(flag, type=kind, default=None,
+                           help=f"comma-separated, default {','.join(f'{v:g}' if isinstance(v, float) else str(v) for v in value)}{quick}")
+        else:
+            p.add_argument(flag, type=type(value), default=None, help=f"default {value}{quick}")
     return p
+
+
+def settings_from_args(args: argparse.Namespace) -> CompareSettings:
+    s = CompareSettings()
+    if args.quick:
+        s = replace(s, **QUICK)
+    given = {f.name: getattr(args, f.name) for f in fields(s) if getattr(args, f.name, None) is not None}
+    s = replace(s, **given)
+    unknown = [loss for loss in s.losses if loss not in LOSSES]
+    if unknown:
+        raise SystemExit(f"--losses: unknown {unknown}; expected some of {list(LOSSES)}")
+    if s.seeds < 1 or not (s.adamw or s.sgd):
+        raise SystemExit("compare needs at least one seed and one learning rate (--adamw / --sgd)")
+    if not 0.0 <= s.confound <= 1.0:
+        raise SystemExit(f"--confound must be in [0, 1], not {s.confound}")
+    return s
+
+
+# ---------------------------------------------------------------- stages
+
+
+def make_data(out: Path, s: CompareSettings) -> dict[str, Path]:
+    """<out>/data/{train,val,test}.json from `split_questions` (rewritten only when they change)."""
+    from granular_po.data.synthetic import split_questions, write_json
+
+    parts = split_questions(s.n_train, s.n_val, s.n_test, task=s.task, seed=s.data_seed, confound=s.confound)
+    paths = {}
+    for name, pairs in zip(("train", "val", "test"), parts):
+        path = out / "data" / f"{name}.json"
+        if not path.is_file() or json.loads(path.read_text()) != pairs:
+            write_json(path, pairs)
+        paths[name] = path
+    return paths
+
+
+def train_in_process(overrides: list[str], run_dir: Path, steps: int, fingerprint: str, label: str) -> float:
+    """Train one run as `granular-po train OVERRIDES` would, in this process; returns seconds (0: reused).
+
+    A run already at its final step is not touched; an unfinished one resumes from its checkpoint.
+    """
+    check_stamp(run_dir, {"overrides": overrides, "data": fingerprint}, label)
+    if finished(run_dir, steps):
+        return 0.0
+    from granular_po.training.config import compose_config
+    from granular_po.training.recipe import run_training
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    start = time.monotonic()
+    try:
+        run_training(compose_config(overrides))
+    except Exception as error:  # name the run: the grid is long and its log is read later
+        raise SystemExit(f"{label} failed: {type(error).__name__}: {error}\n  {shown_command(overrides)}") from error
+    finally:
+        gc.collect()
+    if not finished(run_dir, steps):
+        raise SystemExit(f"{label}: the run ended without a checkpoint at step {steps} in {run_dir}")
+    return time.monotonic() - start
+
+
+def common_overrides(model: str, data: dict[str, Path], runs: Path, s: CompareSettings) -> list[str]:
+    return [
+        *model_overrides(model), "datasets=[ours]", f"custom_train_path={hydra_value(data['train'])}",
+        f"custom_eval_path={hydra_value(data['val'])}", f"local_dirs=[{hydra_value(runs)}]",
+        f"warmup_steps={s.warmup_steps}", f"max_length={s.max_length}", f"max_prompt_length={s.max_prompt_length}",
+        "eval_batch_size=16", f"n_eval_examples={s.n_eval_pairs}", "trainer=BasicTrainer",
+    ]
+
+
+def sft_overrides(model: str, data: dict[str, Path], runs: Path, s: CompareSettings) -> list[str]:
+    n = s.sft_steps * s.sft_batch_size
+    return [*common_overrides(model, data, runs, s), "loss=sft", "granular=false", "exp_name=sft",
+            f"seed={s.data_seed}", "optimizer=AdamW", f"lr={s.sft_lr:g}", f"batch_size={s.sft_batch_size}",
+            f"n_examples={n}", f"eval_every={n}", f"save_every={n}"]
+
+
+def run_overrides(run: Run, model: str, data: dict[str, Path], runs: Path, sft: Path, s: CompareSettings) -> list[str]:
+    n = s.steps * s.batch_size
+    return [
+        *common_overrides(model, data, runs, s), f"model.archive={hydra_value(sft)}",
+        f"loss={run.loss}", f"granular={str(run.granular).lower()}", f"optimizer={run.optimizer}",
+        f"lr={run.multiplier * s.base_lr:g}", f"seed={run.seed}", f"exp_name={run.name}",
+        f"++loss.beta={s.beta:g}", "++loss.if_tdpo2=true", f"++loss.alpha={s.alpha:g}",
+        "do_first_eval=false",  # policy = reference before step 1: every reward 0
+        f"batch_size={s.batch_size}", f"n_examples={n}", f"eval_every={n}", f"save_every={n}",
+    ]
 
 
 def sft_model_dir(sft: str) -> Path:
@@ -112,205 +254,233 @@ def sft_model_dir(sft: str) -> Path:
     return path.resolve()
 
 
-def demo_sft(args: argparse.Namespace) -> tuple[Path, Path, Path]:
-    """The demo's data and SFT run (trained now when missing): (train, eval, SFT model dir)."""
-    from dataclasses import replace
-
-    s = DemoSettings(seed=args.seed)
-    if args.quick:
-        s = replace(s, **QUICK)
-    out = Path(args.demo_out).resolve()
-    train_path, eval_path, _, _ = make_data(out, s)
-    if args.sft is None:
-        runs = out / "runs"
-        print(f"SFT checkpoint: the demo's ({runs / 'demo_sft'})", flush=True)
-        train_stage("SFT", sft_overrides(args.model, train_path, eval_path, runs, s), runs / "demo_sft",
-                    s.sft_steps, data_fingerprint(train_path, eval_path))
-        return train_path, eval_path, (runs / "demo_sft" / checkpoints.LATEST).resolve()
-    return train_path, eval_path, sft_model_dir(args.sft)
+def drop_weights(run_dir: Path) -> None:
+    """Delete a scored run's checkpoints (its metrics, config and results stay)."""
+    (run_dir / checkpoints.LATEST).unlink(missing_ok=True)
+    for step_dir in run_dir.glob("step-*"):
+        shutil.rmtree(step_dir, ignore_errors=True)
 
 
-def grid_overrides(args, train_path: Path, eval_path: Path, sft: Path, runs: Path) -> list[str]:
-    """Overrides shared by every cell (loss, granular and lr are added per half)."""
-    s = DemoSettings(seed=args.seed, optimizer=args.optimizer, warmup_steps=args.warmup_steps,
-                     n_eval_pairs=args.n_eval_pairs)
-    save = max(1, -(-args.steps // max(1, args.checkpoints)))
-    every = max(1, -(-args.steps // max(1, args.evals)))
-    return [
-        *common_overrides(args.model, train_path, eval_path, runs, s), f"model.archive={hydra_value(sft)}",
-        f"++loss.beta={args.beta:g}", "++loss.if_tdpo2=true", f"++loss.alpha={args.alpha:g}",
-        "do_first_eval=false",  # policy = reference before step 1: every reward 0
-        f"batch_size={args.batch_size}", f"n_examples={args.steps * args.batch_size}",
-        f"eval_every={every * args.batch_size}", f"save_every={save * args.batch_size}",
-    ]
+def drop_optimizer_state(run_dir: Path) -> None:
+    """A finished run is never resumed: its optimizer state (twice the weights for AdamW) is dead weight."""
+    for step_dir in run_dir.glob("step-*"):
+        for name in ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state.pth"):
+            (step_dir / name).unlink(missing_ok=True)
 
 
-def sweep_groups(todo: list[Cell]) -> list[list[Cell]]:
-    """Cells to train as multiruns: one sweep when they form a full loss x granular product, else one per
-    granular value (a sweep always runs the whole product, and finished cells must not be retrained)."""
-    if not todo:
-        return []
-    losses = dict.fromkeys(c.loss for c in todo)
-    granulars = dict.fromkeys(c.granular for c in todo)
-    if len(todo) == len(losses) * len(granulars):
-        return [todo]
-    return [[c for c in todo if c.granular == g] for g in granulars]
+# ---------------------------------------------------------------- the grid
 
 
-def run_grid(args, shared: list[str], runs: Path, out: Path, fingerprint: str) -> dict[str, float]:
-    """One Hydra multirun per learning rate over the cells that are not finished; returns seconds per half."""
-    lrs = {True: args.lr_granular or args.lr, False: args.lr_response or args.lr}
-    halves = {lr: [g for g in (True, False) if lrs[g] == lr] for lr in dict.fromkeys(lrs.values())}
-    seconds, commands = {}, []
-    for lr, granulars in halves.items():
-        todo = []
-        for cell in (c for c in CELLS if c.granular in granulars):
-            overrides = [*shared, f"loss={cell.loss}", f"granular={str(cell.granular).lower()}", f"lr={lr:g}"]
-            check_stamp(runs / cell.exp_name, {"overrides": overrides, "data": fingerprint}, cell.label)
-            if finished(runs / cell.exp_name, args.steps):
-                print(f"{cell.label}: reusing {runs / cell.exp_name} (finished at step {args.steps})", flush=True)
-            else:
-                todo.append(cell)
-        for group in sweep_groups(todo):
-            half = "_".join(dict.fromkeys("granular" if c.granular else "response" for c in group))
-            sweep = [
-                "-m", f"loss={','.join(dict.fromkeys(c.loss for c in group))}",
-                f"granular={','.join(dict.fromkeys(str(c.granular).lower() for c in group))}",
-                f"lr={lr:g}", f"exp_name={EXP_NAME}",
-                f"hydra.sweep.dir={hydra_value(out / 'hydra' / half)}", "hydra.sweep.subdir=${exp_name}",
-                *shared,
-            ]
-            print(f"grid ({half}, lr {lr:g}): {shown_command(sweep)}", flush=True)
-            seconds[f"grid {half}"] = run_stage(train_command(sweep), f"grid ({half})")
-            commands.append(shown_command(sweep))
-            missing = [c.label for c in group if not finished(runs / c.exp_name, args.steps)]
-            if missing:
-                raise SystemExit(f"the multirun ended without a final checkpoint for {missing}")
-    if commands:  # appended: an invocation that reuses cells keeps the record of what trained them
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "commands.txt"
+def pick(scored: list[tuple[Run, dict]]) -> Run:
+    """The run with the best validation accuracy; ties go to the lower learning rate (the safer one).
+
+    A cell trained at one rate only is not scored on validation (accuracy None): that run is the choice."""
+    if len(scored) == 1:
+        return scored[0][0]
+    return max(scored, key=lambda rr: (rr[1]["val_accuracy"], -rr[0].multiplier))[0]
+
+
+class Grid:
+    """Trains, scores and selects; every result is a JSON file beside its run, so nothing is done twice."""
+
+    def __init__(self, s: CompareSettings, out: Path, model: str, data: dict[str, Path], sft: Path,
+                 keep_weights: bool):
+        from granular_po.apps.eval import questions_from_pairs, read_pairs
+
+        self.s, self.out, self.model, self.data, self.sft, self.keep_weights = s, out, model, data, sft, keep_weights
+        self.runs_dir = out / "runs"
+        self.fingerprint = f"{data_fingerprint(data['train'], data['val'])}|{checkpoint_key(sft)}"
+        self.val_questions = questions_from_pairs(read_pairs(data["val"]))
+        self.test_questions = questions_from_pairs(read_pairs(data["test"]))
+        self.runs = grid_runs(s)
+        self.seconds: dict[str, list[float]] = {"run": [], "test": []}
+        self.test_seconds_hint: float | None = None  # seconds the SFT model's test scoring took
+        self.started = time.monotonic()
+
+    def result_path(self, run: Run) -> Path:
+        return self.runs_dir / run.name / "compare_result.json"
+
+    def result(self, run: Run) -> dict | None:
+        path = self.result_path(run)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def _write_result(self, run: Run, result: dict) -> None:
+        path = self.result_path(run)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, path)
+
+    # ---- progress
+    def _eta(self) -> str:
+        todo_runs = sum(self.result(r) is None for r in self.runs)
+        todo_tests = sum(self.chosen(key) is None or self._chosen_needs_test(key) for key in self._groups())
+        if not self.seconds["run"]:
+            return "time left: known after the first run"
+        per_run = sum(self.seconds["run"]) / len(self.seconds["run"])
+        # until a test scoring is measured here: the SFT model's (same questions, same generation settings)
+        per_test = (sum(self.seconds["test"]) / len(self.seconds["test"]) if self.seconds["test"] else
+                    self.test_seconds_hint or per_run)
+        left = todo_runs * per_run + todo_tests * per_test
+        return f"about {left / 60:.0f} min left ({per_run:.0f} s per run)"
+
+    def _progress(self, message: str) -> None:
+        done = sum(self.result(r) is not None for r in self.runs)
+        elapsed = (time.monotonic() - self.started) / 60
+        print(f"[compare {done}/{len(self.runs)} runs, {elapsed:.1f} min, {self._eta()}] {message}", flush=True)
+
+    # ---- one run
+    def train_and_validate(self, run: Run) -> dict:
+        """Train `run` (or reuse it) and score it on the validation questions; returns its result."""
+        from granular_po.apps.report import last_value, read_metrics
+
+        if (found := self.result(run)) is not None:
+            return found
+        start = time.monotonic()
+        overrides = run_overrides(run, self.model, self.data, self.runs_dir, self.sft, self.s)
+        run_dir = self.runs_dir / run.name
+        self._record_command(overrides)
+        train_seconds = train_in_process(overrides, run_dir, self.s.steps, self.fingerprint, run.name)
+        drop_optimizer_state(run_dir)
+        if len(self._groups()[(run.seed, run.cell)]) > 1:
+            val = evaluate_model(run_dir / checkpoints.LATEST, self.val_questions, self.out / "eval" / "val" /
+                                 f"{run.name}.json", self.s.max_new_tokens, f"{run.name} (validation)",
+                                 batch_size=self.s.eval_batch_size)
+        else:  # one rate for this cell: nothing to choose, so the validation questions are not scored
+            val = {"accuracy": None, "n": 0}
+        records = read_metrics(run_dir)
+        result = {"run": asdict(run), "lr": run.multiplier * self.s.base_lr, "val_accuracy": val["accuracy"],
+                  "val_n": val["n"], "train_seconds": train_seconds,
+                  "eval_reward_accuracy": last_value(records, "rewards_eval/accuracies", "eval"),
+                  "eval_margin": last_value(records, "rewards_eval/margins", "eval"),
+                  "eval_kl_margin": last_value(records, "kl_eval/margin", "eval"), "test": None}
+        self._write_result(run, result)
+        self.seconds["run"].append(time.monotonic() - start)
+        return result
+
+    def _record_command(self, overrides: list[str]) -> None:
+        path = self.out / "commands.txt"
         old = path.read_text().splitlines() if path.is_file() else []
-        path.write_text("\n".join(dict.fromkeys(old + commands)) + "\n")
-    return seconds
+        path.write_text("\n".join(dict.fromkeys([*old, shown_command(overrides)])) + "\n")
 
+    # ---- selection
+    def _groups(self) -> dict[tuple, list[Run]]:
+        groups: dict[tuple, list[Run]] = {}
+        for run in self.runs:
+            groups.setdefault((run.seed, run.cell), []).append(run)
+        return groups
 
-def evaluate_cells(runs: Path, out: Path, sft: Path, questions, max_new_tokens: int) -> dict[str, dict[int, dict]]:
-    """Task accuracy of the SFT model (step 0 of every cell) and of each cell's saved checkpoints."""
-    start = evaluate_model(sft, questions, out / "eval" / "sft.json", max_new_tokens, "SFT (step 0)")
-    table = {}
-    for cell in CELLS:
-        table[cell.exp_name] = {0: start}
-        for step, path in checkpoints.complete_checkpoints(runs / cell.exp_name):
-            table[cell.exp_name][step] = evaluate_model(
-                path, questions, out / "eval" / cell.exp_name / f"step-{step}.json", max_new_tokens,
-                f"{cell.label}, step {step}")
-    return table
+    def chosen(self, key: tuple) -> Run | None:
+        """The validation-best run of (seed, cell) once every rate of it is scored."""
+        group = self._groups()[key]
+        results = [self.result(r) for r in group]
+        if any(r is None for r in results):
+            return None
+        return pick(list(zip(group, results)))
 
+    def _chosen_needs_test(self, key: tuple) -> bool:
+        run = self.chosen(key)
+        return run is not None and self.result(run)["test"] is None
 
-def write_outputs(args, out: Path, runs: Path, sft: Path, accuracy: dict[str, dict[int, dict]],
-                  timings: dict[str, float], n_questions: int) -> tuple[Path, str]:
-    """compare.md, task_accuracy.png, eval_reward_accuracy.png, eval_margin.png; returns (path, table)."""
-    from granular_po.apps.report import (
-        binomial_se,
-        curve,
-        last_value,
-        markdown_table,
-        plot_curves,
-        read_metrics,
-    )
+    def prune(self, key: tuple) -> None:
+        """Delete the weights of scored runs of (seed, cell) that cannot be the choice any more."""
+        if self.keep_weights:
+            return
+        group = self._groups()[key]
+        scored = [(r, self.result(r)) for r in group if self.result(r) is not None]
+        if not scored:
+            return
+        leader = pick(scored)
+        for run, result in scored:
+            if run != leader or result["test"] is not None:
+                drop_weights(self.runs_dir / run.name)
 
-    rows, task_curves, reward_curves, margin_curves = [], {}, {}, {}
-    for cell in CELLS:
-        records = read_metrics(runs / cell.exp_name)
-        by_step = accuracy[cell.exp_name]
-        steps = sorted(by_step)
-        task_curves[cell.label] = (steps, [by_step[s]["accuracy"] for s in steps])
-        reward_curves[cell.label] = curve(records, "rewards_eval/accuracies", "eval")
-        margin_curves[cell.label] = curve(records, "rewards_eval/margins", "eval")
-        final = by_step[steps[-1]]
-        rows.append({
-            "cell": cell.label, "lr": f"{(args.lr_granular if cell.granular else args.lr_response) or args.lr:g}",
-            "steps": steps[-1], "task accuracy, SFT": by_step[0]["accuracy"], "task accuracy, final": final["accuracy"],
-            "± s.e.": binomial_se(final["accuracy"], final["n"]), "correct": f"{final['correct']}/{final['n']}",
-            "eval reward accuracy": last_value(records, "rewards_eval/accuracies", "eval"),
-            "eval margin": last_value(records, "rewards_eval/margins", "eval"),
-            "eval KL margin": last_value(records, "kl_eval/margin", "eval"),
-        })
-    plot_curves(task_curves, out / "task_accuracy.png", title="task accuracy (greedy, held-out questions)",
-                ylabel="accuracy")
-    plot_curves(reward_curves, out / "eval_reward_accuracy.png", title="eval reward accuracy", ylabel="accuracy")
-    plot_curves(margin_curves, out / "eval_margin.png", title="eval reward margin", ylabel="margin")
-    table = markdown_table(rows, float_format=".3f")
-    commands = (out / "commands.txt").read_text().strip() if (out / "commands.txt").is_file() else ""
-    lines = [
-        "# granular-po compare: {DPO, TDPO2} x {granular, response-level}",
-        "",
-        f"From `{sft}`: {args.steps} steps x {args.batch_size} pairs per cell, seed {args.seed}, "
-        f"{args.optimizer}, beta {args.beta:g} (TDPO2: alpha {args.alpha:g}). Task accuracy by greedy generation "
-        f"on {n_questions} held-out questions; eval reward metrics on the eval split from each run's metrics.jsonl, "
-        "under the cell's own token weights (granular: highlighted tokens and end-of-response token; "
-        "response-level: every response token), so they compare within a row, not across the granular axis.",
-        "",
-        table,
-        "s.e.: binomial standard error of the final task accuracy, sqrt(p (1 - p) / n).",
-        "",
-        "![task accuracy vs steps](task_accuracy.png)",
-        "",
-        "![eval reward accuracy vs steps](eval_reward_accuracy.png)",
-        "",
-        "![eval reward margin vs steps](eval_margin.png)",
-        "",
-        "## Commands",
-        "",
-        "```bash",
-        commands or "# no command recorded",
-        "```",
-        "",
-        "Hydra multirun, one call per learning rate; DPO ignores the `loss.if_tdpo2` and `loss.alpha` keys added "
-        f"for TDPO2. Runs in `{runs}`. Seconds this invocation: "
-        + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + ".",
-        "",
-    ]
-    path = out / "compare.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path, table
+    def test(self, key: tuple) -> None:
+        """Score the chosen run of (seed, cell) on the test questions (retrained if its weights are gone)."""
+        run = self.chosen(key)
+        if run is None or self.result(run)["test"] is not None:
+            return
+        run_dir = self.runs_dir / run.name
+        if not finished(run_dir, self.s.steps):  # weights deleted by an older invocation: train it again
+            print(f"{run.name}: chosen on validation but its weights are gone; training it again", flush=True)
+            result = self.result(run)
+            self.result_path(run).unlink()
+            again = self.train_and_validate(run)
+            if again["val_accuracy"] != result["val_accuracy"]:
+                print(f"{run.name}: note, validation accuracy {again['val_accuracy']:.3f} on retraining, "
+                      f"{result['val_accuracy']:.3f} before", flush=True)
+        start = time.monotonic()
+        test = evaluate_model(run_dir / checkpoints.LATEST, self.test_questions, self.out / "eval" / "test" /
+                              f"{run.name}.json", self.s.max_new_tokens, f"{run.name} (test)",
+                              batch_size=self.s.eval_batch_size)
+        result = self.result(run)
+        result["test"] = {"accuracy": test["accuracy"], "n": test["n"], "correct": test["correct"],
+                          "seconds": test.get("seconds"),
+                          "rows": [{"prompt": r["prompt"], "correct": r["correct"]} for r in test["rows"]]}
+        self._write_result(run, result)
+        self.seconds["test"].append(time.monotonic() - start)
+        self.prune(key)
+
+    # ---- everything
+    def run_all(self, on_seed_done) -> None:
+        groups = self._groups()
+        for seed in range(self.s.seeds):
+            for run in (r for r in self.runs if r.seed == seed):
+                if self.result(run) is None:
+                    self._progress(f"{run.name}: training")
+                    result = self.train_and_validate(run)
+                    self._progress(f"{run.name}: trained" + (f", validation accuracy {result['val_accuracy']:.3f}"
+                                                      if result["val_accuracy"] is not None else ""))
+                self.prune((seed, run.cell))
+            for key in (k for k in groups if k[0] == seed):
+                if self._chosen_needs_test(key):
+                    self._progress(f"seed {seed}, {cell_label(*key[1])}: scoring {self.chosen(key).name} on the "
+                                   "test questions")
+                self.test(key)
+            if seed < self.s.seeds - 1:  # the caller reports after the last one
+                on_seed_done(seed)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     passive_openmp()
-    if args.quick:
-        args.steps, args.checkpoints, args.evals = min(args.steps, 4), min(args.checkpoints, 2), min(args.evals, 2)
+    s = settings_from_args(args)
     out = Path(args.out).resolve()
     runs = out / "runs"
     if args.fresh:
-        for sub in [out / "eval", out / "hydra", *(runs / c.exp_name for c in CELLS)]:
-            shutil.rmtree(sub, ignore_errors=True)
-        (out / "commands.txt").unlink(missing_ok=True)
+        for sub in (out / "eval", runs, out / "commands.txt"):
+            shutil.rmtree(sub, ignore_errors=True) if sub.is_dir() else sub.unlink(missing_ok=True)
     t0 = time.monotonic()
-    timings: dict[str, float] = {}
-    if args.train is None or args.eval is None:
-        train_path, eval_path, sft = demo_sft(args)
-        train_path = Path(args.train).resolve() if args.train else train_path
-        eval_path = Path(args.eval).resolve() if args.eval else eval_path
+    data = make_data(out, s)
+    print(f"compare: task {s.task}, {s.n_train} training pairs, {s.n_val} validation and {s.n_test} test "
+          f"questions -> {out}", flush=True)
+    if args.sft is None:
+        overrides = sft_overrides(args.model, data, runs, s)
+        print(f"SFT: {shown_command(overrides)}", flush=True)
+        sft_seconds = train_in_process(overrides, runs / "sft", s.sft_steps, data_fingerprint(data["train"],
+                                                                                                 data["val"]), "SFT")
+        (out / "sft_command.txt").write_text(shown_command(overrides) + "\n")
+        sft = (runs / "sft" / checkpoints.LATEST).resolve()
     else:
-        train_path, eval_path = Path(args.train).resolve(), Path(args.eval).resolve()
-        sft = sft_model_dir(args.sft) if args.sft else demo_sft(args)[2]
-    timings["SFT"] = time.monotonic() - t0
-    fingerprint = f"{data_fingerprint(train_path, eval_path)}|{checkpoint_key(sft)}"
-    shared = grid_overrides(args, train_path, eval_path, sft, runs)
-    timings.update(run_grid(args, shared, runs, out, fingerprint))
+        sft, sft_seconds = sft_model_dir(args.sft), 0.0
 
-    from granular_po.apps.eval import questions_from_pairs, read_pairs
+    from granular_po.apps.compare_report import write_report
 
-    questions = questions_from_pairs(read_pairs(eval_path))[: args.n_eval]
-    t = time.monotonic()
-    accuracy = evaluate_cells(runs, out, sft, questions, args.max_new_tokens)
-    timings["task accuracy"] = time.monotonic() - t
-    timings["total"] = time.monotonic() - t0
-    path, table = write_outputs(args, out, runs, sft, accuracy, timings, len(questions))
-    (out / "timings.json").write_text(json.dumps(timings, indent=1))
-    print(f"\n{path}\n\n{table}\ntotal {timings['total'] / 60:.1f} min", flush=True)
+    grid = Grid(s, out, args.model, data, sft, args.keep_weights)
+    invocation = "granular-po compare " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    # the starting point of every run, on both splits (the test score is reported, never used to choose)
+    baseline = {split: evaluate_model(sft, questions, out / "eval" / f"sft_{split}.json", s.max_new_tokens,
+                                      f"SFT ({split})", batch_size=s.eval_batch_size)
+                for split, questions in (("val", grid.val_questions), ("test", grid.test_questions))}
+    grid.test_seconds_hint = baseline["test"].get("seconds")
+
+    def report(seed: int | None) -> Path:
+        path = write_report(grid, baseline, invocation, time.monotonic() - t0, sft_seconds)
+        print(f"report: {path}" + (f" (after seed {seed})" if seed is not None else ""), flush=True)
+        return path
+
+    grid.run_all(report)
+    path = report(None)
+    print(f"\n{path}\ntotal {(time.monotonic() - t0) / 60:.1f} min", flush=True)
     return 0
 
 

@@ -121,8 +121,10 @@ def checkpoint_key(model_dir: Path) -> str:
 
 
 def evaluate_model(model_dir: Path, questions: list[tuple[str, int]], cache: Path, max_new_tokens: int,
-                   label: str, tokenizer_dir: Path | None = None) -> dict:
-    """Task accuracy of one model directory by greedy generation, cached in `cache` (a JSON file)."""
+                   label: str, tokenizer_dir: Path | None = None, batch_size: int = 16) -> dict:
+    """Task accuracy of one model directory by greedy generation, cached in `cache` (a JSON file).
+
+    `batch_size` questions are generated together (larger batches: fewer decoding steps on a CPU)."""
     key = {"model": checkpoint_key(model_dir), "questions": questions, "max_new_tokens": max_new_tokens}
     if cache.is_file():
         stored = json.loads(cache.read_text())
@@ -136,7 +138,7 @@ def evaluate_model(model_dir: Path, questions: list[tuple[str, int]], cache: Pat
     start = time.monotonic()
     tokenizer = load_tokenizer(str(tokenizer_dir or model_dir))
     model = load_model(str(model_dir))
-    accuracy, rows = task_accuracy(model, tokenizer, questions, max_new_tokens=max_new_tokens)
+    accuracy, rows = task_accuracy(model, tokenizer, questions, max_new_tokens=max_new_tokens, batch_size=batch_size)
     del model
     result = {"key": key, "label": label, "model": str(model_dir), "accuracy": accuracy,
               "n": len(rows), "correct": sum(r["correct"] for r in rows), "rows": rows,

@@ -1,4 +1,4 @@
-"""The demo's data: granular arithmetic-correction pairs, deterministic from a seed.
+"""Granular arithmetic-correction pairs, deterministic from a seed: the demo's task and a styled one.
 
 A pair is a question ("What is 7 * 8?"), a correct response stating the result in a sentence or two,
 and a minimally edited incorrect response whose result is wrong in a plausible way (one factor off
@@ -7,6 +7,12 @@ regions sit exactly on the wrong digits, in the research code's JSON format:
 
     {"prompt": "What is 7 * 8?", "correct_response": "7 * 8 = 56. The answer is 56.",
      "incorrect_response": "7 * 8 = 57. The answer is 57.", "masked_regions": [[9, 10, -1], [27, 28, -1]]}
+
+In those minimal edits every token the two responses share cancels in a DPO margin, so "response-level"
+already means "the differing tokens". The *styled* task (`make_styled_pair`, `split_questions(...,
+task="styled")`) is the one where response-level and granular signals differ: each side's phrasing,
+length and extra sentences are drawn on their own, and with probability `confound` the correct response
+is written in the preferred, worked style and the wrong one tersely (see `make_styled_pair`).
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ PROMPT_TEMPLATE = "What is {a} {op} {b}?"
 # SmolLM2-135M-Instruct, greedy with its chat template, gets about a third right (measured on 50)
 DEFAULT_OPS = ("+", "*")
 DEFAULT_RANGES = {"+": ((2, 9), (2, 9)), "*": ((2, 9), (11, 19))}
+# `granular-po compare`'s questions: two-digit sums and single-digit x 11..29 products (932 questions),
+# enough for disjoint train / validation / >= 200 test questions
+WIDE_RANGES = {"+": ((11, 49), (11, 49)), "*": ((2, 9), (11, 29))}
 
 
 @dataclass(frozen=True)
@@ -205,3 +214,117 @@ def write_json(path: str | os.PathLike, pairs: list[dict]) -> Path:
     tmp.write_text(json.dumps(pairs, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+# ---------------------------------------------------------------- the styled task
+
+# Two styles. "worked" (the preferred one when the confound applies) restates the question and ends in
+# "answer is {r}"; no "terse" phrasing has both (a test tells the styles apart that way). No sentence holds any number but a, b and the result, so the
+# stated result stays what `evaluate.extract_answer` reads and the regions find every occurrence of it.
+STYLES: dict[str, tuple[str, ...]] = {
+    "worked": (
+        "Let's work it out. {a} {op} {b} = {r}. The answer is {r}.",
+        "We need {a} {op} {b}. Computing it step by step gives {r}, so the answer is {r}.",
+        "To find {a} {op} {b}, work it out carefully: the result is {r}. The answer is {r}.",
+        "Here is the calculation: {a} {op} {b} = {r}. So the answer is {r}.",
+    ),
+    "terse": (
+        "The answer is {r}.",
+        "{r}.",
+        "{a} {op} {b} = {r}.",
+        "It is {r}.",
+    ),
+}
+PREFERRED_STYLE, OTHER_STYLE = "worked", "terse"
+# sentences added before (openers) or after (closers) a response, each side drawn on its own
+OPENERS = ("Sure!", "Good question.", "Happy to help.", "Of course.", "Let me think.")
+CLOSERS = ("I hope this helps.", "Let me know if you have another question.", "Arithmetic is fun to check.",
+           "That is all there is to it.", "You can check it by hand.")
+DEFAULT_CONFOUND = 0.75
+
+
+def _styled_text(q: Question, style: str, r: str, rng: random.Random) -> tuple[str, list[int]]:
+    """One styled response stating `r` (phrasing and extra sentences drawn from `rng`), with the offsets of `r`."""
+    template = rng.choice(STYLES[style])
+    opener = rng.choice(OPENERS) + " " if rng.random() < 0.3 else ""
+    closer = " " + rng.choice(CLOSERS) if rng.random() < 0.3 else ""
+    text, starts = _render(template.replace("{op}", q.op), q.a, q.b, r)
+    return opener + text + closer, [s + len(opener) for s in starts]
+
+
+def make_styled_pair(q: Question, rng: random.Random, confound: float = DEFAULT_CONFOUND,
+                     mark_correct: bool = False) -> dict:
+    """A pair whose sides differ in more than the error; only the results are highlighted.
+
+    The correct response states the right result, the incorrect one a plausible wrong result
+    (`wrong_result`). Each side's style ("worked" or "terse"), phrasing and optional opening / closing
+    sentence are drawn independently, except that with probability `confound` the correct response is
+    written in the preferred "worked" style and the incorrect one in the "terse" style. So `confound=0`:
+    style carries no information about which side is right (it is noise in a response-level margin);
+    `confound=1`: style alone separates every pair, and a response-level learner can fit the preference
+    without the arithmetic. Regions: every occurrence of the wrong result, the whole number, flag -1; with
+    `mark_correct`, every occurrence of the right result with flag 1. Answer correctness, what the held-out
+    score measures, is the same under every confound.
+    """
+    if not 0.0 <= confound <= 1.0:
+        raise ValueError(f"confound must be in [0, 1], not {confound!r}")
+    wrong, _kind = wrong_result(q, rng)
+    if rng.random() < confound:
+        c_style, w_style = PREFERRED_STYLE, OTHER_STYLE
+    else:
+        c_style, w_style = rng.choice(list(STYLES)), rng.choice(list(STYLES))
+    chosen, c_starts = _styled_text(q, c_style, str(q.answer), rng)
+    rejected, w_starts = _styled_text(q, w_style, str(wrong), rng)
+    regions = [[s, s + len(str(wrong)), -1] for s in w_starts]
+    if mark_correct:
+        regions += [[s, s + len(str(q.answer)), 1] for s in c_starts]
+    return {
+        "prompt": q.prompt,
+        "correct_response": chosen,
+        "incorrect_response": rejected,
+        "masked_regions": regions,
+    }
+
+
+TASKS = ("arithmetic", "styled")
+
+
+def split_questions(
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    task: str = "arithmetic",
+    seed: int = 0,
+    ops: Sequence[str] = DEFAULT_OPS,
+    ranges=WIDE_RANGES,
+    mark_correct: bool = True,
+    confound: float = DEFAULT_CONFOUND,
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, validation, test) pairs of `task` over three disjoint sets of questions.
+
+    Validation and test hold one pair per question, each question distinct; training pairs cycle over
+    the remaining questions (repeats draw new phrasings and errors). `task="arithmetic"`: the demo's
+    minimal edits, wrong digits highlighted; `"styled"`: `make_styled_pair` with `confound`.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, not {task!r}")
+    rng = random.Random(seed)
+    keys = question_pool(ops, ranges)
+    if n_val + n_test >= len(keys):
+        raise ValueError(f"n_val + n_test = {n_val + n_test} leaves no training question out of {len(keys)}; "
+                         "widen `ranges`")
+    rng.shuffle(keys)
+    test_keys, val_keys, train_keys = keys[:n_test], keys[n_test:n_test + n_val], keys[n_test + n_val:]
+
+    def pairs(keys_, n):
+        if task == "arithmetic":
+            return _pairs_for(keys_, n, rng, mark_correct, "digits")
+        out = []
+        for i in range(n):
+            op, x, y = keys_[i % len(keys_)]
+            a, b = (x, y) if rng.random() < 0.5 else (y, x)
+            out.append(make_styled_pair(Question(a, op, b), rng, confound, mark_correct))
+        return out
+
+    test, val = pairs(test_keys, n_test), pairs(val_keys, n_val)
+    return pairs(train_keys, n_train), val, test

@@ -1,0 +1,360 @@
+"""The statistics and the report of `granular-po compare`: intervals over seeds, paired differences, plots.
+
+    mean_ci([0.41, 0.45, 0.43])          # (mean, low, high): Student-t 95% interval over seeds
+    paired_seeds({0: 0.45, 1: 0.40}, {0: 0.41, 1: 0.42})   # the granular - response-level difference
+    paired_questions(rows_a, rows_b)     # the same difference, paired question by question
+
+Seeds are the unit of the main interval (a run's training is the random thing being repeated); the
+question-level interval treats the test questions as the sample and so leaves training noise out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+# two-sided 95% Student-t quantiles t_{0.975, df} (scipy is not a dependency)
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+         10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t975(df: int) -> float:
+    """t_{0.975, df}; between tabulated values the next smaller df (a wider, conservative interval)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, not {df}")
+    if df > 30:
+        return 1.96
+    return _T975[max(d for d in _T975 if d <= df)]
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float | None, float | None, float | None]:
+    """(mean, low, high) of a 95% Student-t interval; one value: (value, None, None); none: all None."""
+    n = len(values)
+    if n == 0:
+        return None, None, None
+    mean = sum(values) / n
+    if n == 1:
+        return mean, None, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t975(n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def paired_seeds(a: Mapping[int, float], b: Mapping[int, float]) -> dict:
+    """a - b over the seeds both have: per-seed differences, their mean and 95% t-interval."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    mean, low, high = mean_ci(diffs)
+    return {"seeds": seeds, "diffs": diffs, "mean": mean, "low": low, "high": high}
+
+
+def paired_questions(a_rows: Mapping[int, Sequence[Mapping]], b_rows: Mapping[int, Sequence[Mapping]]) -> dict:
+    """a - b question by question over the seeds both have (rows: `task_accuracy`'s per-question dicts).
+
+    Each question's correctness is averaged over those seeds first; the interval is the normal one over
+    questions. Also the discordant counts summed over seeds: a right and b wrong, and the reverse.
+    """
+    seeds = sorted(set(a_rows) & set(b_rows))
+    if not seeds:
+        return {"seeds": [], "n": 0, "mean": None, "low": None, "high": None, "a_only": 0, "b_only": 0}
+    prompts = [r["prompt"] for r in a_rows[seeds[0]]]
+    for s in seeds:
+        for rows in (a_rows[s], b_rows[s]):
+            if [r["prompt"] for r in rows] != prompts:
+                raise ValueError(f"seed {s}: the two cells were scored on different questions")
+    diffs, a_only, b_only = [], 0, 0
+    for i in range(len(prompts)):
+        a = [bool(a_rows[s][i]["correct"]) for s in seeds]
+        b = [bool(b_rows[s][i]["correct"]) for s in seeds]
+        diffs.append((sum(a) - sum(b)) / len(seeds))
+        a_only += sum(x and not y for x, y in zip(a, b))
+        b_only += sum(y and not x for x, y in zip(a, b))
+    n = len(diffs)
+    mean = sum(diffs) / n if n else None
+    if n < 2:
+        return {"seeds": seeds, "n": n, "mean": mean, "low": None, "high": None, "a_only": a_only, "b_only": b_only}
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = 1.96 * sd / math.sqrt(n)
+    return {"seeds": seeds, "n": n, "mean": mean, "low": mean - half, "high": mean + half,
+            "a_only": a_only, "b_only": b_only}
+
+
+def format_ci(mean: float | None, low: float | None, high: float | None, fmt: str = ".3f") -> str:
+    """'0.432 [0.401, 0.463]'; 'n/a' without a mean; the mean alone without an interval."""
+    if mean is None:
+        return "n/a"
+    if low is None or high is None:
+        return f"{mean:{fmt}} (one seed: no interval)"
+    return f"{mean:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
+
+
+def plot_bars(groups: Mapping[str, Mapping[str, tuple[float | None, float | None, float | None]]],
+              path: str | os.PathLike, title: str = "", ylabel: str = "", baseline: float | None = None,
+              baseline_label: str = "") -> Path:
+    """Grouped bars with 95% error bars: group label -> {bar label: (mean, low, high)}; an optional
+    horizontal baseline. A bar without a mean is left out; one without an interval has no error bar."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    bar_labels = list(dict.fromkeys(label for bars in groups.values() for label in bars))
+    fig = Figure(figsize=(max(5.0, 1.6 * len(groups) + 2), 4.0), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(bar_labels))
+    for j, label in enumerate(bar_labels):
+        xs, ys, errs = [], [], [[], []]
+        for i, bars in enumerate(groups.values()):
+            mean, low, high = bars.get(label, (None, None, None))
+            if mean is None:
+                continue
+            xs.append(i - 0.4 + width * (j + 0.5))
+            ys.append(mean)
+            errs[0].append(mean - low if low is not None else 0.0)
+            errs[1].append(high - mean if high is not None else 0.0)
+        ax.bar(xs, ys, width, yerr=errs, capsize=4, label=label, alpha=0.85)
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", linestyle="--", linewidth=1, label=baseline_label or None)
+    ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    if bar_labels or baseline_label:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------- compare.md
+
+
+def _versions() -> str:
+    import platform
+    import subprocess
+
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True,
+                                capture_output=True, timeout=10).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else \
+        platform.processor()
+    return f"{cpu}; transformers {transformers.__version__}, granular-po commit {commit}"
+
+
+def _chosen_results(grid) -> dict[tuple, dict[int, dict]]:
+    """cell -> seed -> result of the validation-chosen run, for every (seed, cell) scored on test."""
+    table: dict[tuple, dict[int, dict]] = {}
+    for (seed, cell) in grid._groups():
+        run = grid.chosen((seed, cell))
+        result = grid.result(run) if run is not None else None
+        table.setdefault(cell, {})
+        if result is not None and result["test"] is not None:
+            table[cell][seed] = result
+    return table
+
+
+def _test_seconds(out: Path, result: dict, name: str) -> float | None:
+    """Seconds the test scoring of a run took: recorded in its result, else in its eval cache."""
+    if result["test"].get("seconds"):
+        return result["test"]["seconds"]
+    cache = out / "eval" / "test" / f"{name}.json"
+    return json.loads(cache.read_text()).get("seconds") if cache.is_file() else None
+
+
+def _setting(value) -> str:
+    if isinstance(value, tuple):
+        return ", ".join(_setting(v) for v in value) or "(none)"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seconds: float) -> Path:
+    """<out>/compare.md, test_accuracy.png and val_sweep.png from every result on disk (partial grids too)."""
+    from datetime import datetime, timezone
+
+    from granular_po.apps.compare import cell_label
+    from granular_po.apps.demo import _machine
+    from granular_po.apps.report import markdown_table, plot_panels
+
+    s, out = grid.s, grid.out
+    base = s.base_lr
+    chosen = _chosen_results(grid)
+    n_done = sum(grid.result(r) is not None for r in grid.runs)
+    complete_seeds = sorted({seed for cell in chosen.values() for seed in cell})
+    sft_test, sft_val = baseline["test"], baseline["val"]
+
+    rows = [{"cell": "SFT (the start of every run)", "seeds": "-", "test accuracy, mean [95% CI]":
+             f"{sft_test['accuracy']:.3f}", "per seed": f"{sft_test['correct']}/{sft_test['n']}",
+             "validation accuracy": sft_val["accuracy"]}]
+    bars: dict[str, dict[str, tuple]] = {}
+    for cell, by_seed in chosen.items():
+        loss, granular, optimizer = cell
+        accs = [by_seed[k]["test"]["accuracy"] for k in sorted(by_seed)]
+        stats = mean_ci(accs)
+        rows.append({
+            "cell": cell_label(*cell), "seeds": len(accs),
+            "lr chosen (x 5e-6), per seed" if base == 5e-6 else f"lr chosen (x {base:g}), per seed":
+                ", ".join(f"{by_seed[k]['run']['multiplier']:g}" for k in sorted(by_seed)) or "n/a",
+            "test accuracy, mean [95% CI]": format_ci(*stats),
+            "per seed": ", ".join(f"{a:.3f}" for a in accs) or "n/a",
+            "validation accuracy": _mean([by_seed[k]["val_accuracy"] for k in by_seed]),
+            "eval reward accuracy": _mean([by_seed[k]["eval_reward_accuracy"] for k in by_seed]),
+            "eval margin": _mean([by_seed[k]["eval_margin"] for k in by_seed]),
+        })
+        bars.setdefault(f"{LOSS_NAMES.get(loss, loss)}, {optimizer}", {})[
+            "granular" if granular else "response-level"] = stats
+
+    paired_rows = []
+    for cell in chosen:
+        loss, granular, optimizer = cell
+        other = (loss, False, optimizer)
+        if not granular or other not in chosen:
+            continue
+        a, b = chosen[cell], chosen[other]
+        by_seed = paired_seeds({k: a[k]["test"]["accuracy"] for k in a}, {k: b[k]["test"]["accuracy"] for k in b})
+        by_question = paired_questions({k: a[k]["test"]["rows"] for k in a}, {k: b[k]["test"]["rows"] for k in b})
+        paired_rows.append({
+            "loss, optimizer": f"{LOSS_NAMES.get(loss, loss)}, {optimizer}", "seeds": len(by_seed["seeds"]),
+            "granular - response-level, per seed": ", ".join(f"{d:+.3f}" for d in by_seed["diffs"]) or "n/a",
+            "mean [95% CI over seeds]": format_ci(by_seed["mean"], by_seed["low"], by_seed["high"], "+.3f"),
+            "mean [95% CI over questions]": format_ci(by_question["mean"], by_question["low"], by_question["high"],
+                                                      "+.3f"),
+            "questions right only with granular / only response-level (summed over seeds)":
+                f"{by_question['a_only']} / {by_question['b_only']}",
+        })
+
+    sweep_rows, sweep_panels = [], {}
+    for cell in dict.fromkeys(r.cell for r in grid.runs):
+        row = {"cell": cell_label(*cell)}
+        xs, ys = [], []
+        for m in dict.fromkeys(r.multiplier for r in grid.runs if r.cell == cell):
+            vals = [grid.result(r)["val_accuracy"] for r in grid.runs
+                    if r.cell == cell and r.multiplier == m and grid.result(r) is not None
+                    and grid.result(r)["val_accuracy"] is not None]
+            row[f"x{m:g}"] = f"{_mean(vals):.3f} ({len(vals)})" if vals else "n/a"
+            if vals:
+                xs.append(math.log10(m))
+                ys.append(_mean(vals))
+        sweep_rows.append(row)
+        sweep_panels.setdefault(cell[2], {})[cell_label(cell[0], cell[1])] = (xs, ys)
+
+    plot_bars(bars, out / "test_accuracy.png", title=f"task '{s.task}': test accuracy at the validation-chosen lr "
+              "(mean, 95% CI over seeds)", ylabel="accuracy", baseline=sft_test["accuracy"], baseline_label="SFT")
+    plot_panels(sweep_panels, out / "val_sweep.png", ylabel="validation accuracy (mean over seeds)",
+                xlabel=f"log10(lr / {base:g})", title="validation accuracy by learning rate")
+
+    rates = sorted({r.multiplier for r in grid.runs})
+    one_rate = all(len(group) == 1 for group in grid._groups().values())
+    train_seconds = [grid.result(r)["train_seconds"] for r in grid.runs
+                     if grid.result(r) is not None and grid.result(r)["train_seconds"]]
+    test_seconds = [_test_seconds(out, grid.result(r), r.name) for r in grid.runs
+                    if grid.result(r) is not None and grid.result(r)["test"] is not None]
+    test_seconds = [t for t in test_seconds if t]
+    total = len(grid.runs)
+    status = ("complete" if n_done == total and all(len(v) == s.seeds for v in chosen.values()) else
+              f"**PARTIAL**: {n_done} of {total} runs trained and scored; test results for seeds "
+              f"{complete_seeds or 'none'}; the intervals cover the seeds present only")
+    commands = (out / "commands.txt").read_text().splitlines() if (out / "commands.txt").is_file() else []
+    sft_command = (out / "sft_command.txt").read_text().strip() if (out / "sft_command.txt").is_file() else \
+        f"# --sft given: {grid.sft}"
+    task_line = ("the demo's minimal-edit arithmetic pairs (the control: the two responses differ only in the "
+                 "wrong digits, which are highlighted)" if s.task == "arithmetic" else
+                 f"styled arithmetic pairs (each side's phrasing, length and extra sentences drawn on their own; "
+                 f"with probability {s.confound:g} the correct response is in the worked style and the wrong one "
+                 "terse; only the results are highlighted)")
+    lines = [
+        f"# granular-po compare, task `{s.task}`: {{DPO, TDPO2}} x {{granular, response-level}}",
+        "",
+        f"Status: {status}. Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        "",
+        f"Task: {task_line}. {s.n_train} training pairs, {len(grid.val_questions)} validation questions (the "
+        f"learning rate of each seed and cell is chosen on them), {len(grid.test_questions)} test questions "
+        "(scored once per chosen run; nothing is chosen on them); the three question sets are disjoint. "
+        "Task accuracy: greedy generation, exact match of the stated result.",
+        "",
+        "## Test accuracy",
+        "",
+        markdown_table(rows),
+        "95% CI: Student-t over seeds (the training seed: preference data order; data and SFT model shared). "
+        "Eval reward accuracy and margin: the trainer's last evaluation on "
+        f"{s.n_eval_pairs} validation pairs under the run's own token weights (granular: highlighted tokens and "
+        "end-of-response token; response-level: every response token), so they compare within a granularity, "
+        "not across it.",
+        "",
+        "![test accuracy](test_accuracy.png)",
+        "",
+        "## Granular vs response-level, paired",
+        "",
+        "Same questions, same seeds, same loss and optimizer, each at " + (
+            "the one learning rate given (nothing to choose)." if one_rate else
+            "its own validation-chosen learning rate."),
+        "",
+        markdown_table(paired_rows) if paired_rows else "No pair of cells has test results yet.\n",
+        "Over seeds: Student-t on the per-seed differences (training noise included). Over questions: each "
+        "question's correctness averaged over the seeds, normal interval over questions (question sampling "
+        "only).",
+        "",
+        "## Validation accuracy by learning rate",
+        "",
+        *([f"One learning rate per cell ({', '.join(f'{m:g}' for m in rates)} x {base:g}): nothing is chosen, so "
+           "the validation questions were not scored.", ""] if one_rate else [
+            f"Mean over the seeds scored (count in brackets); columns are multiples of {base:g}.", "",
+            markdown_table(sweep_rows), "![validation sweep](val_sweep.png)", ""]),
+        "## How it ran",
+        "",
+        f"```bash\n{invocation}\n```",
+        "",
+        markdown_table([{"setting": k, "value": _setting(v)} for k, v in asdict_settings(s).items()]),
+        f"SFT (shared by every run; {sft_seconds:.0f} s this invocation):",
+        "",
+        f"```bash\n{sft_command}\n```",
+        "",
+        f"{len(commands)} preference runs recorded in `commands.txt`; the first:",
+        "",
+        f"```bash\n{commands[0] if commands else '# none yet'}\n```",
+        "",
+        "Measured when each ran (this machine, whatever its load then): "
+        + (f"training {_mean(train_seconds):.0f} s per run (mean of {len(train_seconds)}: model loading, "
+           f"{s.steps} steps x {s.batch_size} pairs, the trainer's evaluation, saving)" if train_seconds else
+           "no training time recorded")
+        + (f", test scoring {_mean(test_seconds):.0f} s per chosen run ({len(grid.test_questions)} questions, "
+           f"greedy, batches of {s.eval_batch_size})." if test_seconds else "."),
+        "",
+        f"Machine: {_machine()}; {_versions()}. Time this invocation: {seconds / 60:.1f} min"
+        + (f"; {_mean(grid.seconds['run']):.0f} s per run (training + validation scoring), "
+           if grid.seconds["run"] else "; ")
+        + (f"{_mean(grid.seconds['test']):.0f} s per test scoring." if grid.seconds["test"] else "no test scoring."),
+        "",
+    ]
+    path = out / "compare.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    (out / "compare.json").write_text(json.dumps({
+        "status": status, "settings": asdict_settings(s), "sft": {"val": sft_val["accuracy"], "test": sft_test["accuracy"]},
+        "cells": {cell_label(*c): {str(k): {key: v[key] for key in v if key != "test"} | {
+            "test_accuracy": v["test"]["accuracy"]} for k, v in by_seed.items()} for c, by_seed in chosen.items()},
+        "paired": paired_rows}, indent=1))
+    return path
+
+
+LOSS_NAMES = {"dpo": "DPO", "tdpo": "TDPO2"}
+
+
+def asdict_settings(s) -> dict:
+    from dataclasses import asdict
+
+    return asdict(s)
