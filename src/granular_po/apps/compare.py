@@ -21,6 +21,9 @@ Resumable: a run with a recorded result is never retrained (a killed run resumes
 the report is rewritten after every seed, so a stopped grid leaves a partial table. Weights of runs not
 chosen on validation are deleted once scored (`--keep-weights` keeps them): a full grid would fill the
 disk otherwise.
+
+(Over 350 lines: the grid's order, resumption and pruning of weights are one procedure and read best
+top to bottom; its statistics and report live in `compare_report.py`.)
 """
 
 from __future__ import annotations

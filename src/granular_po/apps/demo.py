@@ -15,6 +15,9 @@
 
 Re-running reuses what is finished: a run whose newest checkpoint is at its final step is not started
 again (an unfinished one resumes), and task accuracies are cached per checkpoint in <out>/eval/.
+
+(Over 350 lines: the report's text, tables and plots are most of it; the stages shared with
+`compare` live in `stages.py`.)
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ The prompt and each response are tokenised separately (as the research code did)
 character offsets so regions map to tokens exactly (see `masks`). Every response ends with its
 end-of-response token (EOS for raw prompts, the template's end-of-turn token for chat) and keeps it
 under truncation (research-code defect #8).
+
+(Over 350 lines: the layout of a prompt, truncation, the offset check and the reached-region check
+all act on the same token lists and are tested together.)
 """
 
 from __future__ import annotations
