@@ -241,7 +241,8 @@ def run_overrides(run: Run, model: str, data: dict[str, Path], runs: Path, sft: 
         *common_overrides(model, data, runs, s), f"model.archive={hydra_value(sft)}",
         f"loss={run.loss}", f"granular={str(run.granular).lower()}", f"optimizer={run.optimizer}",
         f"lr={run.multiplier * s.base_lr:g}", f"seed={run.seed}", f"exp_name={run.name}",
-        f"++loss.beta={s.beta:g}", "++loss.if_tdpo2=true", f"++loss.alpha={s.alpha:g}",
+        f"loss.beta={s.beta:g}",
+        *(["loss.if_tdpo2=true", f"loss.alpha={s.alpha:g}"] if run.loss == "tdpo" else []),  # TDPO2's keys
         "do_first_eval=false",  # policy = reference before step 1: every reward 0
         f"batch_size={s.batch_size}", f"n_examples={n}", f"eval_every={n}", f"save_every={n}",
     ]
