@@ -45,6 +45,11 @@ compare: install
 bench: install
 	$(PIP) install -q -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(PY) bench/step.py --budget-min 10.5
+	# issue 14: AdamW (fused, as built) on full rows, and short variable-length rows with AdamW and SGD;
+	# dpo-loop: the optimizer's per-parameter loop, as built before, side by side
+	HF_HUB_OFFLINE=1 $(PY) bench/step.py --optimizer AdamW --no-micro --configs trl-dpo+dpo-loop+dpo --out bench/results-adamw.md
+	HF_HUB_OFFLINE=1 $(PY) bench/step.py --workload short --optimizer AdamW --steps 6 --no-micro --configs trl-dpo+dpo-loop+dpo --out bench/results-short-adamw.md
+	HF_HUB_OFFLINE=1 $(PY) bench/step.py --workload short --steps 6 --no-micro --configs trl-dpo+dpo+tdpo --out bench/results-short-sgd.md
 	HF_HUB_OFFLINE=1 $(PY) bench/packing.py
 
 clean:

@@ -14,7 +14,7 @@ import platform
 import time
 from pathlib import Path
 
-from configs import CONFIGS, TARGETS
+from configs import CONFIGS, GPU_TARGETS, TARGETS
 
 CHAINED, SEPARATE = "†", "‡"  # marks on ratios: through an anchor / across groups, not side by side
 
@@ -51,10 +51,15 @@ def time_ratio(results: dict[str, dict], a: str, b: str) -> tuple[float, str] | 
     return runs_a[0]["median_s"] / runs_b[0]["median_s"], SEPARATE
 
 
+def peak_mb(r: dict) -> float:
+    """The run's peak memory: allocated CUDA memory on a GPU, else the process's peak RSS."""
+    return r.get("peak_cuda_mb") or r["peak_rss_mb"]
+
+
 def memory_ratio(results: dict[str, dict], a: str, b: str) -> float | None:
-    """Peak RSS of a over b (each its own process: no load dependence, no pairing needed)."""
+    """Peak memory of a over b (each its own process: no load dependence, no pairing needed)."""
     ra, rb = first(results, a), first(results, b)
-    return None if ra is None or rb is None else ra["peak_rss_mb"] / rb["peak_rss_mb"]
+    return None if ra is None or rb is None else peak_mb(ra) / peak_mb(rb)
 
 
 def _fmt(value: float | None, mark: str = "") -> str:
@@ -80,7 +85,7 @@ def results_table(results: dict[str, dict], peak_flops: float | None) -> list[st
     """One row per configuration (its first run): absolute figures, ratios to TRL's DPO and to our DPO."""
     lines = [
         "| configuration | chunk_size | weighted tokens | s / step | CPU s / step | other load | tokens / s "
-        "| peak RSS (GiB) | time / TRL | throughput / TRL | memory / TRL | time / our DPO | memory / our DPO "
+        "| peak memory (GiB) | time / TRL | throughput / TRL | memory / TRL | time / our DPO | memory / our DPO "
         "| MFU |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -107,13 +112,13 @@ def results_table(results: dict[str, dict], peak_flops: float | None) -> list[st
         lines.append(
             f"| {config['label']} | {chunk} | {100 * r['weighted_share']:.0f}% | {r['median_s']:.2f} | "
             f"{r['median_cpu_s']:.1f} | {r['other_load']:.1f} | {_tokens_per_s(r):.0f} | "
-            f"{r['peak_rss_mb'] / 1024:.2f} | {' | '.join(columns)} | {mfu} |"
+            f"{peak_mb(r) / 1024:.2f} | {' | '.join(columns)} | {mfu} |"
         )
     return lines
 
 
-def targets_table(results: dict[str, dict], micro: dict) -> list[str]:
-    """The issue's targets beside the measured ratios."""
+def targets_table(results: dict[str, dict], micro: dict, gpu: bool = False) -> list[str]:
+    """The issue's targets beside the measured ratios (issue 14's GPU targets on CUDA)."""
     out = ["| target (issue 7) | measured | |", "|---|---|---|"]
 
     def row(text: str, value: str, ok: bool | None):
@@ -152,8 +157,20 @@ def targets_table(results: dict[str, dict], micro: dict) -> list[str]:
         row(f"granular TDPO ({share:.0f}% of response tokens weighted) measurably cheaper than all weights 1 "
             f"(< {TARGETS['granular_cheaper']:g}x the time)", f"{t[0]:.2f}x time{t[1]}",
             t[0] < TARGETS["granular_cheaper"])
-    row("GPU (bf16): the same ratios; a >= 1B model with TDPO at batch 8 x 1024 on one H100 where naive "
-        "runs out of memory", "no GPU lent to this run", None)
+    if gpu:
+        m = memory_ratio(results, "dpo", "trl-dpo")
+        if m is not None:
+            row(f"GPU: our DPO peak CUDA memory <= {GPU_TARGETS['dpo_memory']:g}x TRL's", f"{m:.2f}x",
+                m <= GPU_TARGETS["dpo_memory"])
+        t = time_ratio(results, "tdpo", "dpo")
+        if t:
+            row(f"GPU: TDPO chunked time <= {GPU_TARGETS['tdpo_time']:g}x our DPO's", f"{t[0]:.2f}x{t[1]}",
+                t[0] <= GPU_TARGETS["tdpo_time"])
+            m = memory_ratio(results, "tdpo", "dpo")
+            row(f"GPU: TDPO chunked peak CUDA memory <= {GPU_TARGETS['tdpo_memory']:g}x our DPO's", f"{m:.2f}x",
+                m <= GPU_TARGETS["tdpo_memory"])
+    else:
+        row("GPU (bf16): the same ratios (bench/gpu_check.sh)", "no GPU lent to this run", None)
     return out
 
 
@@ -218,6 +235,21 @@ def anchor_lines(results: dict[str, dict]) -> list[str]:
 def report(args, results: dict, micro: dict, peak: float | None, groups: list[list[str]], started: float,
            loads: tuple[str, str], notes: list[str]) -> str:
     r0 = next(iter(results.values()), {})
+    gpu = getattr(args, "device", "cpu") == "cuda"
+    bf16 = getattr(args, "dtype", "fp32") == "bf16"
+    if getattr(args, "workload", "full") == "short":
+        rows = (f"variable-length rows: prompts {r0.get('prompt_tokens', 0):.0f} tokens and responses "
+                f"{r0.get('response_tokens', 0):.0f} tokens on average, padded batches (TRL gets our sampler: "
+                f"the same batches in the same order)")
+    else:
+        rows = f"{args.seq_len} tokens, every row full (no padding)"
+    precision = "bf16 autocast over fp32 weights (ours: reference held in bf16; TRL: its fp32 reference)" \
+        if bf16 else "fp32"
+    optimizers = sorted({f"{CONFIGS[r['config']]['label']}: {r['optimizer']}" for r in results.values()
+                         if r.get("optimizer")})
+    liger = [r.get("liger") for r in results.values() if CONFIGS[r["config"]]["kind"] == "trl"]
+    memory = ("peak memory = `torch.cuda.max_memory_allocated` from the start of training (models loaded)"
+              if gpu else "peak memory = peak RSS")
     if args.in_process:
         where = "every configuration in this one process (--in-process: peak RSS accumulates, not comparable)"
     else:
@@ -232,26 +264,32 @@ def report(args, results: dict, micro: dict, peak: float | None, groups: list[li
         "ratios, not absolute times)",
         f"- software: {versions()}",
         f"- work: model `{args.model}` ({r0.get('params', 0) / 1e6:.1f}M parameters), {args.batch} pairs "
-        f"(SFT: {args.batch} rows) x {args.seq_len} tokens, every row full (no padding), fp32 on CPU, optimizer "
-        f"{args.optimizer} (lr {args.lr}), no activation checkpointing",
+        f"(SFT: {args.batch} rows) x {rows}, {precision} on {'CUDA' if gpu else 'CPU'}, optimizer "
+        f"{args.optimizer} (lr {args.lr}), no activation checkpointing; {memory}"
+        + (f"; {args.threads} torch thread(s) per process" if getattr(args, "threads", None) else ""),
+        *([f"- optimizer implementations: {'; '.join(optimizers)}"] if optimizers else []),
+        *([f"- TRL's fused head (Liger kernel): {'on' if liger[0] else 'off (not installed, or not CUDA)'}"]
+          if liger else []),
         "- ours: `run_training` with the shipped config and overrides (loss, logprobs.impl, granular.enabled, "
-        "batch_size, max_length, optimizer, debug=true); TRL: `DPOTrainer` + `DPOConfig` (precompute off; bf16 "
-        "and gradient checkpointing off, as ours) on the same token ids, models and optimizer class",
+        "batch_size, max_length, optimizer, mixed_precision, debug=true); TRL: `DPOTrainer` + `DPOConfig` "
+        "(precompute off; bf16 as ours; gradient checkpointing off, as ours) on the same token ids, models and "
+        "optimizer (class, lr, fused / foreach as `training.optimizer` chooses for ours)",
         f"- s / step: the median of {args.steps} optimizer step(s) after {args.warmup} warm-up step(s), each "
         f"timed from `on_step_begin` to `on_step_end` (forward, backward, clipping, update); {where}",
         *([] if args.in_process else ["- groups (interleaved, one after another): "
                                       + "; ".join(" + ".join(CONFIGS[n]["label"] for n in g) for g in groups)]),
         f"- ratios: plain = side by side in one group; {CHAINED} = through a configuration run in both groups; "
         f"{SEPARATE} = across groups (exposed to load changes between them)",
-        "- MFU: (6 x params x tokens, + 2 x params x tokens for the reference forward) / step time / the best fp32 "
-        "matmul rate measured in this run" + (f" ({peak / 1e9:.0f} GFLOP/s)" if peak else " (not measured)")
+        "- MFU: (6 x params x tokens, + 2 x params x tokens for the reference forward) / step time / the best "
+        f"{'bf16' if bf16 else 'fp32'} matmul rate measured in this run"
+        + (f" ({peak / 1e9:.0f} GFLOP/s)" if peak else " (not measured)")
         + "; in parentheses for granular runs, whose nominal count includes lm_head work they skip",
         *anchor_lines(results),
         *[f"- note: {n}" for n in notes],
         "",
         *results_table(results, peak),
         "",
-        *targets_table(results, micro),
+        *targets_table(results, micro, gpu),
         "",
         *micro_lines(micro),
     ]

@@ -4,6 +4,8 @@
     python bench/step.py --quick              # 1 measured step each, no TDPO naive, no chunk_size=1024 rows
     python bench/step.py --configs trl-dpo+dpo,sft --steps 5   # a+b: one interleaved group; groups in turn
     python bench/step.py --model /path/to/hf-model --seq-len 512 --optimizer AdamW
+    python bench/step.py --workload short --optimizer AdamW --configs trl-dpo+dpo-loop+dpo   # short rows
+    python bench/step.py --device cuda --dtype bf16 --model DIR --seq-len 1024   # on a GPU (bench/gpu_check.sh)
 
 Every configuration runs in a fresh subprocess (its peak RSS is its own); the processes of a group
 take turns step by step (see configs.py). Default: SmolLM2-135M at 4 pairs x 256 tokens, fp32 on CPU.
@@ -45,6 +47,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="optimizer steps run before timing starts")
     p.add_argument("--batch", type=int, default=4, help="pairs per optimizer step")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per row (prompt + response, no padding)")
+    p.add_argument("--workload", choices=("full", "short"), default="full",
+                   help="full: every row --seq-len tokens; short: prompts ~15 tokens, responses 40-70, padded "
+                        "batches (the same batches for TRL: our seeded sampler)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: synchronised step times, peak CUDA memory (allocated, from the start of training)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per worker (OMP_NUM_THREADS); on a machine shared with other work, 1 "
+                        "avoids OpenMP barriers spinning against other processes (2-4x slower steps here)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast over fp32 weights for both (ours mixed_precision=bf16, TRL bf16=True)")
     p.add_argument("--optimizer", default="SGD", help="torch.optim class for ours and TRL (SGD: the config default)")
     p.add_argument("--lr", type=float, default=5e-6)
     p.add_argument("--configs", default=None,
@@ -87,7 +99,8 @@ def groups(args: argparse.Namespace) -> list[list[dict]]:
     if unknown:
         raise SystemExit(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
     common = {"model": args.model, "steps": args.steps, "warmup": args.warmup, "batch": args.batch,
-              "seq_len": args.seq_len, "optimizer": args.optimizer, "lr": args.lr}
+              "seq_len": args.seq_len, "optimizer": args.optimizer, "lr": args.lr, "workload": args.workload,
+              "device": args.device, "dtype": args.dtype, "threads": args.threads}
     out, seen = [], set()
     for index, group in enumerate(required + optional):
         specs = []
@@ -105,7 +118,7 @@ def groups(args: argparse.Namespace) -> list[list[dict]]:
 
 def micro_specs(args: argparse.Namespace, hidden: int, vocab: int, chunk_size: int) -> list[dict]:
     logits = {"kind": "logits", "rows": 2 * args.batch, "seq_len": args.seq_len, "hidden": hidden,
-              "vocab": vocab, "need_kl": True, "chunk_size": chunk_size}
+              "vocab": vocab, "need_kl": True, "chunk_size": chunk_size, "device": args.device, "dtype": args.dtype}
     out = [{**logits, "name": "logits-naive", "impl": "naive"}, {**logits, "name": "logits-chunked", "impl": "chunked"}]
     if chunk_size != MICRO_CHUNK:
         out.append({**logits, "name": f"logits-chunked-{MICRO_CHUNK}", "impl": "chunked", "chunk_size": MICRO_CHUNK})
@@ -132,6 +145,16 @@ def _failed(name: str, log: Path, why: str) -> RuntimeError:
     return RuntimeError(f"configuration {name} {why}; end of its log:\n{log.read_text()[-3000:]}")
 
 
+def _worker_env(spec: dict) -> dict:
+    """The worker's environment; a CPU run sees no GPU (our trainer and TRL's would take one)."""
+    env = {**os.environ, **_ENV}
+    if spec.get("threads"):
+        env["OMP_NUM_THREADS"] = str(spec["threads"])
+    if spec.get("device", "cpu") == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
 def run_spec(spec: dict, in_process: bool, log_dir: Path) -> dict:
     """Run one worker spec in a fresh Python process (or this one); returns its result dict."""
     if in_process:
@@ -141,7 +164,7 @@ def run_spec(spec: dict, in_process: bool, log_dir: Path) -> dict:
     result, log = log_dir / f"{spec['name']}.json", log_dir / f"{spec['name']}.log"
     with open(log, "w") as handle:
         code = subprocess.call(_worker_command(spec, result), stdout=handle, stderr=subprocess.STDOUT,
-                               env={**os.environ, **_ENV})
+                               env=_worker_env(spec))
     if code != 0 or not result.is_file():
         raise _failed(spec["name"], log, f"failed (exit {code})")
     return json.loads(result.read_text())
@@ -163,7 +186,7 @@ def run_interleaved(group: list[dict], log_dir: Path) -> dict[str, dict]:
             with open(log, "w") as handle:
                 proc = subprocess.Popen(
                     _worker_command({**spec, "baton": [go_read, done_write]}, result), stdout=handle,
-                    stderr=subprocess.STDOUT, env={**os.environ, **_ENV}, pass_fds=(go_read, done_write),
+                    stderr=subprocess.STDOUT, env=_worker_env(spec), pass_fds=(go_read, done_write),
                 )  # fmt: skip
             os.close(go_read)
             os.close(done_write)
@@ -239,8 +262,11 @@ class Bench:
     def run_group(self, group: list[dict]) -> None:
         self.stamp(" + ".join(spec["name"] for spec in group))
         begin, free = time.time(), _free_gib()
-        sequential = self.args.in_process or len(group) == 1 or free < self.args.gib_per_process * len(group)
-        if sequential and len(group) > 1 and not self.args.in_process:
+        # one GPU: one process at a time (its steps are timed on a synchronised device, it owns the GPU)
+        gpu = self.args.device == "cuda"
+        sequential = (self.args.in_process or gpu or len(group) == 1
+                      or free < self.args.gib_per_process * len(group))
+        if sequential and len(group) > 1 and not self.args.in_process and not gpu:
             self.notes.append(f"{' + '.join(s['name'] for s in group)} ran one after another, not interleaved: "
                               f"{free:.0f} GiB free, {self.args.gib_per_process:g} GiB per process wanted")
         if sequential:
@@ -250,13 +276,15 @@ class Bench:
         self.per_config_s += [(time.time() - begin) / len(group)] * len(group)
         for spec in group:
             r = self.results[spec["name"]] = {**done[spec["name"]], "config": spec["config"], "group": spec["group"]}
+            cuda = f", peak CUDA {r['peak_cuda_mb']:.0f} MiB" if "peak_cuda_mb" in r else ""
             print(f"    {spec['name']}: {r['median_s']:.2f} s/step (steps {[round(x, 2) for x in r['step_s']]}), "
-                  f"other load {r['other_load']:.1f}, peak RSS {r['peak_rss_mb']:.0f} MiB, "
+                  f"other load {r['other_load']:.1f}, peak RSS {r['peak_rss_mb']:.0f} MiB{cuda}, "
                   f"between steps {r['idle_rss_mb']:.0f} MiB", flush=True)
 
     def matmul_peak(self) -> None:
         self.stamp("matmul peak")
-        spec = {"kind": "matmul", "name": "matmul", "sizes": [self.args.matmul_size // 2, self.args.matmul_size]}
+        spec = {"kind": "matmul", "name": "matmul", "sizes": [self.args.matmul_size // 2, self.args.matmul_size],
+                "device": self.args.device, "dtype": self.args.dtype}
         self.peaks.append(run_spec(spec, self.args.in_process, self.log_dir)["matmul_flops"])
 
     def logits_memory(self, chunk_size: int) -> None:

@@ -12,6 +12,7 @@ configuration runs in a process of its own.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -66,10 +67,20 @@ class Baton:
             os.write(self.done, token)
 
 
-def step_callback(warmup: int = 0, profile_to: str | None = None, baton: list[int] | None = None):
+def _synchronize(device: str) -> None:
+    """Wait for the device's queued work, so that a step's time is the device's, not its launches'."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def step_callback(warmup: int = 0, profile_to: str | None = None, baton: list[int] | None = None,
+                  device: str = "cpu"):
     """A `TrainerCallback` timing each optimizer step, from `on_step_begin` to `on_step_end`: forward,
     backward, gradient clipping and the optimizer update (collating the next batch and logging, a few
-    milliseconds here, fall outside).
+    milliseconds here, fall outside). On CUDA both ends wait for the GPU (`torch.cuda.synchronize`), and
+    the peak allocated memory is counted from the start of training (after the models are loaded).
 
     With `profile_to`, the first step after `warmup` runs under `torch.profiler` and the ops that took
     the most CPU time are written there as a table.
@@ -87,6 +98,10 @@ def step_callback(warmup: int = 0, profile_to: str | None = None, baton: list[in
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.rss_at_start = rss_mb()
+            if device == "cuda":  # the models are loaded: count the training's own peak from here
+                import torch
+
+                torch.cuda.reset_peak_memory_stats()
 
         def on_step_begin(self, args, state, control, **kwargs):
             turn.wait()
@@ -96,9 +111,11 @@ def step_callback(warmup: int = 0, profile_to: str | None = None, baton: list[in
 
                 self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
                 self.profiler.__enter__()
+            _synchronize(device)
             self.begin = _mark()
 
         def on_step_end(self, args, state, control, **kwargs):
+            _synchronize(device)
             self.windows.append((self.begin, _mark()))
             if self.profiler is not None and state.global_step == warmup + 1:
                 self.profiler.__exit__(None, None, None)
@@ -137,18 +154,24 @@ WORDS = (
 ).split()
 
 
-def make_pairs(n: int, words_per_response: int, mark_every: int = 10, seed: int = 0) -> list[dict]:
+def make_pairs(n: int, words_per_response: int | tuple[int, int], mark_every: int = 10, seed: int = 0,
+               prompt_words: int | tuple[int, int] = 40) -> list[dict]:
     """n research-format pairs: a prompt, a long correct response and a minimally edited incorrect one.
+    A (low, high) word count draws each pair's length from that range (variable-length rows).
 
     Every `mark_every`-th word of the incorrect response is replaced; the replaced words are marked in
     both responses (flag -1 in the incorrect one, flag 1 at the same words of the correct one), so a
     granular run weighs about 1 / mark_every of the response tokens (the table reports the measured share).
     """
     rng = random.Random(seed)
+
+    def count(words: int | tuple[int, int]) -> int:
+        return rng.randint(*words) if isinstance(words, (tuple, list)) else words
+
     pairs = []
     for _ in range(n):
-        prompt = "Check this worked answer and correct it: " + " ".join(rng.choices(WORDS, k=40))
-        chosen_words = rng.choices(WORDS, k=words_per_response)
+        prompt = "Check this worked answer and correct it: " + " ".join(rng.choices(WORDS, k=count(prompt_words)))
+        chosen_words = rng.choices(WORDS, k=count(words_per_response))
         rejected_words = list(chosen_words)
         regions = []
         for side, words, flag in (("chosen", chosen_words, 1), ("rejected", rejected_words, -1)):
@@ -168,16 +191,26 @@ def make_pairs(n: int, words_per_response: int, mark_every: int = 10, seed: int 
     return pairs
 
 
-def encode_options(seq_len: int):
+# the short-row workload: prompts of about 15 tokens, responses of 40-70 (SmolLM2's tokenizer), padded
+SHORT_PROMPT_WORDS, SHORT_RESPONSE_WORDS, SHORT_MAX_LENGTH = (1, 3), (32, 56), 128
+
+
+def encode_options(seq_len: int, workload: str = "full"):
     from granular_po.data.encode import EncodeOptions
 
+    if workload == "short":  # nothing is cut: the rows keep their own lengths and batches are padded; raw
+        # prompts (a chat template would add a ~30-token system prompt to every row)
+        return EncodeOptions(max_length=SHORT_MAX_LENGTH, max_prompt_length=SHORT_MAX_LENGTH // 2, prompt_format="raw")
     # prompts are cut to a quarter of the row, responses fill the rest: every row is exactly seq_len tokens
     return EncodeOptions(max_length=seq_len, max_prompt_length=max(8, seq_len // 4))
 
 
 def write_pairs(path: Path, spec: dict) -> list[dict]:
     n = spec["batch"] * (spec["warmup"] + spec["steps"])
-    pairs = make_pairs(n, words_per_response=2 * spec["seq_len"])
+    if spec.get("workload") == "short":
+        pairs = make_pairs(n, words_per_response=SHORT_RESPONSE_WORDS, prompt_words=SHORT_PROMPT_WORDS)
+    else:
+        pairs = make_pairs(n, words_per_response=2 * spec["seq_len"])
     path.write_text(json.dumps(pairs))
     return pairs
 
@@ -185,17 +218,23 @@ def write_pairs(path: Path, spec: dict) -> list[dict]:
 # ---------------------------------------------------------------- our trainer
 
 
+def _mixed_precision(spec: dict) -> str:
+    """Our `mixed_precision` for the bench's --dtype: bf16 autocast over fp32 weights, or none."""
+    return "bf16" if spec.get("dtype", "fp32") == "bf16" else "no"
+
+
 def _overrides(spec: dict, data: Path, run_root: Path) -> list[str]:
     total_steps = spec["warmup"] + spec["steps"]
-    enc = encode_options(spec["seq_len"])
+    enc = encode_options(spec["seq_len"], spec.get("workload", "full"))
     out = [
         f"model.name_or_path={spec['model']}", "datasets=[ours]", f"custom_train_path={data}",
         f"local_dirs=[{run_root}]", "exp_name=bench", "debug=true",  # debug: train and log, save nothing
         f"loss={spec['loss']}", f"batch_size={spec['batch']}", f"n_examples={spec['batch'] * total_steps}",
         f"max_length={enc.max_length}", f"max_prompt_length={enc.max_prompt_length}",
+        f"prompt_format={enc.prompt_format}",
         f"optimizer={spec['optimizer']}", f"lr={spec['lr']}", "warmup_steps=0", "do_first_eval=false",
         f"logprobs.impl={spec['impl']}", f"granular.enabled={str(spec['granular']).lower()}",
-        "minimum_log_interval_secs=100000",
+        "minimum_log_interval_secs=100000", f"mixed_precision={_mixed_precision(spec)}",
     ]  # fmt: skip
     if spec.get("chunk_size"):
         out.append(f"logprobs.chunk_size={spec['chunk_size']}")
@@ -211,15 +250,19 @@ def run_ours(spec: dict) -> dict:
     from granular_po.models import load_tokenizer, resolve_model_path
     from granular_po.training.config import compose_config
 
-    timer = step_callback(spec["warmup"], spec.get("profile_to"), spec.get("baton"))
+    timer = step_callback(spec["warmup"], spec.get("profile_to"), spec.get("baton"), spec.get("device", "cpu"))
     seen = {}
 
     class TimedGranularTrainer(run.GranularTrainer):
-        """The shipped trainer plus a timing callback; everything else is what `run_training` builds."""
+        """The shipped trainer plus a timing callback; everything else is what `run_training` builds
+        (except, for the "before" rows, the optimizer's plain per-parameter loop)."""
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.add_callback(timer)
+            if spec.get("optimizer_loop"):
+                cls, kwargs = self.optimizer_cls_and_kwargs
+                self.optimizer_cls_and_kwargs = (cls, {"lr": kwargs["lr"], "foreach": False})
             seen["trainer"] = self
 
     with tempfile.TemporaryDirectory(prefix="granular-bench-") as tmp:
@@ -236,42 +279,61 @@ def run_ours(spec: dict) -> dict:
         tokenizer = load_tokenizer(resolve_model_path(spec["model"]))
         records, _ = load_records(data)
         gran = GranularOptions(enabled=spec["granular"])
-        encoded = build_dataset(records, tokenizer, encode_options(spec["seq_len"]), gran)
-    rows = spec["batch"] * (1 if spec["loss"] == "sft" else 2)
+        encoded = build_dataset(records, tokenizer, encode_options(spec["seq_len"], spec.get("workload", "full")),
+                                gran)
     losses = [h["loss/train"] for h in trainer.state.log_history if "loss/train" in h]
     return {
-        **_common_result(spec, timer, trainer.model, encoded, rows),
+        **_common_result(spec, timer, trainer.model, encoded, pairs=spec["loss"] != "sft"),
+        "optimizer": _implementation(trainer.optimizer),
         "weighted_share": response_token_share(encoded) if spec["granular"] else 1.0,
         "chunk_size": trainer.loss_settings.chunk_size,
-        "hidden_path": bool(getattr(trainer, "use_hidden_path", False)),
+        "hidden_path": bool(trainer.route.use_hidden_path),
         "losses": losses,
     }
 
 
-def _common_result(spec: dict, timer, model, encoded, rows: int) -> dict:
-    lengths = {len(p) + len(c) for p, c in zip(encoded["prompt_ids"], encoded["chosen_ids"])}
-    lengths |= {len(p) + len(r) for p, r in zip(encoded["prompt_ids"], encoded["rejected_ids"])}
-    if lengths != {spec["seq_len"]}:
-        raise RuntimeError(f"rows should all be {spec['seq_len']} tokens, got lengths {sorted(lengths)}")
+def _implementation(optimizer) -> str:
+    """`AdamW (fused)`, `SGD (foreach)`, `AdamW (loop)`: the torch optimizer inside Accelerate's wrapper."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    kind = "fused" if inner.defaults.get("fused") else "foreach" if inner.defaults.get("foreach") else "loop"
+    return f"{type(inner).__name__} ({kind})"
+
+
+def _common_result(spec: dict, timer, model, encoded, pairs: bool) -> dict:
+    chosen = [len(p) + len(c) for p, c in zip(encoded["prompt_ids"], encoded["chosen_ids"])]
+    rejected = [len(p) + len(r) for p, r in zip(encoded["prompt_ids"], encoded["rejected_ids"])]
+    if spec.get("workload", "full") == "full" and set(chosen + rejected) != {spec["seq_len"]}:
+        raise RuntimeError(f"rows should all be {spec['seq_len']} tokens, got lengths {sorted(set(chosen + rejected))}")
+    # real (unpadded) tokens per optimizer step, on average: every step trains `batch` of these pairs
+    tokens = sum(chosen) + (sum(rejected) if pairs else 0)
     step_s, cpu_s = timer.step_seconds(), timer.step_seconds(cpu=True)
-    return {
+    out = {
         "step_s": step_s,
         "median_s": statistics.median(step_s),
         "median_cpu_s": statistics.median(cpu_s),
         "other_load": timer.other_load(),
-        "tokens_per_step": rows * spec["seq_len"],
+        "tokens_per_step": tokens / len(chosen) * spec["batch"],
         "params": sum(p.numel() for p in model.parameters()),
         "rss_start_mb": timer.rss_at_start,
         "idle_rss_mb": timer.idle_rss,
         "peak_rss_mb": peak_rss_mb(),
+        "prompt_tokens": statistics.mean(len(p) for p in encoded["prompt_ids"]),
+        "response_tokens": statistics.mean(len(c) for c in encoded["chosen_ids"]),
     }
+    if spec.get("device") == "cuda":
+        import torch
+
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20  # since training began
+    return out
 
 
 # ---------------------------------------------------------------- TRL
 
 
 def run_trl(spec: dict) -> dict:
-    """TRL's DPOTrainer on our token ids: same model files, batch, rows, optimizer, fp32, no checkpointing."""
+    """TRL's DPOTrainer on our token ids and batches: same model files, batch order, rows, optimizer and
+    precision (fp32, or its bf16 autocast), no activation checkpointing, its fused head (Liger) where
+    installed on CUDA."""
     import datasets
     import torch
     from trl import DPOConfig, DPOTrainer
@@ -280,25 +342,32 @@ def run_trl(spec: dict) -> dict:
     from granular_po.data.masks import GranularOptions
     from granular_po.data.records import load_records
     from granular_po.models import load_model, load_tokenizer, resolve_model_path
+    from granular_po.training.optimizer import optimizer_kwargs
+    from granular_po.training.sampler import SeededLengthGroupedSampler
 
     datasets.disable_progress_bars()
     path = resolve_model_path(spec["model"])
     tokenizer = load_tokenizer(path)
-    timer = step_callback(spec["warmup"], spec.get("profile_to"), spec.get("baton"))
+    device = spec.get("device", "cpu")
+    timer = step_callback(spec["warmup"], spec.get("profile_to"), spec.get("baton"), device)
+    liger = device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
+    workload = spec.get("workload", "full")
     with tempfile.TemporaryDirectory(prefix="granular-bench-trl-") as tmp:
         data = Path(tmp) / "pairs.json"
         pairs = write_pairs(data, spec)
         records, _ = load_records(data)
-        encoded = build_dataset(records, tokenizer, encode_options(spec["seq_len"]), GranularOptions())
-        policy = load_model(path, "float32", device="cpu")
-        reference = load_model(path, "float32", device="cpu").eval().requires_grad_(False)
+        enc = encode_options(spec["seq_len"], workload)
+        encoded = build_dataset(records, tokenizer, enc, GranularOptions())
+        # fp32 weights (the master copy under TRL's bf16 autocast), as TRL's users load them
+        policy = load_model(path, "float32", device=device)
+        reference = load_model(path, "float32", device=device).eval().requires_grad_(False)
         args = DPOConfig(
             output_dir=str(Path(tmp) / "trl"), per_device_train_batch_size=spec["batch"],
             max_steps=spec["warmup"] + spec["steps"], learning_rate=spec["lr"], lr_scheduler_type="constant",
-            weight_decay=0.0, max_grad_norm=10.0, beta=0.1, max_length=spec["seq_len"],
+            weight_decay=0.0, max_grad_norm=10.0, beta=0.1, max_length=enc.max_length,
             precompute_ref_log_probs=False, logging_steps=1, save_strategy="no", report_to="none",
-            bf16=False, gradient_checkpointing=False,  # as ours: fp32, no activation checkpointing
-            use_cpu=not torch.cuda.is_available(), seed=0, disable_tqdm=True,
+            bf16=spec.get("dtype", "fp32") == "bf16", gradient_checkpointing=False,  # no activation checkpointing
+            use_liger_kernel=liger, use_cpu=device == "cpu", seed=0, disable_tqdm=True,
         )  # fmt: skip
         # TRL tokenises text at __init__; the text is then swapped for our exact token ids
         text = datasets.Dataset.from_dict({
@@ -308,66 +377,93 @@ def run_trl(spec: dict) -> dict:
         trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=text,
                              processing_class=tokenizer, callbacks=[timer])
         trainer.train_dataset = encoded.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
-        # the optimizer exactly as run_training builds ours (torch.optim class, lr, Trainer's param groups)
-        trainer.optimizer_cls_and_kwargs = (getattr(torch.optim, spec["optimizer"]), {"lr": spec["lr"]})
+        # the same batches in the same order as ours (our seeded, length-grouped sampler)
+        lengths = [len(p) + max(len(c), len(r)) for p, c, r in
+                   zip(encoded["prompt_ids"], encoded["chosen_ids"], encoded["rejected_ids"])]
+        trainer._get_train_sampler = lambda *_args, **_kwargs: SeededLengthGroupedSampler(
+            lengths, group_size=spec["batch"], seed=0, group_by_length=True)
+        # the optimizer exactly as run_training builds ours (class, lr, fused / foreach, Trainer's param groups)
+        optimizer_cls = getattr(torch.optim, spec["optimizer"])
+        trainer.optimizer_cls_and_kwargs = (optimizer_cls, optimizer_kwargs(optimizer_cls, spec["lr"], policy.device))
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {**_common_result(spec, timer, trainer.model, encoded, 2 * spec["batch"]), "losses": losses,
-            "weighted_share": 1.0}
+    return {**_common_result(spec, timer, trainer.model, encoded, pairs=True), "losses": losses,
+            "weighted_share": 1.0, "liger": liger, "optimizer": _implementation(trainer.optimizer)}
 
 
 # ---------------------------------------------------------------- micro-benchmarks
 
 
 def logits_memory(spec: dict) -> dict:
-    """Peak RSS above the inputs of `compute_token_stats` forward + backward, naive or chunked.
+    """Peak memory above the inputs of `compute_token_stats` forward + backward, naive or chunked: RSS on
+    CPU, `torch.cuda.max_memory_allocated` on CUDA.
 
     Random hidden states (N, T, H), a trainable head (V, H) and a frozen reference head, all response
-    positions weighted (the worst case for the chunked path), the KL on when `need_kl`.
+    positions weighted (the worst case for the chunked path), the KL on when `need_kl`. With dtype bf16
+    the hidden states are bf16 and the heads fp32 under bf16 autocast, as mixed-precision training runs.
     """
+    import contextlib
+
     import torch
 
     from granular_po.stats import compute_token_stats
 
+    device = torch.device(spec.get("device", "cpu"))
+    bf16 = spec.get("dtype", "fp32") == "bf16"
     n, t, h, v = spec["rows"], spec["seq_len"], spec["hidden"], spec["vocab"]
     g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(n, t, h, generator=g).requires_grad_(True)  # (N, T, H)
-    ref_hidden = torch.randn(n, t, h, generator=g)  # (N, T, H)
-    head = torch.nn.Linear(h, v, bias=False)
-    ref_head = torch.nn.Linear(h, v, bias=False).requires_grad_(False)
-    ids = torch.randint(0, v, (n, t), generator=g)  # (N, T)
-    weights = torch.ones(n, t)
+    hidden_dtype = torch.bfloat16 if bf16 else torch.float32
+    hidden = torch.randn(n, t, h, generator=g).to(device, hidden_dtype).requires_grad_(True)  # (N, T, H)
+    ref_hidden = torch.randn(n, t, h, generator=g).to(device, hidden_dtype)  # (N, T, H)
+    head = torch.nn.Linear(h, v, bias=False).to(device)
+    ref_head = torch.nn.Linear(h, v, bias=False).to(device).requires_grad_(False)
+    ids = torch.randint(0, v, (n, t), generator=g).to(device)  # (N, T)
+    weights = torch.ones(n, t, device=device)
     weights[:, : t // 4] = 0  # the prompt
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def once(rows: int, cols: int) -> float:
         start = time.perf_counter()
-        stats = compute_token_stats(
-            hidden[:rows, :cols], head, ref_hidden[:rows, :cols], ref_head, ids[:rows, :cols],
-            weights[:rows, :cols], need_kl=spec["need_kl"], impl=spec["impl"], chunk_size=spec["chunk_size"],
-        )  # fmt: skip
+        with autocast:
+            stats = compute_token_stats(
+                hidden[:rows, :cols], head, ref_hidden[:rows, :cols], ref_head, ids[:rows, :cols],
+                weights[:rows, :cols], need_kl=spec["need_kl"], impl=spec["impl"], chunk_size=spec["chunk_size"],
+            )  # fmt: skip
         loss = stats.logratio.sum() + (stats.position_kl.sum() if spec["need_kl"] else 0.0)
         loss.backward()
+        _synchronize(device.type)
         return time.perf_counter() - start
 
     once(1, 16)  # first-call allocations (thread pools, kernels) are not the logits' memory
     head.weight.grad = torch.zeros_like(head.weight)  # held by both paths alike: allocated before the baseline
     hidden.grad = torch.zeros_like(hidden)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+        seconds = once(n, t)
+        return {"logits_peak_mb": torch.cuda.max_memory_allocated() / 2**20 - before, "seconds": seconds}
     before = rss_mb()
     seconds = once(n, t)
     return {"logits_peak_mb": peak_rss_mb() - before, "seconds": seconds}
 
 
 def matmul_peak(spec: dict) -> dict:
-    """Best fp32 GFLOP/s of square matmuls on this machine (torch's default thread count)."""
+    """Best GFLOP/s of square matmuls on this machine's device in the run's dtype (fp32 on CPU with
+    torch's default thread count; bf16 on a GPU for bf16 runs)."""
     import torch
 
+    device = spec.get("device", "cpu")
+    dtype = torch.bfloat16 if spec.get("dtype", "fp32") == "bf16" else torch.float32
     best = 0.0
     for n in spec.get("sizes", (2048, 4096)):
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         a @ b
+        _synchronize(device)
         for _ in range(spec.get("repeats", 3)):
             start = time.perf_counter()
             a @ b
+            _synchronize(device)
             best = max(best, 2 * n**3 / (time.perf_counter() - start))
     return {"matmul_flops": best, "threads": torch.get_num_threads()}
 

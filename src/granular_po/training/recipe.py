@@ -81,8 +81,9 @@ def _with_length(dataset):
 
 
 def uses_fsdp(cfg: TrainConfig, settings: RunSettings) -> bool:
-    """trainer=FSDPTrainer with several processes: GPUs, or CPU processes over gloo (as the tests run it)."""
-    return cfg.trainer == "FSDPTrainer" and settings.world_size > 1
+    """trainer=FSDPTrainer with several processes (GPUs, or CPU processes over gloo as the tests run it),
+    or one process started by a distributed launcher (torchrun: FSDP over one GPU, to check the path)."""
+    return cfg.trainer == "FSDPTrainer" and (settings.world_size > 1 or "LOCAL_RANK" in os.environ)
 
 
 def run_precision(cfg: TrainConfig, settings: RunSettings, device: DeviceCaps | None = None) -> Precision:
@@ -297,8 +298,8 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings,
         callbacks=[MetricsFileCallback(None if cfg.debug else run_dir / "metrics.jsonl")],
     )
     if uses_fsdp(cfg, settings) and not trainer.is_fsdp_enabled:  # Accelerate runs FSDP on GPUs only
-        logger.warning("notice: trainer=FSDPTrainer: Accelerate enables FSDP on GPUs only; these %d CPU "
-                       "processes run data-parallel (DDP) with full copies of the model", settings.world_size)
+        logger.warning("notice: trainer=FSDPTrainer: Accelerate enables FSDP on GPUs only; the %d CPU "
+                       "process(es) run data-parallel (DDP) with full copies of the model", settings.world_size)
     if cfg.sample_during_eval and eval_ds is not None and not cfg.debug:
         from granular_po.training.callbacks import SampleDuringEvalCallback
 
