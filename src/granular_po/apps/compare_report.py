@@ -255,8 +255,7 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
         sweep_rows.append(row)
         sweep_panels.setdefault(cell[2], {})[cell_label(cell[0], cell[1])] = (xs, ys)
 
-    plot_bars(bars, out / "test_accuracy.png", title=f"task '{s.task}': test accuracy at the validation-chosen lr "
-              "(mean, 95% CI over seeds)", ylabel="accuracy", baseline=sft_test["accuracy"], baseline_label="SFT")
+    plot_bars(bars, out / "test_accuracy.png", title=f"{s.task}: test accuracy\n(mean and 95% CI over seeds)", ylabel="accuracy", baseline=sft_test["accuracy"], baseline_label="SFT")
     plot_panels(sweep_panels, out / "val_sweep.png", ylabel="validation accuracy (mean over seeds)",
                 xlabel=f"log10(lr / {base:g})", title="validation accuracy by learning rate")
 
