@@ -28,7 +28,7 @@ commands:
   annotate IN OUT      derive masked_regions of minimally edited pairs from a character diff
   eval ...             task accuracy by greedy generation
   demo                 the arithmetic-correction experiment end to end, with a report
-  compare ...          {DPO, TDPO2} x {granular, response-level} from one SFT checkpoint
+  compare ...          {DPO, TDPO2} x {granular, response-level} x lr x seeds from one SFT model
 """
 
 
