@@ -1,6 +1,9 @@
 """Wire a checked config into data, models and `GranularTrainer`, then train, resume and save.
 
 The one entry point behind `python -u train.py ...`, `granular-po train ...` and Hydra multirun.
+(About 400 lines: the order in which a run is wired -- data, models, trainer, resume, the start-up and
+closing blocks, the guarantee that a failed start leaves nothing -- reads best in one place; the parts
+with a job of their own live beside it: `reference_cache`, `precision`, `optimizer`, `briefing`.)
 """
 
 from __future__ import annotations
