@@ -23,7 +23,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ "$DRY" = 1 ]; then
-  SHAPE=tiny DEVICE=cpu SEQ=64 BATCH=2 STEPS=1 WARMUP=0 NPROC=1 OUT="$WORK/gpu_results.md"
+  SHAPE=tiny DEVICE=cpu SEQ=32 BATCH=1 STEPS=1 WARMUP=0 NPROC=1 OUT="$WORK/gpu_results.md"
   STEP_EXTRA=(--in-process --no-micro)  # warm-up 0: one step each, the code paths only
   STATS=(--device cpu --rows 2 --seq-len 32 --hidden 64)
   export CUDA_VISIBLE_DEVICES=""

@@ -83,7 +83,7 @@ def _env(out: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_fsdp2_on_two_cpu_processes_equals_one_process(tmp_path):
-    """(Slow: about 80 s on the shared 2-core machine: two launches of the tiny model.)"""
+    """(Slow: 21 s on two idle cores, about 80 s when the machine is shared: two launches of the tiny model.)"""
     tokenizer = tiny_tokenizer("byte_level")
     tiny_llama(len(tokenizer), hidden_size=32).save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")

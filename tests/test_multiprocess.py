@@ -177,7 +177,7 @@ sys.exit(train_main(sys.argv[1:]))
 def test_a_nan_on_one_rank_is_skipped_by_every_rank(workspace, tmp_path):
     """Issue 11 item 7: rank 1 alone sees a NaN loss at step 2. Every rank skips that step (one all-reduce
     agrees on it), no rank waits on a collective the other skipped, and the replicas stay equal: the same
-    weights as one process that skips the same step. (Slow: 77 s on the shared 2-core machine; before the
+    weights as one process that skips the same step. (Slow: 21 s on two idle cores, about 80 s when the machine is shared; before the
     fix the two ranks hang in mismatched collectives and the launch is killed at its 240 s limit.)"""
     script = tmp_path / "inject.py"
     script.write_text(INJECT)
