@@ -18,6 +18,8 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from granular_po.apps.report import save_figure
+
 # two-sided 95% Student-t quantiles t_{0.975, df} (scipy is not a dependency)
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
          10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
@@ -125,13 +127,7 @@ def plot_bars(groups: Mapping[str, Mapping[str, tuple[float | None, float | None
     ax.grid(True, axis="y", alpha=0.3)
     if bar_labels or baseline_label:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- compare.md

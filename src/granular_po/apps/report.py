@@ -147,6 +147,11 @@ def plot_panels(
         ax.set_ylabel(ylabel)
     if title:
         fig.suptitle(title, fontsize=11)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Lay out and write `fig` as a PNG through a temporary file, so a stopped run never leaves half a plot."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
