@@ -21,7 +21,7 @@ import json
 import os
 import random
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,15 +158,21 @@ def make_pair(q: Question, rng: random.Random, mark_correct: bool = False, regio
     }
 
 
-def _pairs_for(keys, n: int, rng: random.Random, mark_correct: bool, region_unit: str) -> list[dict]:
-    """n pairs cycling over `keys` (repeats draw a new template and error); operand order random."""
+def _pairs_for(keys, n: int, rng: random.Random, mark_correct: bool, region_unit: str,
+               make: Callable[[Question, random.Random], dict] | None = None) -> list[dict]:
+    """n pairs cycling over `keys` (repeats draw a new template and error); operand order random.
+
+    `make(question, rng)` builds one pair; default the minimal-edit `make_pair`."""
     if n > 0 and not keys:
         raise ValueError("no questions left to draw from; widen `ranges` or lower n")
+    if make is None:
+        def make(q, r):
+            return make_pair(q, r, mark_correct, region_unit)
     pairs = []
     for i in range(n):
         op, x, y = keys[i % len(keys)]
         a, b = (x, y) if rng.random() < 0.5 else (y, x)
-        pairs.append(make_pair(Question(a, op, b), rng, mark_correct, region_unit))
+        pairs.append(make(Question(a, op, b), rng))
     return pairs
 
 
@@ -316,15 +322,11 @@ def split_questions(
     rng.shuffle(keys)
     test_keys, val_keys, train_keys = keys[:n_test], keys[n_test:n_test + n_val], keys[n_test + n_val:]
 
+    def styled(q, r):
+        return make_styled_pair(q, r, confound, mark_correct)
+
     def pairs(keys_, n):
-        if task == "arithmetic":
-            return _pairs_for(keys_, n, rng, mark_correct, "digits")
-        out = []
-        for i in range(n):
-            op, x, y = keys_[i % len(keys_)]
-            a, b = (x, y) if rng.random() < 0.5 else (y, x)
-            out.append(make_styled_pair(Question(a, op, b), rng, confound, mark_correct))
-        return out
+        return _pairs_for(keys_, n, rng, mark_correct, "digits", None if task == "arithmetic" else styled)
 
     test, val = pairs(test_keys, n_test), pairs(val_keys, n_val)
     return pairs(train_keys, n_train), val, test
