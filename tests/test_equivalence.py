@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import tiny_llama, tiny_tokenizer, toy_preference_pairs
+from tiny import tiny_llama, tiny_tokenizer, tiny_workspace, toy_preference_pairs
 from transformers import TrainingArguments
 
 from granular_po.apps.cli import train_main
@@ -34,12 +34,7 @@ N_RECORDS = 24  # 3 steps of 8
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("equivalence")
-    tokenizer = tiny_tokenizer("byte_level")
-    tiny_llama(len(tokenizer), hidden_size=32).save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
-    (root / "train.json").write_text(json.dumps(toy_preference_pairs(N_RECORDS, filler_cycle=4)))
-    return root
+    return tiny_workspace(tmp_path_factory.mktemp("equivalence"), toy_preference_pairs(N_RECORDS, filler_cycle=4))
 
 
 def train(root: Path, exp: str, *extra: str) -> tuple[dict[int, dict], dict[str, torch.Tensor]]:

@@ -10,12 +10,10 @@ checked against the formulas written out here from the trainer's own token stati
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import mixed_preference_pairs, tiny_llama, tiny_tokenizer
+from tiny import mixed_preference_pairs, tiny_workspace
 
 from granular_po.training.config import compose_config
 from granular_po.training.recipe import run_training
@@ -24,14 +22,8 @@ from granular_po.training.trainer import GranularTrainer
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("loss_keys")
-    tok = tiny_tokenizer("byte_level")
-    tiny_llama(len(tok), hidden_size=32).save_pretrained(root / "tiny")
-    tok.save_pretrained(root / "tiny")
     pairs = mixed_preference_pairs()
-    (root / "train.json").write_text(json.dumps(pairs))
-    (root / "eval.json").write_text(json.dumps(pairs))
-    return root
+    return tiny_workspace(tmp_path_factory.mktemp("loss_keys"), pairs, eval=pairs)
 
 
 _BUILT: dict[tuple[str, ...], dict] = {}

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import tiny_llama, tiny_tokenizer, toy_preference_pairs
+from tiny import tiny_workspace, toy_preference_pairs
 
 from granular_po.apps.cli import train_main
 
@@ -41,12 +41,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("multiprocess")
-    tokenizer = tiny_tokenizer("byte_level")
-    tiny_llama(len(tokenizer), hidden_size=32).save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
-    (root / "train.json").write_text(json.dumps(toy_preference_pairs(N_RECORDS, filler_cycle=3)))
-    return root
+    return tiny_workspace(tmp_path_factory.mktemp("multiprocess"), toy_preference_pairs(N_RECORDS, filler_cycle=3))
 
 
 def overrides(root: Path, exp: str) -> list[str]:

@@ -9,13 +9,12 @@ autocast over fp32 master weights moves them.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import tiny_llama, tiny_tokenizer, toy_preference_pairs
+from tiny import tiny_workspace, toy_preference_pairs
 
 from granular_po.apps.cli import train_main
 from granular_po.training.config import compose_config, validate
@@ -96,12 +95,7 @@ def test_training_arguments_follow_the_decision(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("precision")
-    tokenizer = tiny_tokenizer("byte_level")
-    tiny_llama(len(tokenizer), hidden_size=32).save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
-    (root / "train.json").write_text(json.dumps(toy_preference_pairs(4)))
-    return root
+    return tiny_workspace(tmp_path_factory.mktemp("precision"), toy_preference_pairs(4))
 
 
 def one_step(root, exp: str, extra: list[str]) -> tuple[dict, dict]:

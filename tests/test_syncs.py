@@ -16,13 +16,12 @@ against what the device would have said.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import traceback
 
 import pytest
 import torch
-from tiny import tiny_llama, tiny_tokenizer, toy_preference_pairs
+from tiny import tiny_workspace, toy_preference_pairs
 
 from granular_po.apps.cli import train_main
 from granular_po.data.collate import PreferenceCollator, SFTCollator
@@ -80,12 +79,7 @@ class ReadCounter:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("syncs")
-    tokenizer = tiny_tokenizer("byte_level")
-    tiny_llama(len(tokenizer), hidden_size=32).save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
-    (root / "train.json").write_text(json.dumps(toy_preference_pairs(16, filler_cycle=3)))
-    return root
+    return tiny_workspace(tmp_path_factory.mktemp("syncs"), toy_preference_pairs(16, filler_cycle=3))
 
 
 @pytest.mark.parametrize("route", [

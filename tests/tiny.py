@@ -131,3 +131,16 @@ def mixed_preference_pairs() -> list[dict]:
               "Hello! quick brown fox jumps over the lazy dog.", "tiny corpus", None),
         _pair("Is it good?", "The quick brown fox: yes.", "The lazy dog: no.", "quick brown fox", "lazy dog"),
     ]
+
+
+def tiny_workspace(root, pairs: list[dict], *, hidden_size: int = 32, **files: list[dict]):
+    """`root/tiny` (a random tiny Llama with the byte-level tokenizer, saved as a model directory) and
+    `root/train.json` holding `pairs` (plus `root/<name>.json` for each keyword); returns `root`."""
+    import json
+
+    tokenizer = tiny_tokenizer("byte_level")
+    tiny_llama(len(tokenizer), hidden_size=hidden_size).save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    for name, records in {"train": pairs, **files}.items():
+        (root / f"{name}.json").write_text(json.dumps(records))
+    return root
