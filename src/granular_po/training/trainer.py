@@ -268,6 +268,15 @@ class GranularTrainer(Trainer):
             load_result = type(load_result)(missing_keys=[], unexpected_keys=load_result.unexpected_keys)
         super()._issue_warnings_after_load(load_result)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Trainer's save, less the aliases of tied weights in a gathered (FSDP / DeepSpeed) state dict.
+
+        Gathered tensors are copies, so transformers no longer sees that `lm_head.weight` is the
+        embedding and would write it twice (and the checkpoint would differ from a one-process run's)."""
+        if state_dict is not None:
+            state_dict = drop_tied_aliases(self.accelerator.unwrap_model(self.model), state_dict)
+        super()._save(output_dir, state_dict=state_dict)
+
     def _save_checkpoint(self, model, trial) -> None:
         """Write `step-N/` beside its final name and rename it into place only when complete."""
         run_dir = Path(self.args.output_dir)
@@ -296,3 +305,17 @@ class GranularTrainer(Trainer):
             checkpoints.commit_staged(run_dir, step)
             checkpoints.rotate(run_dir, self.keep_checkpoints)
         self.accelerator.wait_for_everyone()
+
+
+def drop_tied_aliases(model: torch.nn.Module, state_dict: dict) -> dict:
+    """`state_dict` without the names under which `model` holds a parameter it already holds under an
+    earlier name (tied weights), as `model.state_dict()` of an unsharded model would be written."""
+    first_name: dict[int, str] = {}
+    aliases = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first_name:
+            aliases.add(name)
+        else:
+            first_name[id(param)] = name
+    return {name: value for name, value in state_dict.items() if name not in aliases}
+
