@@ -10,7 +10,9 @@ else: sharding, gathering and the reduce-scatter of gradients are Accelerate's a
 TDPO2 with granular weights, 2 processes x 2 micro-batches x 2 pairs against 1 process x 8 pairs: the
 same loss at every step and the same final weights (gathered from the shards), to 1e-5.
 Checkpoints too: each rank joins the gather of the full state dict (Accelerate's FSDP2 `get_state_dict`),
-rank 0 writes `step-N/` atomically, and the final checkpoint equals the one-process run's.
+rank 0 writes `step-N/` atomically, and the final checkpoint equals the one-process run's. Resume too: a
+run of one epoch extended to two resumes from its FSDP checkpoint (SGD without momentum, which torch's
+optimizer loading refuses, so the trainer restores the schedule alone) and ends where one process does.
 """
 
 import json
@@ -86,7 +88,7 @@ def _env(out: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_fsdp2_on_two_cpu_processes_equals_one_process(tmp_path):
-    """(Slow: about 45 s on two cores beside a one-process job: two launches of the tiny model.)"""
+    """(Slow: about 85 s on two cores beside a one-process job: four launches of the tiny model.)"""
     tokenizer = tiny_tokenizer("byte_level")
     tiny_llama(len(tokenizer), hidden_size=32).save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
@@ -97,22 +99,30 @@ def test_fsdp2_on_two_cpu_processes_equals_one_process(tmp_path):
         f"model.name_or_path={tmp_path / 'tiny'}", "model.block_name=LlamaDecoderLayer", "datasets=[ours]",
         f"custom_train_path={tmp_path / 'train.json'}", f"local_dirs=[{tmp_path / 'runs'}]", "prompt_format=raw",
         "max_length=64", "max_prompt_length=32", "loss=tdpo", "loss.beta=0.5", "loss.if_tdpo2=true",
-        "granular=true", "batch_size=8", "n_epochs=2", "optimizer=SGD", "lr=0.5", "warmup_steps=0",
+        "granular=true", "batch_size=8", "optimizer=SGD", "lr=0.5", "warmup_steps=3",
         "do_first_eval=false", "seed=3",
     ]
-    runs = {}
+    def accelerate_launch() -> list[str]:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(_free_port())]
+
+    fsdp_keys = ["trainer=FSDPTrainer", "gradient_accumulation_steps=2"]
+    runs, outputs = {}, {}
     for name, launch, extra in (
-        ("fsdp", [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                  "--main_process_port", str(_free_port())], ["trainer=FSDPTrainer", "gradient_accumulation_steps=2"]),
-        ("one", [sys.executable], []),
+        ("fsdp", accelerate_launch(), [*fsdp_keys, "exp_name=fsdp", "n_epochs=2"]),
+        ("one", [sys.executable], ["exp_name=one", "n_epochs=2"]),
+        # the first epoch, then the run extended to two: resumes from the FSDP checkpoint of step 2
+        ("resumed-1", accelerate_launch(), [*fsdp_keys, "exp_name=resumed", "n_epochs=1"]),
+        ("resumed", accelerate_launch(), [*fsdp_keys, "exp_name=resumed", "n_epochs=2"]),
     ):
         out = tmp_path / name
         out.mkdir()
-        done = subprocess.run([*launch, str(script), *common, f"exp_name={name}", *extra], env=_env(out),
+        done = subprocess.run([*launch, str(script), *common, *extra], env=_env(out),
                               cwd=tmp_path, capture_output=True, text=True, timeout=280)
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-        runs[name] = out
+        runs[name], outputs[name] = out, done.stdout + done.stderr
+    assert "resuming from" in outputs["resumed"] and "step-2" in outputs["resumed"], outputs["resumed"][-3000:]
 
     fsdp = [json.loads((runs["fsdp"] / f"rank{r}.json").read_text()) for r in (0, 1)]
     one = json.loads((runs["one"] / "rank0.json").read_text())
@@ -131,10 +141,19 @@ def test_fsdp2_on_two_cpu_processes_equals_one_process(tmp_path):
         for key in w_one:
             torch.testing.assert_close(w_fsdp[key], w_one[key], rtol=1e-5, atol=1e-5, msg=f"rank {rank} {key}")
 
+    resumed = json.loads((runs["resumed"] / "rank0.json").read_text())
+    assert sorted(resumed["losses"]) == ["1", "2", "3", "4"]  # 1-2 from the checkpoint's history, 3-4 trained
+    for step in ("1", "2", "3", "4"):
+        assert resumed["losses"][step] == pytest.approx(one["losses"][step], rel=1e-5), step
+    w_resumed = load_file(str(runs["resumed"] / "rank0.safetensors"))
+    for key in w_one:
+        torch.testing.assert_close(w_resumed[key], w_one[key], rtol=1e-5, atol=1e-5, msg=f"resumed {key}")
+
     # the checkpoints: written once (rank 0) from the gathered weights, complete, equal to one process's
-    saved = {name: tmp_path / "runs" / name / "LATEST" / "model.safetensors" for name in ("fsdp", "one")}
+    saved = {name: tmp_path / "runs" / name / "LATEST" / "model.safetensors" for name in ("fsdp", "one", "resumed")}
     assert all(path.is_file() for path in saved.values()), sorted(str(p) for p in (tmp_path / "runs").rglob("*"))
-    ckpt_fsdp, ckpt_one = (load_file(str(path)) for path in saved.values())
+    ckpt_fsdp, ckpt_one, ckpt_resumed = (load_file(str(path)) for path in saved.values())
+    assert sorted(ckpt_resumed) == sorted(ckpt_one)
     assert sorted(ckpt_fsdp) == sorted(ckpt_one) and "model.layers.1.mlp.down_proj.weight" in ckpt_fsdp
     for key, value in ckpt_one.items():
         assert type(ckpt_fsdp[key]) is torch.Tensor

@@ -268,6 +268,19 @@ class GranularTrainer(Trainer):
             load_result = type(load_result)(missing_keys=[], unexpected_keys=load_result.unexpected_keys)
         super()._issue_warnings_after_load(load_result)
 
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        """Trainer's, except an optimizer without tensor state (SGD without momentum) under FSDP: torch's
+        `set_optimizer_state_dict` refuses that ("Expected device to be set") though there is nothing to load
+        but the schedule, so the schedule alone is restored, with the learning rate it had reached."""
+        if checkpoint is None or not self.is_fsdp_enabled or not holds_no_tensor_state(self.optimizer):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from transformers.trainer import SCHEDULER_NAME
+
+        state = torch.load(Path(checkpoint) / SCHEDULER_NAME, map_location="cpu", weights_only=True)
+        self.lr_scheduler.load_state_dict(state)
+        for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Trainer's save, less the aliases of tied weights in a gathered (FSDP / DeepSpeed) state dict.
 
@@ -318,4 +331,14 @@ def drop_tied_aliases(model: torch.nn.Module, state_dict: dict) -> dict:
         else:
             first_name[id(param)] = name
     return {name: value for name, value in state_dict.items() if name not in aliases}
+
+
+def holds_no_tensor_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` keeps no tensor per parameter (SGD without momentum), its state first built as
+    torch's distributed optimizer loading builds it (a step at learning rate 0 on zero gradients)."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    _init_optim_state(optimizer)
+    return not any(torch.is_tensor(value) and value.dim() > 0
+                   for state in optimizer.state.values() for value in state.values())
 
