@@ -52,6 +52,7 @@ bench: install
 	HF_HUB_OFFLINE=1 $(PY) bench/step.py --workload short --optimizer AdamW --steps 6 --no-micro --configs trl-dpo+dpo-loop+dpo --out bench/results-short-adamw.md
 	HF_HUB_OFFLINE=1 $(PY) bench/step.py --workload short --steps 6 --no-micro --configs trl-dpo+dpo+tdpo --out bench/results-short-sgd.md
 	HF_HUB_OFFLINE=1 $(PY) bench/packing.py
+	HF_HUB_OFFLINE=1 $(PY) bench/flops.py
 
 clean:
 	rm -rf .cache/runs report build dist
