@@ -5,6 +5,10 @@
 # a stop and every finished run, score and SFT model is reused (each `--seeds k` invocation reuses
 # the runs of the one before; the last one is exactly the default grid). Run from the repository root:
 #   nohup bash docs/results/run_default_grid.sh > report/default-grid.log 2>&1 &
+# or, as the reports in docs/results were made, one job per task on one core each (two one-thread
+# processes use two cores better than one two-thread process at this model size):
+#   for task in styled arithmetic; do TASKS=$task OMP_NUM_THREADS=1 \
+#     nohup bash docs/results/run_default_grid.sh >> report/default-grid-$task.log 2>&1 & done
 # FROZEN_SRC points at a copy of src/ taken at the start, so edits made while it runs cannot reach it.
 set -euo pipefail
 export PYTHONPATH="${FROZEN_SRC:-$PWD/src}" HF_HUB_OFFLINE=1
