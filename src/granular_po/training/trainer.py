@@ -336,8 +336,10 @@ def drop_tied_aliases(model: torch.nn.Module, state_dict: dict) -> dict:
 def holds_no_tensor_state(optimizer: torch.optim.Optimizer) -> bool:
     """Whether `optimizer` keeps no tensor per parameter (SGD without momentum), its state first built as
     torch's distributed optimizer loading builds it (a step at learning rate 0 on zero gradients)."""
-    from torch.distributed.checkpoint.state_dict import _init_optim_state
-
+    try:  # private, but the very function `set_optimizer_state_dict` calls first (torch 2.2 to 2.14 at least)
+        from torch.distributed.checkpoint.state_dict import _init_optim_state
+    except ImportError:  # a torch without it: leave the loading to Trainer, as before
+        return False
     _init_optim_state(optimizer)
     return not any(torch.is_tensor(value) and value.dim() > 0
                    for state in optimizer.state.values() for value in state.values())
