@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The reduced grid run for docs/results/ (issue 15): both tasks, one seed at a time, interleaved, so a
+# The reduced grid run for docs/results/reduced/ (issue 15): both tasks, one seed at a time, interleaved, so a
 # stopped job leaves both tasks with the same seeds finished. Every invocation reuses the finished runs
 # of the one before (same overrides) and rewrites the task's compare.md. One SFT model (trained on the
 # styled task's training split) is the start of every run of both tasks. Run from the repository root:
-#   nohup bash docs/results/run_reduced_grid.sh > report/reduced-grid.log 2>&1 &
+#   nohup bash docs/results/reduced/run_reduced_grid.sh > report/reduced-grid.log 2>&1 &
 set -euo pipefail
 # the code as it was at the start (later edits to the worktree do not reach a running grid)
 export PYTHONPATH="${FROZEN_SRC:-$PWD/src}"
