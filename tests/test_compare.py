@@ -150,3 +150,20 @@ def test_sft_argument_accepts_a_run_directory(tmp_path):
     assert compare.sft_model_dir(str(run)) == (run / "step-3").resolve()
     with pytest.raises(SystemExit, match="neither"):
         compare.sft_model_dir(str(tmp_path))
+
+
+def test_a_bar_without_an_interval_gets_no_error_bar(tmp_path, monkeypatch):
+    """One seed has no interval: its bar must not carry a zero-width cap that reads as a tight interval."""
+    from matplotlib.axes import Axes
+
+    from granular_po.apps.compare_report import plot_bars
+
+    drawn = []
+    original = Axes.bar
+    monkeypatch.setattr(Axes, "bar", lambda self, x, h, *a, **kw: drawn.append(kw["yerr"]) or original(self, x, h, *a, **kw))
+    path = plot_bars({"DPO, AdamW": {"granular": (0.6, None, None), "response-level": (0.5, 0.4, 0.7)}},
+                     tmp_path / "bars.png", title="t")
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    (low_g, high_g), (low_r, high_r) = drawn
+    assert math.isnan(low_g[0]) and math.isnan(high_g[0])
+    assert (low_r[0], high_r[0]) == pytest.approx((0.1, 0.2))

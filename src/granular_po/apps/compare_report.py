@@ -116,8 +116,9 @@ def plot_bars(groups: Mapping[str, Mapping[str, tuple[float | None, float | None
                 continue
             xs.append(i - 0.4 + width * (j + 0.5))
             ys.append(mean)
-            errs[0].append(mean - low if low is not None else 0.0)
-            errs[1].append(high - mean if high is not None else 0.0)
+            # no interval (one seed): NaN draws no error bar, where 0 would draw a cap that looks like a tight one
+            errs[0].append(mean - low if low is not None else math.nan)
+            errs[1].append(high - mean if high is not None else math.nan)
         ax.bar(xs, ys, width, yerr=errs, capsize=4, label=label, alpha=0.85)
     if baseline is not None:
         ax.axhline(baseline, color="grey", linestyle="--", linewidth=1, label=baseline_label or None)
@@ -251,7 +252,10 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
         sweep_rows.append(row)
         sweep_panels.setdefault(cell[2], {})[cell_label(cell[0], cell[1])] = (xs, ys)
 
-    plot_bars(bars, out / "test_accuracy.png", title=f"{s.task}: test accuracy\n(mean and 95% CI over seeds)", ylabel="accuracy", baseline=sft_test["accuracy"], baseline_label="SFT")
+    any_interval = any(low is not None for group in bars.values() for _, low, _ in group.values())
+    subtitle = "mean and 95% CI over seeds" if any_interval else "one seed: no interval"
+    plot_bars(bars, out / "test_accuracy.png", title=f"{s.task}: test accuracy\n({subtitle})", ylabel="accuracy",
+              baseline=sft_test["accuracy"], baseline_label="SFT")
     plot_panels(sweep_panels, out / "val_sweep.png", ylabel="validation accuracy (mean over seeds)",
                 xlabel=f"log10(lr / {base:g})", title="validation accuracy by learning rate")
 
