@@ -122,7 +122,7 @@ def test_fsdp2_on_two_cpu_processes_equals_one_process(tmp_path):
                               cwd=tmp_path, capture_output=True, text=True, timeout=280)
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
         runs[name], outputs[name] = out, done.stdout + done.stderr
-    assert "resuming from" in outputs["resumed"] and "step-2" in outputs["resumed"], outputs["resumed"][-3000:]
+    assert "resuming from step-2" in outputs["resumed"], outputs["resumed"][-3000:]  # not trained over again
 
     fsdp = [json.loads((runs["fsdp"] / f"rank{r}.json").read_text()) for r in (0, 1)]
     one = json.loads((runs["one"] / "rank0.json").read_text())
