@@ -167,3 +167,48 @@ def test_a_bar_without_an_interval_gets_no_error_bar(tmp_path, monkeypatch):
     (low_g, high_g), (low_r, high_r) = drawn
     assert math.isnan(low_g[0]) and math.isnan(high_g[0])
     assert (low_r[0], high_r[0]) == pytest.approx((0.1, 0.2))
+
+
+def test_pairs_retrains_the_validation_best_cell_of_each_granularity(workspace, capsys):
+    # two losses at one rate: validation is scored only because --pairs chooses the best cells on it
+    args = [*quick_args(workspace, "--losses", "dpo,tdpo", "--adamw", "1", "--pairs", "8"),
+            "--out", str(workspace / "out-pairs")]
+    assert compare.main(args) == 0
+    out = workspace / "out-pairs"
+    s = compare.settings_from_args(compare.build_parser().parse_args(args))
+    runs = grid_runs(s)
+    best = {}
+    for granular in (True, False):
+        cells = [(loss, granular, "AdamW") for loss in ("dpo", "tdpo")]
+        mean_val = {c: sum(_result(out, r)["val_accuracy"] for r in runs if r.cell == c) / s.seeds for c in cells}
+        best[granular] = max(cells, key=lambda c: (mean_val[c], -cells.index(c)))
+    for seed in range(s.seeds):
+        for cell in best.values():
+            run = Run(*cell, 1.0, seed, pairs=8)
+            config = yaml.safe_load((out / "runs" / run.name / "config.yaml").read_text())
+            assert config["n_examples"] == 8 and config["seed"] == seed and math.isclose(config["lr"], 5e-6)
+            result = _result(out, run)
+            assert result["test"]["n"] == 4 and result["val_accuracy"] is None
+            assert not list((out / "runs" / run.name).glob("step-*"))  # scored, weights dropped
+    assert len(list((out / "runs").glob("*_n*"))) == 2 * s.seeds  # the other cells were not retrained
+    text = (out / "compare.md").read_text()
+    section = text.split("## Sample efficiency")[1].split("## How it ran")[0]
+    assert "| 4 pairs | 8 pairs |" in section
+    assert "granular - response-level: over seeds / over questions" in section
+    assert (out / "sample_efficiency.png").read_bytes()[:8] == PNG_SIGNATURE
+    summary = json.loads((out / "compare.json").read_text())["sample_efficiency"]
+    assert set(summary) == {compare.cell_label(*c) for c in best.values()}
+    assert all(set(by_n) == {"4", "8"} and len(by_n["8"]) == s.seeds for by_n in summary.values())
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/compare_result.json")}
+    capsys.readouterr()
+    assert compare.main(args) == 0  # everything reused
+    printed = capsys.readouterr().out
+    assert ": training" not in printed and "[compare sample efficiency" not in printed
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+@pytest.mark.parametrize("pairs, message", [("3", "multiple of the batch size"), ("4", "the grid's own"),
+                                            ("64", "at most --n-train")])
+def test_pairs_that_cannot_be_trained_are_refused(workspace, pairs, message):
+    with pytest.raises(SystemExit, match=message):
+        compare.settings_from_args(compare.build_parser().parse_args(quick_args(workspace, "--pairs", pairs)))

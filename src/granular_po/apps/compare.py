@@ -15,7 +15,10 @@
    the learning rate with the best validation accuracy (ties: the lower rate) is then scored on the test
    questions. Test questions are used for nothing else: no choice depends on them;
 5. <out>/compare.md: test accuracy (mean and 95% interval over seeds), the paired granular -
-   response-level differences, eval reward accuracy, the validation sweep, and plots with error bars.
+   response-level differences, eval reward accuracy, the validation sweep, and plots with error bars;
+6. with `--pairs 32,128` (sample efficiency): the granular and the response-level cell with the best
+   mean validation accuracy are trained again on 32 and 128 pairs (one pass each, per seed at its
+   chosen rate) and scored on test: test accuracy against annotated pairs, the cost that matters to users.
 
 Resumable: a run with a recorded result is never retrained (a killed run resumes from its checkpoint),
 the report is rewritten after every seed, so a stopped grid leaves a partial table. Weights of runs not
@@ -87,6 +90,10 @@ class CompareSettings:
     n_eval_pairs: int = 32  # validation pairs of the trainer's preference evaluation (reward accuracy)
     max_new_tokens: int = 40  # the longest styled response is about 40 tokens
     eval_batch_size: int = 64  # questions generated together in task accuracy (not a training setting)
+    # sample efficiency (off by default): after the grid, the best granular and the best response-level
+    # cell (mean validation accuracy of their chosen runs) are trained again on these many pairs, one
+    # pass each (steps = pairs / batch_size), per seed at that seed's chosen rate, and scored on test
+    pairs: tuple[int, ...] = ()
 
 
 QUICK = dict(n_train=16, n_val=4, n_test=4, sft_steps=2, sft_batch_size=4, steps=2, batch_size=2, adamw=(1,),
@@ -102,10 +109,15 @@ class Run:
     optimizer: str
     multiplier: float  # lr = multiplier x base_lr
     seed: int
+    pairs: int = 0  # training pairs; 0: the grid's steps x batch_size (a sample-efficiency run otherwise)
 
     @property
     def name(self) -> str:
-        return f"{self.loss}_g{int(self.granular)}_{self.optimizer}_x{self.multiplier:g}_s{self.seed}"
+        name = f"{self.loss}_g{int(self.granular)}_{self.optimizer}_x{self.multiplier:g}_s{self.seed}"
+        return f"{name}_n{self.pairs}" if self.pairs else name
+
+    def steps(self, s: CompareSettings) -> int:
+        return self.pairs // s.batch_size if self.pairs else s.steps
 
     @property
     def cell(self) -> tuple[str, bool, str]:
@@ -132,6 +144,10 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x.strip())
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -154,9 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "task":
             p.add_argument(flag, choices=("arithmetic", "styled"), default=None, help=f"default {value}")
         elif isinstance(value, tuple):
-            kind = _names if f.name == "losses" else _floats
-            p.add_argument(flag, type=kind, default=None,
-                           help=f"comma-separated, default {','.join(f'{v:g}' if isinstance(v, float) else str(v) for v in value)}{quick}")
+            kind = {"losses": _names, "pairs": _ints}.get(f.name, _floats)
+            shown = ','.join(f'{v:g}' if isinstance(v, float) else str(v) for v in value) or "none"
+            extra = (": sample efficiency, the best granular and response-level cells trained on these many "
+                     "pairs (one pass) after the grid" if f.name == "pairs" else "")
+            p.add_argument(flag, type=kind, default=None, help=f"comma-separated, default {shown}{quick}{extra}")
         else:
             p.add_argument(flag, type=type(value), default=None, help=f"default {value}{quick}")
     return p
@@ -175,6 +193,12 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
         raise SystemExit("compare needs at least one seed and one learning rate (--adamw / --sgd)")
     if not 0.0 <= s.confound <= 1.0:
         raise SystemExit(f"--confound must be in [0, 1], not {s.confound}")
+    grid_pairs = s.steps * s.batch_size
+    bad = [n for n in s.pairs if n <= 0 or n % s.batch_size or n > s.n_train or n == grid_pairs]
+    if bad:
+        raise SystemExit(f"--pairs {','.join(map(str, bad))}: each count must be a multiple of the batch size "
+                         f"({s.batch_size}), at most --n-train ({s.n_train}), and not the grid's own "
+                         f"{grid_pairs} (steps x batch size: those runs are the grid's)")
     return s
 
 
@@ -236,7 +260,7 @@ def sft_overrides(model: str, data: dict[str, Path], runs: Path, s: CompareSetti
 
 
 def run_overrides(run: Run, model: str, data: dict[str, Path], runs: Path, sft: Path, s: CompareSettings) -> list[str]:
-    n = s.steps * s.batch_size
+    n = run.steps(s) * s.batch_size  # one pass over n pairs
     return [
         *common_overrides(model, data, runs, s), f"model.archive={hydra_value(sft)}",
         f"loss={run.loss}", f"granular={str(run.granular).lower()}", f"optimizer={run.optimizer}",
@@ -343,9 +367,11 @@ class Grid:
         overrides = run_overrides(run, self.model, self.data, self.runs_dir, self.sft, self.s)
         run_dir = self.runs_dir / run.name
         self._record_command(overrides)
-        train_seconds = train_in_process(overrides, run_dir, self.s.steps, self.fingerprint, run.name)
+        train_seconds = train_in_process(overrides, run_dir, run.steps(self.s), self.fingerprint, run.name)
         drop_optimizer_state(run_dir)
-        if len(self._groups()[(run.seed, run.cell)]) > 1:
+        # scored on validation where a rate is chosen among several, or where the sample-efficiency stage
+        # will choose the best cell; a sample-efficiency run itself is chosen by nothing
+        if not run.pairs and (len(self._groups()[(run.seed, run.cell)]) > 1 or self.s.pairs):
             val = evaluate_model(run_dir / checkpoints.LATEST, self.val_questions, self.out / "eval" / "val" /
                                  f"{run.name}.json", self.s.max_new_tokens, f"{run.name} (validation)",
                                  batch_size=self.s.eval_batch_size)
@@ -404,7 +430,7 @@ class Grid:
         if run is None or self.result(run)["test"] is not None:
             return
         run_dir = self.runs_dir / run.name
-        if not finished(run_dir, self.s.steps):  # weights deleted by an older invocation: train it again
+        if not finished(run_dir, run.steps(self.s)):  # weights deleted by an older invocation: train it again
             print(f"{run.name}: chosen on validation but its weights are gone; training it again", flush=True)
             result = self.result(run)
             self.result_path(run).unlink()
@@ -412,17 +438,80 @@ class Grid:
             if again["val_accuracy"] != result["val_accuracy"]:
                 print(f"{run.name}: note, validation accuracy {again['val_accuracy']:.3f} on retraining, "
                       f"{result['val_accuracy']:.3f} before", flush=True)
+        self._score_test(run)
+        self.prune(key)
+
+    def _score_test(self, run: Run) -> None:
         start = time.monotonic()
-        test = evaluate_model(run_dir / checkpoints.LATEST, self.test_questions, self.out / "eval" / "test" /
-                              f"{run.name}.json", self.s.max_new_tokens, f"{run.name} (test)",
-                              batch_size=self.s.eval_batch_size)
+        test = evaluate_model(self.runs_dir / run.name / checkpoints.LATEST, self.test_questions,
+                              self.out / "eval" / "test" / f"{run.name}.json", self.s.max_new_tokens,
+                              f"{run.name} (test)", batch_size=self.s.eval_batch_size)
         result = self.result(run)
         result["test"] = {"accuracy": test["accuracy"], "n": test["n"], "correct": test["correct"],
                           "seconds": test.get("seconds"),
                           "rows": [{"prompt": r["prompt"], "correct": r["correct"]} for r in test["rows"]]}
         self._write_result(run, result)
         self.seconds["test"].append(time.monotonic() - start)
-        self.prune(key)
+
+    # ---- sample efficiency (--pairs)
+    def best_cells(self) -> dict[bool, tuple] | None:
+        """granular -> the (loss, granular, optimizer) cell of that granularity whose validation-chosen runs
+        have the best mean validation accuracy over seeds (ties: the earlier cell of the grid); None until
+        every (seed, cell) has its choice. Test results play no part."""
+        groups = self._groups()
+        if any(self.chosen(key) is None for key in groups):
+            return None
+        best: dict[bool, tuple] = {}
+        score: dict[bool, float] = {}
+        for cell in dict.fromkeys(r.cell for r in self.runs):
+            vals = [self.result(self.chosen((seed, cell)))["val_accuracy"] for seed in range(self.s.seeds)]
+            if any(v is None for v in vals):
+                raise SystemExit(f"--pairs chooses the best cells on validation, but {cell_label(*cell)} was trained "
+                                 "at one rate without --pairs and never scored on validation; give --pairs with a "
+                                 "fresh --out (or several rates per optimizer)")
+            mean = sum(vals) / len(vals)
+            granular = cell[1]
+            if granular not in score or mean > score[granular]:
+                best[granular], score[granular] = cell, mean
+        return best
+
+    def sample_runs(self) -> list[Run]:
+        """The sample-efficiency runs: per pair count, seed and best cell, that seed's chosen rate."""
+        best = self.best_cells()
+        if not self.s.pairs or best is None:
+            return []
+        return [replace(self.chosen((seed, cell)), pairs=n) for n in self.s.pairs for seed in range(self.s.seeds)
+                for cell in (best[True], best[False])]
+
+    def _sample_eta(self, left: list[Run]) -> str:
+        """Time left from the grid's recorded training times, scaled by steps, and its test scorings."""
+        train = [self.result(r)["train_seconds"] for r in self.runs
+                 if self.result(r) is not None and self.result(r)["train_seconds"]]
+        tests = [self.result(r)["test"].get("seconds") for r in self.runs
+                 if self.result(r) is not None and self.result(r)["test"] is not None]
+        tests = [t for t in tests if t]
+        if not train or not tests:
+            return "time left: not known yet"
+        per_step = sum(train) / len(train) / self.s.steps  # loading and saving counted as steps: an upper bound
+        left_s = sum(r.steps(self.s) for r in left) * per_step + len(left) * sum(tests) / len(tests)
+        return f"about {left_s / 60:.0f} min left"
+
+    def run_sample_efficiency(self) -> None:
+        """Train and test-score every sample-efficiency run (after the grid: it needs the grid's choices)."""
+        todo = self.sample_runs()
+        for i, run in enumerate(todo, 1):
+            found = self.result(run)
+            if found is not None and found["test"] is not None:
+                continue
+            left = [r for r in todo[i - 1:] if self.result(r) is None or self.result(r)["test"] is None]
+            print(f"[compare sample efficiency {i}/{len(todo)}, {(time.monotonic() - self.started) / 60:.1f} min, "
+                  f"{self._sample_eta(left)}] {run.name}: {run.pairs} pairs, {run.steps(self.s)} steps", flush=True)
+            if found is None or not finished(self.runs_dir / run.name, run.steps(self.s)):
+                self.result_path(run).unlink(missing_ok=True)
+                self.train_and_validate(run)
+            self._score_test(run)
+            if not self.keep_weights:
+                drop_weights(self.runs_dir / run.name)
 
     # ---- everything
     def run_all(self, on_seed_done) -> None:
@@ -440,8 +529,10 @@ class Grid:
                     self._progress(f"seed {seed}, {cell_label(*key[1])}: scoring {self.chosen(key).name} on the "
                                    "test questions")
                 self.test(key)
-            if seed < self.s.seeds - 1:  # the caller reports after the last one
+            if seed < self.s.seeds - 1 or self.s.pairs:  # the caller reports after the last one
                 on_seed_done(seed)
+        if self.s.pairs:
+            self.run_sample_efficiency()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -131,6 +131,36 @@ def plot_bars(groups: Mapping[str, Mapping[str, tuple[float | None, float | None
     return save_figure(fig, path)
 
 
+def plot_curves(curves: Mapping[str, Mapping[int, tuple[float | None, float | None, float | None]]],
+                path: str | os.PathLike, title: str = "", xlabel: str = "", ylabel: str = "",
+                baseline: float | None = None, baseline_label: str = "") -> Path:
+    """Lines with 95% error bars on a log2 x axis: label -> {x: (mean, low, high)}; points without a
+    mean are left out, points without an interval have no error bar."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.6, 4.0), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for label, points in curves.items():
+        xs = [x for x in sorted(points) if points[x][0] is not None]
+        means = [points[x][0] for x in xs]
+        low = [m - points[x][1] if points[x][1] is not None else math.nan for m, x in zip(means, xs)]
+        high = [points[x][2] - m if points[x][2] is not None else math.nan for m, x in zip(means, xs)]
+        ax.errorbar(xs, means, yerr=[low, high], capsize=4, marker="o", label=label)
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", linestyle="--", linewidth=1, label=baseline_label or None)
+    ax.set_xscale("log", base=2)
+    xticks = sorted({x for points in curves.values() for x in points})
+    ax.set_xticks(xticks, [str(x) for x in xticks])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
 # ---------------------------------------------------------------- compare.md
 
 
@@ -180,6 +210,73 @@ def _setting(value) -> str:
 def _mean(values):
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
+
+
+def sample_efficiency(grid, sft_test_accuracy: float) -> tuple[list[str], dict]:
+    """The '## Sample efficiency' section, sample_efficiency.png and the test accuracies per cell, pair
+    count and seed, for `--pairs`; nothing without it."""
+    from dataclasses import replace
+
+    from granular_po.apps.compare import cell_label
+    from granular_po.apps.report import markdown_table
+
+    s, out = grid.s, grid.out
+    if not s.pairs:
+        return [], {}
+    head = ["## Sample efficiency", ""]
+    best = grid.best_cells()
+    if best is None:
+        return [*head, "Waits for the grid: the best cells are chosen once every seed and cell has its choice.", ""], {}
+    grid_pairs = s.steps * s.batch_size
+    counts = sorted({grid_pairs, *s.pairs})
+
+    def accuracies(cell: tuple, n: int) -> dict[int, dict]:
+        """seed -> test result of `cell` trained on n pairs (the grid's own run at the grid's size)."""
+        found = {}
+        for seed in range(s.seeds):
+            run = grid.chosen((seed, cell))
+            result = grid.result(run if n == grid_pairs else replace(run, pairs=n))
+            if result is not None and result["test"] is not None:
+                found[seed] = result["test"]
+        return found
+
+    first = "cell (the best of its granularity on validation)"
+    rows, curves, by_arm, summary = [], {}, {}, {}
+    for granular in (True, False):
+        cell = best[granular]
+        row = {first: cell_label(*cell)}
+        curves[cell_label(*cell)] = {}
+        by_arm[granular] = {}
+        for n in counts:
+            tests = accuracies(cell, n)
+            by_arm[granular][n] = tests
+            stats = mean_ci([tests[k]["accuracy"] for k in sorted(tests)])
+            row[f"{n} pairs"] = format_ci(*stats) + f" ({len(tests)})"
+            curves[cell_label(*cell)][n] = stats
+            summary.setdefault(cell_label(*cell), {})[n] = {str(k): v["accuracy"] for k, v in tests.items()}
+        rows.append(row)
+    paired = {first: "granular - response-level: over seeds / over questions"}
+    for n in counts:
+        a, b = by_arm[True][n], by_arm[False][n]
+        seeds = paired_seeds({k: v["accuracy"] for k, v in a.items()}, {k: v["accuracy"] for k, v in b.items()})
+        questions = paired_questions({k: v["rows"] for k, v in a.items()}, {k: v["rows"] for k, v in b.items()})
+        paired[f"{n} pairs"] = (format_ci(seeds["mean"], seeds["low"], seeds["high"], "+.3f") + " / " +
+                                format_ci(questions["mean"], questions["low"], questions["high"], "+.3f"))
+    plot_curves(curves, out / "sample_efficiency.png", title=f"{s.task}: test accuracy by training pairs\n"
+                "(mean and 95% CI over seeds)", xlabel="training pairs (one pass)", ylabel="test accuracy",
+                baseline=sft_test_accuracy, baseline_label="SFT")
+    return [
+        *head,
+        "The best granular and the best response-level cell (highest mean validation accuracy of their "
+        "validation-chosen runs; test results play no part), trained again on fewer or more pairs: one pass "
+        f"over the first n pairs of the seed's data order (n / {s.batch_size} steps), each seed at the learning "
+        f"rate chosen for it at {grid_pairs} pairs, scored on the same test questions. The {grid_pairs}-pair "
+        "column is the grid's own runs. Seeds in brackets.",
+        "",
+        markdown_table([*rows, paired]),
+        "![sample efficiency](sample_efficiency.png)",
+        "",
+    ], summary
 
 
 def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seconds: float) -> Path:
@@ -259,6 +356,7 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
     plot_panels(sweep_panels, out / "val_sweep.png", ylabel="validation accuracy (mean over seeds)",
                 xlabel=f"log10(lr / {base:g})", title="validation accuracy by learning rate")
 
+    efficiency_lines, efficiency = sample_efficiency(grid, sft_test["accuracy"])
     rates = sorted({r.multiplier for r in grid.runs})
     one_rate = all(len(group) == 1 for group in grid._groups().values())
     train_seconds = [grid.result(r)["train_seconds"] for r in grid.runs
@@ -316,6 +414,7 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
            "the validation questions were not scored.", ""] if one_rate else [
             f"Mean over the seeds scored (count in brackets); columns are multiples of {base:g}.", "",
             markdown_table(sweep_rows), "![validation sweep](val_sweep.png)", ""]),
+        *efficiency_lines,
         "## How it ran",
         "",
         f"```bash\n{invocation}\n```",
@@ -348,7 +447,7 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
         "status": status, "settings": asdict_settings(s), "sft": {"val": sft_val["accuracy"], "test": sft_test["accuracy"]},
         "cells": {cell_label(*c): {str(k): {key: v[key] for key in v if key != "test"} | {
             "test_accuracy": v["test"]["accuracy"]} for k, v in by_seed.items()} for c, by_seed in chosen.items()},
-        "paired": paired_rows}, indent=1))
+        "paired": paired_rows, "sample_efficiency": efficiency}, indent=1))
     return path
 
 
