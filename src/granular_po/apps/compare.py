@@ -480,7 +480,8 @@ class Grid:
         best = self.best_cells()
         if not self.s.pairs or best is None:
             return []
-        return [replace(self.chosen((seed, cell)), pairs=n) for n in self.s.pairs for seed in range(self.s.seeds)
+        # seed outermost: a stopped stage leaves whole curves for the seeds it finished
+        return [replace(self.chosen((seed, cell)), pairs=n) for seed in range(self.s.seeds) for n in self.s.pairs
                 for cell in (best[True], best[False])]
 
     def _sample_eta(self, left: list[Run]) -> str:
@@ -496,8 +497,9 @@ class Grid:
         left_s = sum(r.steps(self.s) for r in left) * per_step + len(left) * sum(tests) / len(tests)
         return f"about {left_s / 60:.0f} min left"
 
-    def run_sample_efficiency(self) -> None:
-        """Train and test-score every sample-efficiency run (after the grid: it needs the grid's choices)."""
+    def run_sample_efficiency(self, on_run_done) -> None:
+        """Train and test-score every sample-efficiency run (after the grid: it needs the grid's choices);
+        `on_run_done()` after each, so the report follows the stage."""
         todo = self.sample_runs()
         for i, run in enumerate(todo, 1):
             found = self.result(run)
@@ -512,6 +514,8 @@ class Grid:
             self._score_test(run)
             if not self.keep_weights:
                 drop_weights(self.runs_dir / run.name)
+            if i < len(todo):  # the caller reports after the last one
+                on_run_done()
 
     # ---- everything
     def run_all(self, on_seed_done) -> None:
@@ -532,7 +536,7 @@ class Grid:
             if seed < self.s.seeds - 1 or self.s.pairs:  # the caller reports after the last one
                 on_seed_done(seed)
         if self.s.pairs:
-            self.run_sample_efficiency()
+            self.run_sample_efficiency(lambda: on_seed_done(None))
 
 
 def main(argv: list[str] | None = None) -> int:
