@@ -241,7 +241,7 @@ def sample_efficiency(grid, sft_test_accuracy: float) -> tuple[list[str], dict]:
         return found
 
     first = "cell (the best of its granularity on validation)"
-    rows, curves, by_arm, summary = [], {}, {}, {}
+    rows, curves, by_arm, summary, done = [], {}, {}, {}, {}
     for granular in (True, False):
         cell = best[granular]
         row = {first: cell_label(*cell)}
@@ -253,6 +253,7 @@ def sample_efficiency(grid, sft_test_accuracy: float) -> tuple[list[str], dict]:
             stats = mean_ci([tests[k]["accuracy"] for k in sorted(tests)])
             row[f"{n} pairs"] = format_ci(*stats) + f" ({len(tests)})"
             curves[cell_label(*cell)][n] = stats
+            done[(granular, n)] = len(tests) == s.seeds
             summary.setdefault(cell_label(*cell), {})[n] = {str(k): v["accuracy"] for k, v in tests.items()}
         rows.append(row)
     paired = {first: "granular - response-level: over seeds / over questions"}
@@ -271,7 +272,9 @@ def sample_efficiency(grid, sft_test_accuracy: float) -> tuple[list[str], dict]:
         "validation-chosen runs; test results play no part), trained again on fewer or more pairs: one pass "
         f"over the first n pairs of the seed's data order (n / {s.batch_size} steps), each seed at the learning "
         f"rate chosen for it at {grid_pairs} pairs, scored on the same test questions. The {grid_pairs}-pair "
-        "column is the grid's own runs. Seeds in brackets.",
+        "column is the grid's own runs. Seeds in brackets"
+        + (f"; **PARTIAL**: {sum(done.values())} of {len(done)} points (cell x pair count) have all {s.seeds} seeds." if
+           not all(done.values()) else "."),
         "",
         markdown_table([*rows, paired]),
         "![sample efficiency](sample_efficiency.png)",
