@@ -39,7 +39,7 @@ test-slow: install browser
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/granular-po demo
 
-compare: install  # the default grid on both tasks side by side, one core each (about 3.3 h on 2 cores)
+compare: install  # the default grid on both tasks side by side, one core each (about 4.3 h on 2 cores)
 	mkdir -p report; \
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(VENV)/bin/granular-po compare --task styled --out report/compare-styled \
 		> report/compare-styled.log 2>&1 & styled=$$!; \

@@ -1,6 +1,6 @@
 """`granular-po compare`: {DPO, TDPO2} x {granular, response-level} x learning rates x seeds, one SFT model.
 
-    granular-po compare --task styled --out report/compare-styled      # the default grid (measured: 1.7 h of 2 cores)
+    granular-po compare --task styled --out report/compare-styled      # the default grid (measured: 2.1 h of 2 cores)
     granular-po compare --task arithmetic --seeds 2 --adamw 1,10 --sgd 100 --out report/compare-arith
     granular-po compare --quick                                        # the machinery, a few steps
 
@@ -64,7 +64,7 @@ OPTIMIZERS = ("AdamW", "SGD")
 @dataclass(frozen=True)
 class CompareSettings:
     """The default grid: sized for about 2.5 h per task on this project's 2-core CPU with SmolLM2-135M;
-    measured 1.7 h of the machine per task (README, 'Does granular data teach more?', has the times)."""
+    measured 2.1 h (styled) and 1.7 h (arithmetic) of the machine per task (README, 'Does granular data teach more?', has the times)."""
 
     task: str = "arithmetic"  # arithmetic (minimal edits, the control) | styled
     confound: float = 0.75  # styled: share of pairs written correct = worked style, wrong = terse
