@@ -95,6 +95,12 @@ def format_ci(mean: float | None, low: float | None, high: float | None, fmt: st
     return f"{mean:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
 
 
+def error_bar(mean: float, low: float | None, high: float | None) -> tuple[float, float]:
+    """Matplotlib's (below, above) for a mean and its interval; NaN without an interval (one seed), which
+    draws no bar, where 0 would draw a cap that looks like a tight interval."""
+    return (mean - low if low is not None else math.nan, high - mean if high is not None else math.nan)
+
+
 def plot_bars(groups: Mapping[str, Mapping[str, tuple[float | None, float | None, float | None]]],
               path: str | os.PathLike, title: str = "", ylabel: str = "", baseline: float | None = None,
               baseline_label: str = "") -> Path:
@@ -116,9 +122,9 @@ def plot_bars(groups: Mapping[str, Mapping[str, tuple[float | None, float | None
                 continue
             xs.append(i - 0.4 + width * (j + 0.5))
             ys.append(mean)
-            # no interval (one seed): NaN draws no error bar, where 0 would draw a cap that looks like a tight one
-            errs[0].append(mean - low if low is not None else math.nan)
-            errs[1].append(high - mean if high is not None else math.nan)
+            below, above = error_bar(mean, low, high)
+            errs[0].append(below)
+            errs[1].append(above)
         ax.bar(xs, ys, width, yerr=errs, capsize=4, label=label, alpha=0.85)
     if baseline is not None:
         ax.axhline(baseline, color="grey", linestyle="--", linewidth=1, label=baseline_label or None)
@@ -145,9 +151,8 @@ def plot_curves(curves: Mapping[str, Mapping[int, tuple[float | None, float | No
     for label, points in curves.items():
         xs = [x for x in sorted(points) if points[x][0] is not None]
         means = [points[x][0] for x in xs]
-        low = [m - points[x][1] if points[x][1] is not None else math.nan for m, x in zip(means, xs)]
-        high = [points[x][2] - m if points[x][2] is not None else math.nan for m, x in zip(means, xs)]
-        ax.errorbar(xs, means, yerr=[low, high], capsize=4, marker="o", label=label)
+        bars = [error_bar(*points[x]) for x in xs]
+        ax.errorbar(xs, means, yerr=[[b[0] for b in bars], [b[1] for b in bars]], capsize=4, marker="o", label=label)
     if baseline is not None:
         ax.axhline(baseline, color="grey", linestyle="--", linewidth=1, label=baseline_label or None)
     ax.set_xscale("log", base=2)
