@@ -1,4 +1,4 @@
-"""`granular-po` command line: train | inspect | annotate | eval | demo | compare.
+"""`granular-po` command line: train | inspect | annotate | eval | demo | compare | import.
 
 `granular-po train` takes the research code's Hydra overrides exactly as `python -u train.py` does.
 Each sub-command lives in its own module and exposes `main(argv) -> int`.
@@ -17,6 +17,7 @@ COMMANDS = {
     "eval": "granular_po.apps.eval",
     "demo": "granular_po.apps.demo",
     "compare": "granular_po.apps.compare",
+    "import": "granular_po.apps.importers",
 }
 
 USAGE = """usage: granular-po <command> [args]
@@ -29,6 +30,7 @@ commands:
   eval ...             task accuracy by greedy generation
   demo                 the arithmetic-correction experiment end to end, with a report
   compare ...          {DPO, TDPO2} x {granular, response-level} x lr x seeds from one SFT model
+  import SOURCE IN OUT records from QA-FEEDBACK or a Label Studio export (qa-feedback | label-studio)
 """
 
 
