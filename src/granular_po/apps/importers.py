@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from granular_po.apps.help import DefaultsFormatter
+from granular_po.data.label_studio import ANNOTATOR_MODES, load_label_studio
 from granular_po.data.qa_feedback import ERROR_TYPES, load_qa_feedback
 from granular_po.data.records import write_records
 from granular_po.data.schema import DataError, plural
@@ -23,7 +24,7 @@ def _common(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("input", help=what)
     parser.add_argument("output", help="where to write the records (.json: a JSON list, else JSONL)")
     parser.add_argument("--skip-invalid", action="store_true",
-                        help="skip and count malformed rows instead of stopping at the first")
+                        help="skip and count malformed rows (tasks) instead of stopping at the first")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="put the grounding passages in the prompt before the question (default: the question alone)")
     qa.add_argument("--error-types", type=lambda s: [t.strip() for t in s.split(",") if t.strip()],
                     metavar="T1,T2", help=f"keep only spans of these types (default: all: {', '.join(ERROR_TYPES)})")
+    ls = sources.add_parser("label-studio", formatter_class=DefaultsFormatter,
+                            help="a Label Studio JSON export (examples/label_studio/config.xml)",
+                            description="A Label Studio JSON export -> records: each labelled span a region, "
+                            "its side (and flag) from to_name; cancelled annotations skipped and counted.")
+    _common(ls, "Label Studio's JSON export (Export -> JSON), a list of tasks")
+    ls.add_argument("--annotators", choices=ANNOTATOR_MODES, default="merge",
+                    help="merge: the union of every submitted annotation's spans; latest: only the most "
+                    "recently updated annotation of each task")
     return parser
 
 
@@ -62,8 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                         args.error_types)
             notes = [f"spans left out by --error-types: {', '.join(f'{k}={v}' for k, v in sorted(dropped.items()))}"
                      ] if dropped else []
+        else:
+            records, report, notes = load_label_studio(args.input, args.annotators, on_invalid)
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not records:
+        print(f"{report.summary()}\nerror: no record left to write to {args.output}", file=sys.stderr)
         return 2
     if (error := _write(records, args.output)) is not None:
         print(error, file=sys.stderr)
