@@ -162,3 +162,24 @@ def test_config_names_match_the_reader_and_the_example_export():
     tasks = json.loads((EXAMPLE / "export.json").read_text(encoding="utf-8"))
     pairs = {(r["from_name"], r["to_name"]) for t in tasks for a in t["annotations"] for r in a["result"]}
     assert pairs == {(name, to) for name, (to, _) in labels.items()}
+
+
+@pytest.mark.parametrize("source", ["qa-feedback", "label-studio"])
+def test_every_import_option_has_help_and_its_default(source, capsys):
+    import argparse
+
+    from granular_po.apps.importers import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = subparsers.choices[source]
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        text = formatter._expand_help(action)
+        assert text.strip() and "(default: None)" not in text, f"{source} {action.dest}"
+        if action.option_strings and action.default not in (None, False):
+            assert "default" in text.lower(), f"{source} {action.option_strings}: default not shown"
+    with pytest.raises(SystemExit) as done:
+        cli(["import", source, "--help"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith(f"usage: granular-po import {source}")

@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     """`granular-po import` and its sources as sub-commands."""
     parser = argparse.ArgumentParser(prog="granular-po import", description=__doc__.splitlines()[0],
                                      formatter_class=DefaultsFormatter)
-    sources = parser.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    sources = parser.add_subparsers(dest="source", required=True, metavar="SOURCE",
+                                    help="where the data comes from (each has its own --help)")
     qa = sources.add_parser("qa-feedback", formatter_class=DefaultsFormatter,
                             help="QA-FEEDBACK (FineGrainedRLHF): error spans and a human correction",
                             description="QA-FEEDBACK's *_feedback.json -> records: the human correction as "
