@@ -152,6 +152,20 @@ class LoraSettings:
 
 
 @dataclass
+class ColumnSettings:
+    """Field (column) names of datasets=[ours] where the data names them otherwise (new); null: ours."""
+
+    prompt: Optional[str] = None
+    """The prompt's field (ours: prompt)."""
+    chosen: Optional[str] = None
+    """The correct response's field (ours: correct_response, correct or chosen)."""
+    rejected: Optional[str] = None
+    """The incorrect response's field (ours: incorrect_response, incorrect or rejected)."""
+    regions: Optional[str] = None
+    """The field of the list of [start, end, flag] regions (ours: masked_regions, or masked_region for one)."""
+
+
+@dataclass
 class TrainConfig(EncodeOptions):
     """A training run. Keys of the research code (TDPO's granular fork) keep their meaning; the rest are
     new. The tokenisation keys (max_length, max_prompt_length, prompt_format, truncation_mode) come from
@@ -174,9 +188,11 @@ class TrainConfig(EncodeOptions):
     datasets: list[str] = field(default_factory=lambda: ["ours"])
     """Datasets to train on: ours (custom_*_path files), hh, shp, se (hub, needs network)."""
     custom_train_path: Optional[str] = None
-    """JSON or JSONL file of {prompt, correct_response, incorrect_response, masked_region(s)}."""
+    """Records {prompt, correct_response, incorrect_response, masked_region(s)}: a JSON / JSONL, parquet or CSV
+    file, a save_to_disk directory (DIR:split for a DatasetDict), or a hub dataset id org/name:split."""
     custom_eval_path: Optional[str] = None
-    """Evaluation file, same format; null: no evaluation."""
+    """Evaluation data, the same formats; null: no evaluation."""
+    columns: ColumnSettings = field(default_factory=ColumnSettings)
     wandb: WandbSettings = field(default_factory=WandbSettings)
     local_dirs: list[str] = field(default_factory=lambda: [".cache/runs"])
     """Directories to place the run directory under; the first that exists (or can be made) is used."""

@@ -29,6 +29,7 @@ from granular_po.data.encode import (
     resolve_layout,
 )
 from granular_po.data.masks import GranularOptions, projected_regions, token_in_regions
+from granular_po.data.rows import check_columns
 from granular_po.data.schema import DataError, LoadReport, PreferenceRecord
 from granular_po.settings import field_docs
 
@@ -41,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     enc, gran = field_docs(EncodeOptions), field_docs(GranularOptions)
     p = argparse.ArgumentParser(prog="granular-po inspect", description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsFormatter)
-    p.add_argument("data", help="JSON list or JSONL file of {prompt, correct_response, incorrect_response, ...}")
+    p.add_argument("data", help="records {prompt, correct_response, incorrect_response, ...}: a JSON / JSONL, "
+                   "parquet or CSV file, a save_to_disk directory (DIR:split) or a hub id org/name:split")
+    p.add_argument("--column", action="append", default=[], metavar="KEY=NAME",
+                   help="read KEY (prompt, chosen, rejected, regions) from the field NAME (train: columns.KEY=NAME)")
     p.add_argument("--tokenizer", default=DEFAULT_MODEL, help="hub id, local directory, or smollm2-135m "
                    "(the embedded default model's tokenizer)")
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=EncodeOptions.prompt_format,
@@ -276,6 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help or a usage error: argparse already printed why
         return int(e.code or 0)
     try:
+        columns = check_columns(dict(item.split("=", 1) if "=" in item else (item, "") for item in args.column))
+    except ValueError as e:
+        print(f"error: --column: {str(e).replace('columns.', '')}", file=sys.stderr)
+        return 2
+    try:
         enc = EncodeOptions(args.max_length, args.max_prompt_length, args.prompt_format, args.truncation_mode)
         gran = GranularOptions(args.granular, args.outside_weight, args.unannotated_weight, args.include_eos)
     except ValueError as e:  # the options' checks name config keys: say the flags typed here
@@ -292,10 +301,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: cannot load tokenizer {args.tokenizer!r}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
-    from granular_po.data.records import load_records
+    from granular_po.data.formats import load_data
 
     try:
-        records, report = load_records(args.data, on_invalid=args.on_invalid, eos_text=tokenizer.eos_token)
+        records, report = load_data(args.data, on_invalid=args.on_invalid, eos_text=tokenizer.eos_token,
+                                    columns=columns)
     except DataError as e:
         print(f"invalid data: {e}", file=sys.stderr)
         return 1

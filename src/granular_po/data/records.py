@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -298,24 +298,34 @@ def iter_records(path: str | os.PathLike[str], on_invalid: str = "error", report
 def _records(f, source: str, on_invalid: str, report: LoadReport, eos_text: str | None):
     with f:
         try:
-            for index, line, item in _iter_raw(f, source):
-                report.n_read += 1
-                try:
-                    if isinstance(item, DataError):
-                        raise item
-                    record = parse_record(item, source, index, eos_text)
-                except DataError as e:
-                    _admit(_with_line(e, line), on_invalid, report)
-                    continue
-                except Exception as e:  # never a bare traceback: name the record that caused it
-                    err = DataError(source, index, None, f"unexpected {type(e).__name__}: {e}", "unexpected")
-                    _admit(_with_line(err, line), on_invalid, report)
-                    continue
-                report.n_kept += 1
-                report.n_regions += len(record.regions)
-                yield record
+            yield from parse_rows(_iter_raw(f, source), source, on_invalid, report, eos_text)
         except OSError as e:
             raise DataError(source, None, None, f"cannot read file: {e.strerror or e}", "file_unreadable") from None
+
+
+def parse_rows(rows: Iterator[tuple[int, int | None, Any]], source: str, on_invalid: str, report: LoadReport,
+               eos_text: str | None = None, parse: Callable[..., PreferenceRecord] | None = None
+               ) -> Iterator[PreferenceRecord]:
+    """Validate (index, line or None, decoded row or the DataError decoding it raised) into records: the one
+    loop every format goes through (`formats`), counting into `report`. `parse(row, source, index, eos_text)`
+    defaults to `parse_record` (`rows.RowParser` reads renamed columns and chat messages first)."""
+    parse = parse or parse_record
+    for index, line, item in rows:
+        report.n_read += 1
+        try:
+            if isinstance(item, DataError):
+                raise item
+            record = parse(item, source, index, eos_text)
+        except DataError as e:
+            _admit(_with_line(e, line), on_invalid, report)
+            continue
+        except Exception as e:  # never a bare traceback: name the record that caused it
+            err = DataError(source, index, None, f"unexpected {type(e).__name__}: {e}", "unexpected")
+            _admit(_with_line(err, line), on_invalid, report)
+            continue
+        report.n_kept += 1
+        report.n_regions += len(record.regions)
+        yield record
 
 
 def load_records(path: str | os.PathLike[str], on_invalid: str = "error",

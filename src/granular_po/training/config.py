@@ -17,13 +17,14 @@ import logging
 import os
 import re
 import typing
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from granular_po.data.rows import check_columns
 from granular_po.settings import (
     LOSS_GROUPS,
     MIXED_PRECISION_MODES,
@@ -295,6 +296,10 @@ def validate(config: TrainConfig) -> RunSettings:
             logger.warning("notice: wandb.%s=%s applies with wandb.enabled=true only; ignored", key, value)
     if config.precompute_ref_log_probs and loss_cfg.name != "dpo":
         logger.warning("notice: precompute_ref_log_probs applies to loss=dpo only (TDPO needs the live reference)")
+    try:
+        check_columns(asdict(config.columns))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if config.lora.enabled and "lm_head" in str(config.lora.target_modules):
         raise ConfigError("lora.target_modules must not include lm_head: the reference (adapters off) shares it")
 

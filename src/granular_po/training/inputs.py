@@ -48,15 +48,22 @@ def check_inputs(config: TrainConfig) -> None:
 
 
 def _check_data(config: TrainConfig) -> None:
-    """Dataset names known, and the files of datasets=[ours] present."""
+    """Dataset names known, and the data of datasets=[ours] present (or a hub id)."""
     from granular_po.data.hub import HUB_DATASETS
 
     for name in config.datasets:
         if name != "ours" and name not in HUB_DATASETS and name not in HUB_DATASETS.values():
             choose("datasets", name, ("ours", *HUB_DATASETS))
     if "ours" in config.datasets and not config.custom_train_path:
-        raise ConfigError("datasets=[ours] needs custom_train_path=<JSON or JSONL file>")
+        raise ConfigError("datasets=[ours] needs custom_train_path=<a data file, save_to_disk directory or hub "
+                          "id org/name:split>")
+    from granular_po.data.formats import locate
+    from granular_po.data.schema import DataError
+
     for key in ("custom_train_path", "custom_eval_path"):
         path = getattr(config, key)
-        if "ours" in config.datasets and path and not os.path.isfile(os.path.expanduser(path)):
-            raise ConfigError(f"{key}={path}: no such file")
+        if "ours" in config.datasets and path:
+            try:
+                locate(path)  # the format from the path alone: no record read, no network
+            except DataError as e:
+                raise ConfigError(f"{key}={path}: {e.reason}") from None

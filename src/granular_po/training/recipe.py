@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -60,8 +61,8 @@ def load_split(cfg: TrainConfig, split: str, tokenizer, enc: EncodeOptions, gran
 
 def _split_sources(cfg: TrainConfig, split: str, eos_text: str | None, sft: bool):
     """(records, report) of one split, for every dataset in `cfg.datasets` that has the split."""
+    from granular_po.data.formats import load_data
     from granular_po.data.hub import load_hub_records
-    from granular_po.data.records import load_records
 
     for name in cfg.datasets:
         if name == "ours":
@@ -69,7 +70,8 @@ def _split_sources(cfg: TrainConfig, split: str, eos_text: str | None, sft: bool
             if path is None:  # (a missing custom_train_path was refused by validate)
                 logger.warning("notice: no custom_eval_path: evaluation is off")
                 continue
-            recs, report = load_records(path, on_invalid=cfg.on_invalid, eos_text=eos_text)
+            recs, report = load_data(path, on_invalid=cfg.on_invalid, eos_text=eos_text,
+                                     columns=asdict(cfg.columns), cache_dir=cfg.cache_dir)
         else:
             recs, report = load_hub_records(name, split, on_invalid=cfg.on_invalid, cache_dir=cfg.cache_dir,
                                             eos_text=eos_text, sft=sft)

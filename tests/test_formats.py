@@ -1,0 +1,128 @@
+"""The formats people have (JSON / JSONL, parquet, CSV, save_to_disk, hub id, TRL's conversational format)
+all read into the same PreferenceRecords; errors still name file, record and field; no network."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import datasets
+import pytest
+
+from granular_po.data.formats import DataSource, load_data, locate, looks_like_hub_id
+from granular_po.data.records import load_records
+from granular_po.data.schema import DataError, PreferenceRecord, Region, RegionFlag
+
+ROWS = [
+    {"prompt": "What is 7 * 8?", "correct_response": "7 * 8 = 56.", "incorrect_response": "7 * 8 = 54.",
+     "masked_regions": [[8, 10, -1]]},
+    {"prompt": "Capital of Australia?", "correct_response": "Canberra.", "incorrect_response": "Sydney.",
+     "masked_regions": [[0, 8, 1], [0, 6, -1]]},
+    {"prompt": "42", "correct_response": "56", "incorrect_response": "", "masked_regions": []},  # bad: empty
+]
+
+
+def expected(source: str) -> list[PreferenceRecord]:
+    """ROWS 0 and 1 as records of `source` (row 2 is invalid)."""
+    return [
+        PreferenceRecord("What is 7 * 8?", "7 * 8 = 56.", "7 * 8 = 54.", (Region(8, 10, RegionFlag.INCORRECT),),
+                         source, 0),
+        PreferenceRecord("Capital of Australia?", "Canberra.", "Sydney.",
+                         (Region(0, 8, RegionFlag.CORRECT), Region(0, 6, RegionFlag.INCORRECT)), source, 1),
+    ]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_csv(path, rows, delimiter=","):
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, delimiter=delimiter)
+        writer.writerow(list(rows[0]))
+        for row in rows:
+            writer.writerow([json.dumps(v) if isinstance(v, list) else v for v in row.values()])
+    return path
+
+
+def check_loaded(path, source=None):
+    """Rows 0 and 1 kept as the JSON reader keeps them; row 2 skipped, counted and named."""
+    source = source or str(path)
+    records, report = load_data(path, on_invalid="skip")
+    assert records == expected(source)
+    assert (report.n_read, report.n_kept, report.n_regions, report.skipped) == (3, 2, 3, {"empty_response": 1})
+    with pytest.raises(DataError) as err:
+        load_data(path)
+    assert (err.value.source, err.value.index, err.value.code) == (source, 2, "empty_response")
+    return err.value
+
+
+def test_json_and_jsonl_read_as_before(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    err = check_loaded(path)
+    assert err.field_name == "incorrect_response" and "line 3" in str(err)
+    assert load_data(path, on_invalid="skip")[0] == load_records(path, on_invalid="skip")[0]
+    listed = tmp_path / "d.json"
+    listed.write_text(json.dumps(ROWS), encoding="utf-8")
+    check_loaded(listed)
+
+
+# --------------------------------------------------------------------------------------- parquet
+
+
+def test_parquet(tmp_path):
+    path = tmp_path / "d.parquet"
+    datasets.Dataset.from_list(ROWS).to_parquet(str(path))
+    assert locate(path).kind == "parquet"
+    check_loaded(path)
+    renamed = tmp_path / "export.bin"  # told by its magic bytes, whatever its name
+    renamed.write_bytes(path.read_bytes())
+    assert locate(renamed).kind == "parquet"
+
+
+def test_parquet_field_errors_name_the_record_and_field(tmp_path):
+    path = tmp_path / "d.parquet"
+    rows = [dict(ROWS[0]), dict(ROWS[1], masked_regions=[[0, 99, 1]])]
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    with pytest.raises(DataError, match=r"d.parquet, record 1, field 'masked_regions\[0\]': end 99 is beyond"):
+        load_data(path)
+
+
+def test_corrupt_parquet_is_a_named_file_error(tmp_path):
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"PAR1" + b"\x00" * 20)
+    with pytest.raises(DataError, match="d.parquet: cannot read the parquet file") as err:
+        load_data(path)
+    assert err.value.code == "file_unreadable"
+
+
+# --------------------------------------------------------------------------------------- inspect and train
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    from tiny import tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tok") / "byte_level_chat"
+    tiny_tokenizer("byte_level", chat=True).save_pretrained(path)
+    return path
+
+
+def test_inspect_reads_parquet_and_renamed_columns(tmp_path, tok_dir, capsys):
+    from granular_po.apps import inspect as inspect_cmd
+
+    path = tmp_path / "d.parquet"
+    datasets.Dataset.from_list(ROWS[:2]).to_parquet(str(path))
+    assert inspect_cmd.main([str(path), "--tokenizer", str(tok_dir)]) == 0
+    assert "read 2 records, kept 2, 3 regions" in capsys.readouterr().out
+    renamed = [{"question": r["prompt"], "good": r["correct_response"], "bad": r["incorrect_response"],
+                "spans": r["masked_regions"]} for r in ROWS[:2]]
+    path = write_csv(tmp_path / "r.csv", renamed)
+    args = [str(path), "--tokenizer", str(tok_dir), "--column", "prompt=question", "--column", "chosen=good",
+            "--column", "rejected=bad", "--column", "regions=spans"]
+    assert inspect_cmd.main(args) == 0
+    assert "read 2 records, kept 2, 3 regions" in capsys.readouterr().out
+    assert inspect_cmd.main([*args, "--column", "answer=good"]) == 2
+    assert "--column: answer: unknown" in capsys.readouterr().err
+
