@@ -126,3 +126,41 @@ def test_inspect_reads_parquet_and_renamed_columns(tmp_path, tok_dir, capsys):
     assert inspect_cmd.main([*args, "--column", "answer=good"]) == 2
     assert "--column: answer: unknown" in capsys.readouterr().err
 
+
+# --------------------------------------------------------------------------------------- CSV
+
+
+def test_csv_and_tsv(tmp_path):
+    err = check_loaded(write_csv(tmp_path / "d.csv", ROWS))
+    assert err.field_name == "incorrect_response" and "(line 4)" in str(err)  # header is line 1
+    check_loaded(write_csv(tmp_path / "d.tsv", ROWS, delimiter="\t"))
+
+
+def test_csv_cells_stay_text_and_errors_name_the_line(tmp_path):
+    rows = [{"prompt": "7 * 8?", "chosen": "56", "rejected": "54\nor so", "masked_regions": ""},  # no region
+            {"prompt": "", "chosen": "NaN", "rejected": "null", "masked_regions": "[[0, 3, 1]]"}]
+    records, _ = load_data(write_csv(tmp_path / "d.csv", rows))
+    assert [(r.prompt, r.chosen, r.rejected, r.regions) for r in records] == [
+        ("7 * 8?", "56", "54\nor so", ()), ("", "NaN", "null", (Region(0, 3, RegionFlag.CORRECT),))]
+    path = tmp_path / "bad.csv"
+    path.write_text("prompt,chosen,rejected,masked_regions\nq,a,b,\"[[0, 1, 1]\"\nq,a,b\nq,a,b,,\n", encoding="utf-8")
+    _, report = load_data(path, on_invalid="skip")
+    assert report.skipped == {"bad_region": 1, "bad_csv": 2}
+    assert report.skipped_indices == {"bad_region": [0], "bad_csv": [1, 2]}
+    assert "bad.csv, record 0, field 'masked_regions': must be JSON text" in report.first_errors[0]
+    assert "record 1: has 3 cells, the header 4" in report.first_errors[1]
+    assert report.first_errors[1].endswith("(line 3)")
+
+
+@pytest.mark.parametrize("text, message", [
+    (b"", "the file is empty"),
+    (b"prompt,chosen,rejected\n", "a header but no records"),
+    (b"prompt,prompt,rejected\nq,a,b\n", "field 'prompt': is the name of two columns"),
+    (b"prompt,chosen,rejected\nq,\xff,b\n", "not valid UTF-8 on line 2"),
+])
+def test_csv_file_faults(tmp_path, text, message):
+    path = tmp_path / "d.csv"
+    path.write_bytes(text)
+    with pytest.raises(DataError, match=message):
+        load_data(path, on_invalid="skip")
+
