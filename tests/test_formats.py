@@ -164,3 +164,23 @@ def test_csv_file_faults(tmp_path, text, message):
     with pytest.raises(DataError, match=message):
         load_data(path, on_invalid="skip")
 
+
+# --------------------------------------------------------------------------------------- save_to_disk
+
+
+def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "one"))
+    assert locate(tmp_path / "one") == DataSource("disk", str(tmp_path / "one"))
+    check_loaded(tmp_path / "one")
+    both = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS),
+                                 "test": datasets.Dataset.from_list(ROWS[:1])})
+    both.save_to_disk(str(tmp_path / "dd"))
+    check_loaded(f"{tmp_path / 'dd'}:train")
+    assert [r.index for r in load_data(f"{tmp_path / 'dd'}:test")[0]] == [0]
+    with pytest.raises(DataError, match="holds several splits: name one of train, test as .*dd:train"):
+        load_data(tmp_path / "dd")
+    with pytest.raises(DataError, match="has no split 'dev'"):
+        load_data(f"{tmp_path / 'dd'}:dev")
+    with pytest.raises(DataError, match="not one written by datasets' save_to_disk"):
+        load_data(tmp_path)
+
