@@ -184,3 +184,53 @@ def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
     with pytest.raises(DataError, match="not one written by datasets' save_to_disk"):
         load_data(tmp_path)
 
+
+# --------------------------------------------------------------------------------------- hub id
+
+
+@pytest.mark.parametrize("text, source", [
+    ("org/name:train", DataSource("hub", "org/name", "train")),
+    ("org/name", DataSource("hub", "org/name", None)),
+    ("my-org/my.data_v2:test[:10%]", DataSource("hub", "my-org/my.data_v2", "test[:10%]")),
+])
+def test_hub_ids_are_parsed(tmp_path, monkeypatch, text, source):
+    monkeypatch.chdir(tmp_path)
+    assert looks_like_hub_id(text) and locate(text) == source
+
+
+@pytest.mark.parametrize("text", ["train.json", "data/train.jsonl", "data/train.parquet", "./org/name",
+                                  "/abs/org/name", "a/b/c", "~/name", "org/name:", "data/d.csv:train"])
+def test_local_paths_that_do_not_exist_are_missing_files_never_hub_ids(tmp_path, monkeypatch, text):
+    monkeypatch.chdir(tmp_path)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"{text!r} was sent to the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_network)
+    assert not looks_like_hub_id(text)
+    with pytest.raises(DataError, match="file not found") as err:
+        load_data(text)
+    assert err.value.code == "file_missing"
+
+
+def test_a_hub_id_goes_through_load_dataset_with_its_split(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def load_dataset(path, split=None, cache_dir=None):  # the network's stand-in: the rows it would give
+        calls.append((path, split, cache_dir))
+        return datasets.Dataset.from_list(ROWS)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    check_loaded("org/name:train", source="org/name:train")
+    assert calls[0] == ("org/name", "train", None)
+    load_data("org/name:train", on_invalid="skip", cache_dir="c")
+    assert calls[-1] == ("org/name", "train", "c")
+
+    def unavailable(path, split=None, cache_dir=None):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", unavailable)
+    with pytest.raises(DataError, match="org/name:train: no such local file, and loading it as a hub dataset "
+                                        "failed: ConnectionError: offline"):
+        load_data("org/name:train")
