@@ -234,3 +234,59 @@ def test_a_hub_id_goes_through_load_dataset_with_its_split(tmp_path, monkeypatch
     with pytest.raises(DataError, match="org/name:train: no such local file, and loading it as a hub dataset "
                                         "failed: ConnectionError: offline"):
         load_data("org/name:train")
+
+
+# --------------------------------------------------------------------------------------- TRL conversational
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def test_trl_conversational_explicit_and_implicit_prompt(tmp_path):
+    explicit = {"prompt": [user("What is 7 * 8?")], "chosen": [assistant("7 * 8 = 56.")],
+                "rejected": [assistant("7 * 8 = 54.")], "masked_regions": [[8, 10, -1]]}  # offsets in content
+    implicit = {"chosen": [user("Capital of Australia?"), assistant("Canberra.")],
+                "rejected": [user("Capital of Australia?"), assistant("Sydney.")],
+                "masked_regions": [[0, 8, 1], [0, 6, -1]]}
+    bad = dict(explicit, rejected=[assistant("")])
+    rows = [explicit, implicit, bad]
+    path = write_jsonl(tmp_path / "conv.jsonl", rows)
+    err = check_loaded(path)
+    assert err.field_name == "rejected[0].content"  # named as the file spells it
+    parquet = tmp_path / "conv.parquet"  # a list of messages as parquet stores it: list<struct<role, content>>
+    datasets.Dataset.from_list([implicit, implicit]).to_parquet(str(parquet))
+    records, _ = load_data(parquet)
+    assert [(r.prompt, r.chosen, r.rejected) for r in records] == [("Capital of Australia?", "Canberra.", "Sydney.")] * 2
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "conv_disk"))
+    check_loaded(tmp_path / "conv_disk")
+
+
+@pytest.mark.parametrize("row, code, field", [
+    ({"prompt": [{"role": "system", "content": "Be brief."}, user("7 * 8?")], "chosen": [assistant("56")],
+      "rejected": [assistant("54")]}, "multi_turn_prompt", "prompt"),
+    ({"chosen": [user("hi"), assistant("a"), user("and?"), assistant("56")],
+      "rejected": [user("hi"), assistant("a"), user("and?"), assistant("54")]}, "multi_turn_prompt", "chosen"),
+    ({"chosen": [user("7 * 8?"), assistant("56")], "rejected": [user("7 * 9?"), assistant("54")]},
+     "bad_message", "rejected"),
+    ({"chosen": [assistant("56")], "rejected": [assistant("54")]}, "bad_message", "chosen"),
+    ({"prompt": [user("7 * 8?")], "chosen": [assistant("56"), assistant("!")], "rejected": [assistant("54")]},
+     "bad_message", "chosen"),
+    ({"prompt": [user("7 * 8?")], "chosen": [user("56")], "rejected": [assistant("54")]}, "bad_message", "chosen[0]"),
+    ({"prompt": [user("7 * 8?")], "chosen": [{"role": "assistant"}], "rejected": [assistant("54")]},
+     "bad_message", "chosen[0]"),
+    ({"prompt": [user("7 * 8?")], "chosen": [assistant("56")], "rejected": "54"}, "bad_message", "rejected"),
+    ({"prompt": [user("7 * 8?")], "chosen": [assistant("56")], "rejected": [assistant("54")],
+      "masked_regions": [[0, 3, 1]]}, "region_out_of_range", "masked_regions[0]"),
+])
+def test_conversational_shapes_we_cannot_keep_are_refused_by_name(row, code, field):
+    from granular_po.data.rows import RowParser
+
+    with pytest.raises(DataError) as err:
+        RowParser()(row, "conv.jsonl", 4)
+    assert (err.value.index, err.value.code, err.value.field_name) == (4, code, field)
+

@@ -254,7 +254,8 @@ def _wraps_records(obj: Any) -> bool:
     """A JSON object that holds a list of records instead of being one: {"data": [{...}, ...]}."""
     if not isinstance(obj, dict) or any(name in obj for names in TEXT_FIELDS.values() for name in names):
         return False
-    return any(isinstance(v, list) and v and all(isinstance(x, dict) for x in v) for v in obj.values())
+    return any(isinstance(v, list) and v and all(isinstance(x, dict) and not {"role", "content"} <= x.keys() for x in v)
+               for v in obj.values())  # (a list of chat messages is a record's field, under a renamed column)
 
 
 def _not_a_list(obj: dict, source: str) -> DataError:

@@ -94,8 +94,9 @@ def _respelled(error: DataError, spelled: dict[str, str]) -> DataError:
 
 
 def _present(row: Mapping[str, Any], ours: str) -> str | None:
-    """The first field the row has among the accepted spellings of `ours`."""
-    return next((n for n in TEXT_FIELDS[ours] if n in row), None)
+    """The first field the row has among the accepted spellings of `ours`; null is absent (a table with
+    explicit- and implicit-prompt rows has a null `prompt` in the implicit ones)."""
+    return next((n for n in TEXT_FIELDS[ours] if row.get(n) is not None), None)
 
 
 def _messages(value: Any, field: str, source: str, index: int) -> list[dict[str, str]]:
