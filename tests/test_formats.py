@@ -290,3 +290,68 @@ def test_conversational_shapes_we_cannot_keep_are_refused_by_name(row, code, fie
         RowParser()(row, "conv.jsonl", 4)
     assert (err.value.index, err.value.code, err.value.field_name) == (4, code, field)
 
+
+# --------------------------------------------------------------------------------------- renamed columns
+
+
+def test_columns_are_renamed_and_errors_name_the_file_spelling(tmp_path):
+    renamed = [{"question": r["prompt"], "good": r["correct_response"], "bad": r["incorrect_response"],
+                "spans": r["masked_regions"]} for r in ROWS]
+    columns = {"prompt": "question", "chosen": "good", "rejected": "bad", "regions": "spans"}
+    path = tmp_path / "r.parquet"
+    datasets.Dataset.from_list(renamed).to_parquet(str(path))
+    records, report = load_data(path, on_invalid="skip", columns=columns)
+    assert records == expected(str(path)) and report.skipped == {"empty_response": 1}
+    with pytest.raises(DataError, match=r"record 2, field 'bad': is empty"):
+        load_data(path, columns=columns)
+    csv_path = write_csv(tmp_path / "r.csv", renamed)  # the renamed region column is JSON text too
+    assert load_data(csv_path, on_invalid="skip", columns=columns)[0] == expected(str(csv_path))
+    with pytest.raises(DataError, match=r"record 0, field 'spans\[0\]': end 99"):
+        load_data(write_jsonl(tmp_path / "s.jsonl", [dict(renamed[0], spans=[[0, 99, 1]])]), columns=columns)
+    with pytest.raises(DataError, match="record 0, field 'answer': missing \\(columns.chosen=answer\\)"):
+        load_data(path, columns={"chosen": "answer"})
+    with pytest.raises(DataError, match="columns.prompt=question reads this field, but the record also has 'prompt'"):
+        load_data(write_jsonl(tmp_path / "both.jsonl", [dict(ROWS[0], question="x")]), columns={"prompt": "question"})
+    conv = [{"q": [user("7 * 8?")], "good": [assistant("")], "bad": [assistant("54")]}]
+    with pytest.raises(DataError, match=r"field 'good\[0\].content': is empty"):  # renamed and conversational
+        load_data(write_jsonl(tmp_path / "c.jsonl", conv), columns={"prompt": "q", "chosen": "good", "rejected": "bad"})
+
+
+@pytest.mark.parametrize("columns, message", [
+    ({"answer": "x"}, "columns.answer: unknown"),
+    ({"prompt": ""}, "columns.prompt='': must be a column name"),
+    ({"chosen": "text", "rejected": "text"}, "the same column is named for two keys"),
+])
+def test_bad_column_settings(tmp_path, columns, message):
+    with pytest.raises(ValueError, match=message):
+        load_data(write_jsonl(tmp_path / "d.jsonl", ROWS), columns=columns)
+
+
+def test_train_reads_every_format_through_the_same_loader(tmp_path):
+    from dataclasses import asdict
+
+    from granular_po.training.config import ConfigError, compose_config, validate
+    from granular_po.training.inputs import check_inputs
+    from granular_po.training.recipe import _split_sources
+
+    datasets.Dataset.from_list(ROWS[:2]).save_to_disk(str(tmp_path / "disk"))
+    renamed = [{"q": r["prompt"], "good": r["correct_response"], "bad": r["incorrect_response"]} for r in ROWS[:2]]
+    write_csv(tmp_path / "r.csv", renamed)
+    cfg = compose_config([f"local_dirs=[{tmp_path}]", f"custom_train_path={tmp_path / 'disk'}",
+                          f"custom_eval_path={tmp_path / 'r.csv'}", "columns.prompt=q", "columns.chosen=good",
+                          "columns.rejected=bad"])
+    validate(cfg)
+    check_inputs(cfg)  # a directory is data now, not "no such file"
+    assert asdict(cfg.columns) == {"prompt": "q", "chosen": "good", "rejected": "bad", "regions": None}
+    with pytest.raises(DataError, match="field 'q': missing"):  # columns.* apply to both; the disk copy has ours
+        next(_split_sources(cfg, "train", None, False))
+    (train, _), = _split_sources(compose_config([f"local_dirs=[{tmp_path}]", f"custom_train_path={tmp_path / 'disk'}"]),
+                                 "train", None, False)
+    (evaluation, _), = _split_sources(cfg, "eval", None, False)
+    assert [(r.prompt, r.chosen) for r in train] == [(r.prompt, r.chosen) for r in evaluation]
+    hub = compose_config([f"local_dirs=[{tmp_path}]", "custom_train_path=org/name:train"])
+    check_inputs(hub)  # a hub id passes without the network; loading it is what reaches the hub
+    with pytest.raises(ConfigError, match="custom_train_path=data/t.jsonl: file not found"):
+        check_inputs(compose_config([f"local_dirs=[{tmp_path}]", "custom_train_path=data/t.jsonl"]))
+    with pytest.raises(ConfigError, match="columns.chosen=text: the same column"):
+        validate(compose_config([f"local_dirs=[{tmp_path}]", "columns.chosen=text", "columns.rejected=text"]))
