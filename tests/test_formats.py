@@ -208,7 +208,7 @@ def test_local_paths_that_do_not_exist_are_missing_files_never_hub_ids(tmp_path,
 
     monkeypatch.setattr(datasets, "load_dataset", no_network)
     assert not looks_like_hub_id(text)
-    with pytest.raises(DataError, match="file not found") as err:
+    with pytest.raises(DataError, match="no such file") as err:
         load_data(text)
     assert err.value.code == "file_missing"
 
@@ -351,7 +351,7 @@ def test_train_reads_every_format_through_the_same_loader(tmp_path):
     assert [(r.prompt, r.chosen) for r in train] == [(r.prompt, r.chosen) for r in evaluation]
     hub = compose_config([f"local_dirs=[{tmp_path}]", "custom_train_path=org/name:train"])
     check_inputs(hub)  # a hub id passes without the network; loading it is what reaches the hub
-    with pytest.raises(ConfigError, match="custom_train_path=data/t.jsonl: file not found"):
+    with pytest.raises(ConfigError, match="custom_train_path=data/t.jsonl: no such file"):
         check_inputs(compose_config([f"local_dirs=[{tmp_path}]", "custom_train_path=data/t.jsonl"]))
     with pytest.raises(ConfigError, match="columns.chosen=text: the same column"):
         validate(compose_config([f"local_dirs=[{tmp_path}]", "columns.chosen=text", "columns.rejected=text"]))

@@ -77,7 +77,7 @@ def locate(path: str | os.PathLike[str]) -> DataSource:
         match = _HUB_ID.fullmatch(text)
         return DataSource("hub", match["id"], match["split"])
     hint = "" if "." in os.path.basename(text) else " (nor a hub dataset id of the form org/name:split)"
-    raise DataError(text, None, None, f"file not found{hint}", "file_missing")
+    raise DataError(text, None, None, f"no such file{hint}", "file_missing")
 
 
 def _file_kind(path: str) -> str:
