@@ -53,8 +53,9 @@ class ModelSettings:
     """FSDP mixed precision (bfloat16 / float16 / float32); applies to trainer=FSDPTrainer only, where it
     means the same as `mixed_precision` (bf16 / fp16 / no)."""
     reference_dtype: Optional[str] = None
-    """dtype of the reference model (inference only); null: the autocast dtype under mixed precision, else
-    the policy's."""
+    """dtype of the reference model; null: the policy's weight dtype, run under the same autocast, so at step 0
+    it computes exactly what the policy computes. bfloat16 / float16 halve its memory but make it a rounded
+    copy (log-ratios, rewards and KL start off 0: measured and named at start-up)."""
 
 
 @dataclass

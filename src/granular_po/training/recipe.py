@@ -314,6 +314,10 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings,
     screen = console.ConsoleCallback(cfg.minimum_log_interval_secs)
     trainer.add_callback(screen)
 
+    if reference is not None and is_main and precision.reference_dtype != precision.policy_dtype:
+        sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled  # not measured: not yet sharded
+        offset = None if sharded else trainer.reference_offset(train_ds, settings.per_device_batch_size)
+        logger.warning(briefing.reference_offset_notice(cfg, precision, offset))  # how far off it starts
     if cfg.precompute_ref_log_probs and loss_type is LossType.DPO and not loss_settings.reference_free:
         cache_dir, batch = cfg.cache_dir or models_cache_dir(), cfg.eval_batch_size
         trainer.train_dataset = reference_cache.with_reference_logps(trainer, train_ds, cache_dir, batch)
