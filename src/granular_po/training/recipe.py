@@ -276,6 +276,7 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings,
         cfg.model, loss_needs_reference=loss_settings.needs_reference,
         lora_cfg=cfg.lora if cfg.lora.enabled else None, trust_remote_code=cfg.trust_remote_code,
         cache_dir=cfg.cache_dir, policy_dtype=precision.policy_dtype, reference_dtype=precision.reference_dtype,
+        seed=cfg.seed,  # the LoRA matrices: drawn before Trainer seeds
     )
     memory = resources.preflight(cfg, policy, reference, settings)  # memory (CPU) and checkpoint disk space
     collator_cls = SFTCollator if loss_type is LossType.SFT else PreferenceCollator
