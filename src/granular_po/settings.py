@@ -204,6 +204,10 @@ class TrainConfig(EncodeOptions):
     TensorParallelTrainer: accepted for the research code's commands, runs one process here."""
     optimizer: str = "SGD"
     """Any torch.optim class name (SGD is the granular fork's default)."""
+    weight_decay: Optional[float] = None
+    """Weight decay of every trainable parameter (biases and norms too, as the research code's one parameter
+    group); null: the optimizer class's own default, as the research code's `AdamW(params, lr=lr)` had
+    (AdamW 0.01, SGD / Adam / RMSprop 0)."""
     warmup_steps: int = 150
     """Linear warmup steps, as the research code: lr * min(1, (step + 1) / (warmup_steps + 1))."""
     activation_checkpointing: bool = False

@@ -31,6 +31,7 @@ from granular_po.training.inputs import check_inputs
 from granular_po.training.objectives import LossSettings
 from granular_po.training.optimizer import describe as describe_optimizer
 from granular_po.training.optimizer import optimizer_kwargs
+from granular_po.training.optimizer import weight_decay as optimizer_weight_decay
 from granular_po.training.precision import DeviceCaps, Precision, choose_precision
 from granular_po.training.trainer import GranularTrainer
 
@@ -127,7 +128,8 @@ def build_training_arguments(cfg: TrainConfig, settings: RunSettings,
         max_steps=settings.max_steps,
         learning_rate=cfg.lr,
         lr_scheduler_type="constant",
-        weight_decay=0.0,
+        # the class's own default unless set (AdamW 0.01, as the research code's AdamW(params, lr=lr))
+        weight_decay=optimizer_weight_decay(getattr(torch.optim, cfg.optimizer), cfg.weight_decay),
         max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -290,7 +292,7 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings,
     opt_kwargs = optimizer_kwargs(optimizer_cls, cfg.lr, args.device,
                                   trainable.dtype if trainable is not None else torch.float32,
                                   sharded=uses_fsdp(cfg, settings))
-    logger.info("optimizer: %s", describe_optimizer(optimizer_cls, opt_kwargs))
+    logger.info("optimizer: %s", describe_optimizer(optimizer_cls, opt_kwargs, args.weight_decay))
     trainer = GranularTrainer(
         model=policy, ref_model=reference, args=args, loss_settings=loss_settings,
         data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id),

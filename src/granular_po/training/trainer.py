@@ -100,6 +100,15 @@ class GranularTrainer(Trainer):
         )
 
     # ---- optimisation ----
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer with `args.weight_decay` on every parameter, biases and norms too: the research
+        code built its optimizer on all parameters in one group, where Trainer exempts biases and norms.
+        Trainer's two groups are kept (same members, same decay): older checkpoints still load into them."""
+        optimizer = super().create_optimizer(model)
+        for group in optimizer.param_groups:
+            group["weight_decay"] = self.args.weight_decay
+        return optimizer
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
             warmup = self.warmup_steps
