@@ -233,6 +233,7 @@ def _overrides(spec: dict, data: Path, run_root: Path) -> list[str]:
         f"max_length={enc.max_length}", f"max_prompt_length={enc.max_prompt_length}",
         f"prompt_format={enc.prompt_format}",
         f"optimizer={spec['optimizer']}", f"lr={spec['lr']}", "warmup_steps=0", "do_first_eval=false",
+        "weight_decay=0",  # as TRL's rows (DPOConfig weight_decay=0.0): the same update on both sides
         f"logprobs.impl={spec['impl']}", f"granular.enabled={str(spec['granular']).lower()}",
         "minimum_log_interval_secs=100000", f"mixed_precision={_mixed_precision(spec)}",
     ]  # fmt: skip

@@ -73,3 +73,55 @@ def test_training_builds_the_fused_optimizer(tmp_path, monkeypatch):
             "batch_size=2", "n_epochs=1", "do_first_eval=false", "debug=true", "max_length=48", "max_prompt_length=24"]
     assert train_main(argv) == 0
     assert built == {"cls": torch.optim.AdamW, "fused": True, "lr": 1e-3}
+
+
+# ---------------------------------------------------------------- weight decay (issue 20, item 7)
+
+
+@pytest.fixture(scope="module")
+def decay_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("decay")
+    tokenizer = tiny_tokenizer("byte_level")
+    tiny_llama(len(tokenizer), hidden_size=32).save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    (root / "train.json").write_text(json.dumps(toy_preference_pairs(2)))
+    return root
+
+
+def saved_groups(root, exp: str, extra: list[str]) -> list[dict]:
+    """The param groups of the optimizer one step of SFT trained with (its checkpoint's optimizer.pt)."""
+    argv = [f"model.name_or_path={root / 'tiny'}", "datasets=[ours]", f"custom_train_path={root / 'train.json'}",
+            f"local_dirs=[{root / 'runs'}]", f"exp_name={exp}", "prompt_format=raw", "loss=sft", "lr=1e-3",
+            "warmup_steps=0", "batch_size=2", "n_epochs=1", "do_first_eval=false", "max_length=48",
+            "max_prompt_length=24", *extra]
+    assert train_main(argv) == 0
+    state = torch.load(root / "runs" / exp / "LATEST" / "optimizer.pt", map_location="cpu", weights_only=True)
+    return state["param_groups"]
+
+
+@pytest.mark.parametrize("extra, decay", [
+    (["optimizer=AdamW"], 0.01),  # torch.optim.AdamW's own default: the research code's AdamW(params, lr=lr)
+    (["optimizer=SGD"], 0.0),  # torch.optim.SGD's own default
+    (["optimizer=AdamW", "weight_decay=0.05"], 0.05),  # an explicit value wins
+    (["optimizer=SGD", "weight_decay=0.05"], 0.05),
+])
+def test_weight_decay_defaults_to_the_optimizer_class_default_on_every_parameter(decay_root, extra, decay):
+    groups = saved_groups(decay_root, "_".join(extra).replace("=", "-"), extra)
+    trained = [g for g in groups if g["params"]]
+    # every parameter decays, biases and norms included, as in the research code's one parameter group
+    n_params = sum(1 for _ in tiny_llama(len(tiny_tokenizer("byte_level")), hidden_size=32).parameters())
+    assert sum(len(g["params"]) for g in trained) == n_params
+    assert all(g["weight_decay"] == decay for g in trained)
+
+
+def test_weight_decay_is_checked(tmp_path):
+    from granular_po.training.config import ConfigError, as_container, changed_keys, compose_config, validate
+
+    base = [f"local_dirs=[{tmp_path}]", "optimizer=AdamW"]
+    with pytest.raises(ConfigError, match="weight_decay=-0.1"):
+        validate(compose_config([*base, "weight_decay=-0.1"]))
+    with pytest.raises(ConfigError, match="optimizer=LBFGS has no weight decay"):
+        validate(compose_config([f"local_dirs=[{tmp_path}]", "optimizer=LBFGS", "weight_decay=0.1"]))
+    # it changes the numbers: a resumed run may not change it
+    stored = as_container(compose_config(base))
+    assert changed_keys(stored, compose_config([*base, "weight_decay=0.1"])) == ["weight_decay: None -> 0.1"]

@@ -9,7 +9,10 @@ autocast over fp32 master weights moves them.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import re
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from safetensors.torch import load_file
 from tiny import tiny_workspace, toy_preference_pairs
 
 from granular_po.apps.cli import train_main
+from granular_po.training import briefing
 from granular_po.training.config import compose_config, validate
 from granular_po.training.precision import DeviceCaps, choose_precision
 from granular_po.training.recipe import build_training_arguments
@@ -28,14 +32,17 @@ CPU = DeviceCaps("cpu", bf16=False)
 
 def test_default_on_a_bf16_gpu_is_fp32_master_weights_with_bf16_autocast():
     p = choose_precision("float32", None, "auto", H100)
-    assert (p.policy_dtype, p.reference_dtype, p.autocast, p.pure) == (torch.float32, torch.bfloat16, "bf16", False)
+    # the reference is the starting policy: fp32 weights under the same autocast
+    assert (p.policy_dtype, p.reference_dtype, p.autocast, p.pure) == (torch.float32, torch.float32, "bf16", False)
     assert p.training_arguments == {"bf16": True, "fp16": False}
-    assert p.describe() == "precision: fp32 weights, bf16 autocast; reference in bf16"
+    assert p.describe() == "precision: fp32 weights, bf16 autocast; reference in fp32"
+    # a bf16 reference (half its memory) only when asked for
+    assert choose_precision("float32", "bfloat16", "auto", H100).reference_dtype == torch.bfloat16
 
 
 def test_without_bf16_the_gpu_default_is_fp16_autocast_with_loss_scaling():
     p = choose_precision(None, None, "auto", V100)
-    assert (p.policy_dtype, p.reference_dtype, p.autocast) == (torch.float32, torch.float16, "fp16")
+    assert (p.policy_dtype, p.reference_dtype, p.autocast) == (torch.float32, torch.float32, "fp16")
     assert p.training_arguments == {"bf16": False, "fp16": True}
     assert "loss scaling" in p.describe()
     with pytest.raises(ValueError, match="no bf16 support"):
@@ -51,7 +58,7 @@ def test_cpu_stays_fp32_unless_asked():
 
 
 def test_explicit_choices_win():
-    assert choose_precision("float32", "float32", "auto", H100).reference_dtype == torch.float32
+    assert choose_precision("float32", "float16", "auto", V100).reference_dtype == torch.float16
     off = choose_precision("float32", None, "no", H100)
     assert (off.autocast, off.reference_dtype) == (None, torch.float32)
     # the research code's FSDP key means the same, where FSDP runs; a contradiction is refused
@@ -136,3 +143,59 @@ def test_one_small_step_moves_fp32_master_weights_but_not_pure_bf16_weights(tiny
     assert all(v.dtype == torch.bfloat16 for v in pure.values())
     assert changed_share(initial, pure, BF16_LOSES_5E6) == 0.0  # every update rounded away
     assert changed_share(initial, pure, 0.0) < 0.15  # only weights near zero have a fine enough grid
+
+
+# ---------------------------------------------------------------- the reference is the starting policy
+
+
+def first_eval(root, exp: str, extra: list[str]) -> dict:
+    """The first evaluation (before any update) of one TDPO2 step on the toy pairs, under `extra`."""
+    argv = [
+        f"model.name_or_path={root / 'tiny'}", "datasets=[ours]", f"custom_train_path={root / 'train.json'}",
+        f"custom_eval_path={root / 'train.json'}", f"exp_name={exp}", f"local_dirs=[{root / 'runs'}]",
+        "prompt_format=raw", "loss=tdpo", "loss.if_tdpo2=true", "loss.beta=0.1", "optimizer=AdamW",
+        "warmup_steps=0", "batch_size=4", "eval_batch_size=4", "n_examples=4", "do_first_eval=true",
+        "max_length=64", "max_prompt_length=32", *extra,
+    ]
+    assert train_main(argv) == 0
+    logs = [json.loads(line) for line in (root / "runs" / exp / "metrics.jsonl").read_text().splitlines()]
+    return next(r for r in logs if "rewards_eval/margins" in r)
+
+
+# every precision this project offers on CPU: fp32, bf16 autocast over fp32 weights, pure bf16 weights
+CPU_PRECISIONS = {"fp32": ["mixed_precision=no"], "bf16_autocast": ["mixed_precision=bf16"],
+                  "pure_bf16": ["model.policy_dtype=bfloat16"]}
+
+
+@pytest.mark.parametrize("name", list(CPU_PRECISIONS))
+def test_at_step_0_the_reference_computes_what_the_policy_computes(tiny_dir, name):
+    """Before any update the policy and the reference hold the same weights; run the same way, their
+    log-probs agree, so every log-ratio, reward and KL is 0 and the loss is log 2 (bf16 autocast once
+    loaded the reference in bf16 against fp32 policy weights: a margin of -0.035 on SmolLM2)."""
+    first = first_eval(tiny_dir, f"start_{name}", CPU_PRECISIONS[name])
+    for key in ("rewards_eval/margins", "rewards_eval/chosen", "rewards_eval/rejected", "kl_eval/chosen",
+                "kl_eval/rejected"):
+        assert abs(first[key]) <= 1e-6, (key, first[key])
+    assert first["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_a_bf16_reference_only_when_asked_and_its_offset_measured_at_start_up(tiny_dir, caplog):
+    """model.reference_dtype=bfloat16 (half the reference's memory) is honoured, and its cost said in one
+    line: the first batch's mean |log-ratio| against the fp32 policy, which the first eval then shows."""
+    with caplog.at_level(logging.WARNING, logger="granular_po"):
+        first = first_eval(tiny_dir, "bf16_reference", ["mixed_precision=bf16", "model.reference_dtype=bfloat16"])
+    (notice,) = [r.getMessage() for r in caplog.records if "model.reference_dtype" in r.getMessage()]
+    assert notice.startswith("notice: model.reference_dtype=bfloat16 with float32 policy weights")
+    measured = float(re.search(r"mean \|log-ratio\| of (\S+) nats", notice).group(1))
+    assert measured > 1e-4  # a real offset, measured, not a description
+    assert abs(first["rewards_eval/chosen"]) > 1e-6  # and the first eval is off zero, as the notice says
+    assert "\n" not in notice and "model.reference_dtype=null gives an exact reference" in notice
+
+
+def test_the_offset_notice_is_silent_for_an_exact_reference_and_describes_an_unmeasured_one(tmp_path):
+    cfg = compose_config([f"local_dirs=[{tmp_path}]", "loss=dpo"])
+    exact = choose_precision("float32", None, "bf16", H100)
+    assert briefing.reference_offset_notice(cfg, exact, (0.0, 0.0)) is None
+    rounded = choose_precision("float32", "bfloat16", "bf16", H100)
+    assert "rounding error (not measured" in briefing.reference_offset_notice(cfg, rounded, None)
+    assert "rewards 0.002," in briefing.reference_offset_notice(cfg, rounded, (0.02, 0.001))  # beta 0.1 x 0.02

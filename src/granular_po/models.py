@@ -197,6 +197,7 @@ def load_policy_and_reference(
     cache_dir: str | None = None,
     policy_dtype: str | torch.dtype | None = None,
     reference_dtype: str | torch.dtype | None = None,
+    seed: int | None = None,
 ) -> tuple[nn.Module, nn.Module | None]:
     """(policy, reference or None); both start from `model_cfg.archive` when one is given.
 
@@ -205,7 +206,9 @@ def load_policy_and_reference(
     `reference_context(policy)`. Models are moved to `device`
     (None: cuda if available, else cpu); the reference is frozen and in eval mode. `policy_dtype` /
     `reference_dtype` given here win over `model_cfg`'s (the run's precision decision,
-    `training.precision.choose_precision`).
+    `training.precision.choose_precision`). `seed`: whatever is drawn while building (the LoRA matrices)
+    comes from it, so the same seed gives the same adapters bit for bit; the global generators are left as
+    they were.
     """
     name, archive = model_cfg.name_or_path, model_cfg.archive
     policy_dtype = policy_dtype or model_cfg.policy_dtype
@@ -223,14 +226,29 @@ def load_policy_and_reference(
             raise ModelLoadError(f"archive {archive} does not exist")
     common = dict(trust_remote_code=trust_remote_code, device=device, cache_dir=cache_dir,
                   archive_state=state, archive_source=str(archive))
-    policy = load_model(source, policy_dtype, role="policy", **common)
-    reference = None
-    if loss_needs_reference and not use_lora:
-        reference = load_model(source, reference_dtype, role="reference", **common).eval()
-        reference.requires_grad_(False)
-    if use_lora:
-        policy = wrap_lora(policy, lora_cfg)
+    with seeded(seed, device):
+        policy = load_model(source, policy_dtype, role="policy", **common)
+        reference = None
+        if loss_needs_reference and not use_lora:
+            reference = load_model(source, reference_dtype, role="reference", **common).eval()
+            reference.requires_grad_(False)
+        if use_lora:
+            policy = wrap_lora(policy, lora_cfg)
     return policy, reference
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, device: str | torch.device | None = None) -> Iterator[None]:
+    """Draw from `seed` inside (CPU and `device`'s generators), then restore the generators' state; a no-op
+    for None. torch seeds itself at random at import, and Trainer seeds only once the models exist."""
+    if seed is None:
+        yield
+        return
+    device = torch.device(device) if device is not None else default_device()
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
 
 
 def wrap_lora(model: nn.Module, lora_cfg: LoraSettings) -> nn.Module:

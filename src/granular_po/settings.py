@@ -53,8 +53,9 @@ class ModelSettings:
     """FSDP mixed precision (bfloat16 / float16 / float32); applies to trainer=FSDPTrainer only, where it
     means the same as `mixed_precision` (bf16 / fp16 / no)."""
     reference_dtype: Optional[str] = None
-    """dtype of the reference model (inference only); null: the autocast dtype under mixed precision, else
-    the policy's."""
+    """dtype of the reference model; null: the policy's weight dtype, run under the same autocast, so at step 0
+    it computes exactly what the policy computes. bfloat16 / float16 halve its memory but make it a rounded
+    copy (log-ratios, rewards and KL start off 0: measured and named at start-up)."""
 
 
 @dataclass
@@ -219,6 +220,10 @@ class TrainConfig(EncodeOptions):
     TensorParallelTrainer: accepted for the research code's commands, runs one process here."""
     optimizer: str = "SGD"
     """Any torch.optim class name (SGD is the granular fork's default)."""
+    weight_decay: Optional[float] = None
+    """Weight decay of every trainable parameter (biases and norms too, as the research code's one parameter
+    group); null: the optimizer class's own default, as the research code's `AdamW(params, lr=lr)` had
+    (AdamW 0.01, SGD / Adam / RMSprop 0)."""
     warmup_steps: int = 150
     """Linear warmup steps, as the research code: lr * min(1, (step + 1) / (warmup_steps + 1))."""
     activation_checkpointing: bool = False

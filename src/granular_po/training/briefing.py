@@ -94,6 +94,27 @@ def model_rows(cfg: TrainConfig, loss: LossType, reference_loaded: bool, precomp
     return [("policy", policy), ("reference", reference)]
 
 
+def reference_offset_notice(cfg: TrainConfig, precision, offset: tuple[float, float] | None) -> str | None:
+    """One line when the loaded reference is not held in the policy's weight dtype (`model.reference_dtype`
+    asked for it, e.g. bfloat16 to halve its memory): before the first update its log-ratios, rewards and
+    KL are not 0 but `offset` = (mean |log-ratio| per response, mean KL) measured on the first batch (None:
+    not measured, e.g. under FSDP). None when the reference computes what the starting policy computes."""
+    if precision.reference_dtype == precision.policy_dtype:
+        return None
+    name = str(precision.reference_dtype).removeprefix("torch.")
+    weights = str(precision.policy_dtype).removeprefix("torch.")
+    beta = getattr(cfg.loss, "beta", None)
+    if offset is None:
+        size = "an offset of the size of its rounding error (not measured on this setup)"
+    else:
+        logratio, kl = offset
+        reward = f", rewards {number(beta * logratio)}" if beta is not None else ""
+        size = f"on the first batch a mean |log-ratio| of {number(logratio)} nats per response{reward}, KL {number(kl)}"
+    return (f"notice: model.reference_dtype={name} with {weights} policy weights: the reference does not compute "
+            f"what the starting policy computes, so log-ratios, rewards and KL do not start at 0 ({size}); "
+            "model.reference_dtype=null gives an exact reference (in the policy's dtype)")
+
+
 def start_block(cfg: TrainConfig, settings, *, train_reports, eval_reports, train_ds, route_line: str,
                 memory, reference_loaded: bool, total_steps: int, resume_from: Path | None) -> str:
     """The start-up block (printed once, by the main process, before the first step)."""

@@ -249,6 +249,22 @@ def _check_optimizer(name: str) -> None:
         choose("optimizer", name, names)
 
 
+def _check_weight_decay(optimizer: str, value: float | None) -> None:
+    """An explicit `weight_decay` is >= 0, and the optimizer has one (LBFGS, Rprop and SparseAdam have not:
+    the value would be dropped). null (the class's own default) needs no check, nor torch."""
+    if value is None:
+        return
+    if value < 0:
+        raise ConfigError(f"weight_decay={value}: must be >= 0")
+    import torch.optim
+
+    from granular_po.training.optimizer import default_weight_decay
+
+    if default_weight_decay(getattr(torch.optim, optimizer)) is None and value != 0:
+        raise ConfigError(f"weight_decay={value}: optimizer={optimizer} has no weight decay; "
+                          "remove weight_decay or choose another optimizer")
+
+
 def validate(config: TrainConfig) -> RunSettings:
     """Check the settings (the one place) and derive run settings; errors name the key, notices take
     one line. Types and unknown keys were checked at composition."""
@@ -261,6 +277,7 @@ def validate(config: TrainConfig) -> RunSettings:
     choose("share_prompt", str(config.share_prompt).lower(), ("auto", "true", "false"))
     choose("mixed_precision", str(config.mixed_precision).lower(), MIXED_PRECISION_MODES)
     _check_optimizer(config.optimizer)
+    _check_weight_decay(config.optimizer, config.weight_decay)
     dtypes = ("float32", "bfloat16", "float16")
     choose("model.policy_dtype", config.model.policy_dtype, dtypes)
     for key in ("reference_dtype", "fsdp_policy_mp"):

@@ -58,7 +58,25 @@ def optimizer_kwargs(optimizer_cls: type, lr: float, device: torch.device | str,
     return {"lr": lr}
 
 
-def describe(optimizer_cls: type, kwargs: dict) -> str:
-    """`AdamW (fused)`, `RMSprop (foreach)` or `LBFGS` for the start-up block."""
+def default_weight_decay(optimizer_cls: type) -> float | None:
+    """The class's own default weight decay (torch.optim.AdamW: 0.01; SGD, Adam: 0), None where it has none."""
+    try:
+        parameter = inspect.signature(optimizer_cls.__init__).parameters.get("weight_decay")
+    except (TypeError, ValueError):
+        return None
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return None
+    return float(parameter.default)
+
+
+def weight_decay(optimizer_cls: type, value: float | None) -> float:
+    """The run's weight decay: `value` when given, else the class's own default (0 where it has none)."""
+    return float(value) if value is not None else (default_weight_decay(optimizer_cls) or 0.0)
+
+
+def describe(optimizer_cls: type, kwargs: dict, decay: float | None = None) -> str:
+    """`AdamW (fused)`, `RMSprop (foreach)` or `LBFGS` for the start-up block (`, weight decay 0.01` with a
+    non-zero `decay`)."""
     chosen = [name for name in IMPLEMENTATIONS if kwargs.get(name)]
-    return f"{optimizer_cls.__name__} ({chosen[0]})" if chosen else optimizer_cls.__name__
+    text = f"{optimizer_cls.__name__} ({chosen[0]})" if chosen else optimizer_cls.__name__
+    return f"{text}, weight decay {decay:g}" if decay else text

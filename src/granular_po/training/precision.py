@@ -1,15 +1,18 @@
 """Which precision a run trains in: one decision from the config and the device's capabilities.
 
 The standard recipe, and the default: fp32 master weights with autocast (bf16 on a CUDA device that
-has it, fp16 with loss scaling on one that does not), the reference model held in the autocast dtype
-since it only runs inference. On CPU everything stays fp32 (bf16 autocast on a CPU without bf16
+has it, fp16 with loss scaling on one that does not). The reference is held in the policy's weight dtype
+and runs under the same autocast, so before the first update it computes exactly what the policy computes
+(log-ratios, rewards and TDPO's KL start at 0). A reference in the autocast dtype (half the memory) only
+when asked for (`model.reference_dtype=bfloat16`): it is a rounded copy of the starting policy, whose
+offset the start-up block measures and names (`reference_offset`). On CPU everything stays fp32 (bf16 autocast on a CPU without bf16
 instructions runs over 20x slower than fp32). Pure low-precision weights only when asked for
 (`model.policy_dtype=bfloat16`), with a warning: an optimizer update smaller than half a bf16 step of
 its weight rounds away (at lr 5e-6 with Adam-sized steps, nearly every weight above ~1e-3 stops moving).
 
     from granular_po.training.precision import DeviceCaps, choose_precision
     precision = choose_precision("float32", None, "auto", DeviceCaps.detect())
-    precision.policy_dtype, precision.reference_dtype, precision.autocast   # float32, bfloat16, "bf16"
+    precision.policy_dtype, precision.reference_dtype, precision.autocast   # float32, float32, "bf16"
 
 `choose_precision` reads no global state (the device is passed in), so every branch is testable on CPU.
 """
@@ -131,8 +134,8 @@ def choose_precision(policy_dtype: str | torch.dtype | None, reference_dtype: st
     elif autocast == "bf16" and device.type == "cpu":
         logger.warning("notice: mixed_precision=bf16 on CPU: correct, but far slower than fp32 on CPUs "
                        "without bf16 instructions")
-    if reference is None:  # inference only: the compute dtype is enough
-        reference = AUTOCAST_DTYPES[autocast] if autocast else policy
+    if reference is None:  # the starting policy itself: the same weights run the same way (under the autocast)
+        reference = policy
     if reference == torch.float16 and device.type != "cuda":
         reference = torch.float32
     return Precision(policy_dtype=policy, reference_dtype=reference, autocast=autocast, pure=pure)

@@ -32,6 +32,7 @@ from granular_po.training.inputs import check_inputs
 from granular_po.training.objectives import LossSettings
 from granular_po.training.optimizer import describe as describe_optimizer
 from granular_po.training.optimizer import optimizer_kwargs
+from granular_po.training.optimizer import weight_decay as optimizer_weight_decay
 from granular_po.training.precision import DeviceCaps, Precision, choose_precision
 from granular_po.training.trainer import GranularTrainer
 
@@ -129,7 +130,8 @@ def build_training_arguments(cfg: TrainConfig, settings: RunSettings,
         max_steps=settings.max_steps,
         learning_rate=cfg.lr,
         lr_scheduler_type="constant",
-        weight_decay=0.0,
+        # the class's own default unless set (AdamW 0.01, as the research code's AdamW(params, lr=lr))
+        weight_decay=optimizer_weight_decay(getattr(torch.optim, cfg.optimizer), cfg.weight_decay),
         max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -278,6 +280,7 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings,
         cfg.model, loss_needs_reference=loss_settings.needs_reference,
         lora_cfg=cfg.lora if cfg.lora.enabled else None, trust_remote_code=cfg.trust_remote_code,
         cache_dir=cfg.cache_dir, policy_dtype=precision.policy_dtype, reference_dtype=precision.reference_dtype,
+        seed=cfg.seed,  # the LoRA matrices: drawn before Trainer seeds
     )
     memory = resources.preflight(cfg, policy, reference, settings)  # memory (CPU) and checkpoint disk space
     collator_cls = SFTCollator if loss_type is LossType.SFT else PreferenceCollator
@@ -291,7 +294,7 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings,
     opt_kwargs = optimizer_kwargs(optimizer_cls, cfg.lr, args.device,
                                   trainable.dtype if trainable is not None else torch.float32,
                                   sharded=uses_fsdp(cfg, settings))
-    logger.info("optimizer: %s", describe_optimizer(optimizer_cls, opt_kwargs))
+    logger.info("optimizer: %s", describe_optimizer(optimizer_cls, opt_kwargs, args.weight_decay))
     trainer = GranularTrainer(
         model=policy, ref_model=reference, args=args, loss_settings=loss_settings,
         data_collator=collator_cls(pad_token_id=tokenizer.pad_token_id),
@@ -316,6 +319,10 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings,
     screen = console.ConsoleCallback(cfg.minimum_log_interval_secs)
     trainer.add_callback(screen)
 
+    if reference is not None and is_main and precision.reference_dtype != precision.policy_dtype:
+        sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled  # not measured: not yet sharded
+        offset = None if sharded else trainer.reference_offset(train_ds, settings.per_device_batch_size)
+        logger.warning(briefing.reference_offset_notice(cfg, precision, offset))  # how far off it starts
     if cfg.precompute_ref_log_probs and loss_type is LossType.DPO and not loss_settings.reference_free:
         cache_dir, batch = cfg.cache_dir or models_cache_dir(), cfg.eval_batch_size
         trainer.train_dataset = reference_cache.with_reference_logps(trainer, train_ds, cache_dir, batch)

@@ -100,6 +100,15 @@ class GranularTrainer(Trainer):
         )
 
     # ---- optimisation ----
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer with `args.weight_decay` on every parameter, biases and norms too: the research
+        code built its optimizer on all parameters in one group, where Trainer exempts biases and norms.
+        Trainer's two groups are kept (same members, same decay): older checkpoints still load into them."""
+        optimizer = super().create_optimizer(model)
+        for group in optimizer.param_groups:
+            group["weight_decay"] = self.args.weight_decay
+        return optimizer
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
             warmup = self.warmup_steps
@@ -159,6 +168,18 @@ class GranularTrainer(Trainer):
         has_reference = need_reference or settings.reference_free
         need_kl = settings.loss.needs_kl or (settings.loss.is_preference and has_reference)
         return self._statistics(hidden, head, logits, batch, ref, need_kl=need_kl)
+
+    @torch.no_grad()
+    def reference_offset(self, dataset, n_pairs: int) -> tuple[float, float]:
+        """(mean |log-ratio| per response, mean sequential KL) between the starting policy and the loaded
+        reference on the first `n_pairs` of `dataset`, computed as a training step computes them. Both 0
+        (to rounding) when the reference is the policy's own weights and dtype path; the start-up notice
+        of a reduced-precision reference names them. Call before training, on an unsharded model."""
+        batch = self._prepare_inputs(self.data_collator([dataset[i] for i in range(min(n_pairs, len(dataset)))]))
+        with self.compute_loss_context_manager():
+            stats = self.token_stats(self.model, batch, need_reference=True)
+        kl = stats.position_kl if stats.position_kl is not None else torch.zeros(1)
+        return float(stats.logratio.abs().mean()), float(kl.float().mean())
 
     @torch.inference_mode()
     def reference_logps(self, dataset, batch_size: int) -> tuple[list[float], list[float]]:
