@@ -293,6 +293,7 @@ def validate(config: TrainConfig) -> RunSettings:
         value = getattr(config.wandb, key)
         if not config.wandb.enabled and value != getattr(default_wandb, key):
             logger.warning("notice: wandb.%s=%s applies with wandb.enabled=true only; ignored", key, value)
+    _objective_option_notices(config)
     if config.precompute_ref_log_probs and loss_cfg.name != "dpo":
         logger.warning("notice: precompute_ref_log_probs applies to loss=dpo only (TDPO needs the live reference)")
     if config.lora.enabled and "lm_head" in str(config.lora.target_modules):
@@ -327,6 +328,17 @@ def validate(config: TrainConfig) -> RunSettings:
         max_steps=max_steps,
         run_dir=run_dir,
     )
+
+
+def _objective_option_notices(config: TrainConfig) -> None:
+    """One notice line per objective option (issue 21) set where it changes nothing."""
+    gran, loss = config.granular, config.loss.name
+    if gran.kl_weights != "highlight" and loss != "tdpo":
+        logger.warning("notice: granular.kl_weights=%s applies to loss=tdpo only (DPO's KL is only logged, "
+                       "with the margin's weights); ignored", gran.kl_weights)
+    elif gran.kl_weights != "highlight" and not gran.enabled:
+        logger.warning("notice: granular.kl_weights=%s changes nothing with granular=false (every token "
+                       "weighs 1 already)", gran.kl_weights)
 
 
 def _flat(node, prefix: str = "") -> dict:

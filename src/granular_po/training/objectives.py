@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from granular_po.data.masks import GranularOptions
 from granular_po.losses import LossType, dpo_loss, sft_loss, tdpo_loss
 from granular_po.settings import DPOLoss, LogprobsSettings, PreferenceLoss, TDPOLoss, TrainConfig
 from granular_po.stats import TokenStats
@@ -38,19 +39,37 @@ class LossSettings:
     logprobs_impl: str = LogprobsSettings.impl
     chunk_size: int = LogprobsSettings.chunk_size
     skip_nonfinite: bool = TrainConfig.skip_nonfinite
+    kl_weights: str = GranularOptions.kl_weights
 
     @classmethod
     def from_config(cls, config: TrainConfig, loss: LossType) -> LossSettings:
         """The run's loss keys (a key the chosen loss does not have keeps its default, unused)."""
-        keys = {f.name for f in fields(cls)} - {"loss", "logprobs_impl", "chunk_size", "skip_nonfinite"}
+        outside = {"loss", "logprobs_impl", "chunk_size", "skip_nonfinite", "kl_weights"}
+        keys = {f.name for f in fields(cls)} - outside
         given = {k: getattr(config.loss, k) for k in keys if getattr(config.loss, k, None) is not None}
         return cls(loss=loss, logprobs_impl=config.logprobs.impl, chunk_size=config.logprobs.chunk_size,
-                   skip_nonfinite=config.skip_nonfinite, **given)
+                   skip_nonfinite=config.skip_nonfinite, kl_weights=config.granular.kl_weights, **given)
 
     @property
     def needs_reference(self) -> bool:
         """Whether a live reference model runs (not for SFT, nor reference-free preference losses)."""
         return self.loss.needs_reference and not self.reference_free
+
+    @property
+    def kl_over_all_tokens(self) -> bool:
+        """Whether TDPO's KL weighs every response token 1 (`granular.kl_weights=all`); DPO's KL is only
+        logged and keeps the margin's weights (no head on extra positions for a metric)."""
+        return self.kl_weights == "all" and self.loss.needs_kl
+
+    def statistic_weights(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The weights beyond the margin's that the statistics need (`kl_weights`), from the batch's
+        `response_mask`; {} with the defaults. Shape: each (N, T) float."""
+        out = {}
+        if self.kl_over_all_tokens:
+            if "response_mask" not in batch:
+                raise ValueError("granular.kl_weights=all needs the batch's response_mask (PreferenceCollator)")
+            out["kl_weights"] = batch["response_mask"].to(batch["loss_weights"].dtype)
+        return out
 
 
 Metrics = dict[str, torch.Tensor]
