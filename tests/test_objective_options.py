@@ -22,7 +22,7 @@ from granular_po.data.masks import GranularOptions
 from granular_po.data.schema import PreferenceRecord, Region, RegionFlag
 from granular_po.losses import LossType
 from granular_po.stats import compute_token_stats
-from granular_po.training.config import ConfigError, _free_on_resume, compose_config
+from granular_po.training.config import ConfigError, _free_on_resume, compose_config, validate
 from granular_po.training.objectives import LossSettings, compute_objective
 from granular_po.training.trainer import GranularTrainer
 
@@ -268,3 +268,65 @@ def test_kl_weights_key_from_the_command_line():
     with pytest.raises(ConfigError, match="granular.kl_weights='every'.*highlight, all"):
         compose_config(["granular.kl_weights=every"])
     assert not _free_on_resume("granular.kl_weights")  # it changes the numbers
+
+
+# ---------------------------------------------------------------- loss.nll_alpha
+
+
+NLL_ALPHA = 0.8
+
+
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_nll_alpha_closed_form_loss_and_gradient(impl):
+    """DPO plus alpha x the chosen response's mean NLL over ALL its tokens (3 here, whatever the highlights).
+
+    L = -log sigma(beta (m_c - m_r)) + alpha * nll, nll = -(1/3) sum_{t=1..3} log p(y_t | chosen).
+    dL/dz_t (chosen) = -beta sigma(-beta d) w_t (onehot - p) - (alpha / 3) (onehot - p);
+    dL/dz_t (rejected) = +beta sigma(-beta d) w_t (onehot - p), with d = m_c - m_r.
+    """
+    margins = [sum(float(MARGIN_W[row, t]) * (by_hand(row, t)[0] - by_hand(row, t)[1]) for t in (1, 2, 3))
+               for row in (0, 1)]
+    nll = -sum(by_hand(0, t)[0] for t in (1, 2, 3)) / 3
+    d = margins[0] - margins[1]
+    expected = -math.log(1 / (1 + math.exp(-BETA * d))) + NLL_ALPHA * nll
+    dldm = -BETA / (1 + math.exp(BETA * d))
+    expected_grad = torch.zeros_like(POLICY_Z)
+    for row, sign in ((0, 1.0), (1, -1.0)):
+        for t in (1, 2, 3):
+            p = by_hand(row, t)[3]
+            for v in range(3):
+                dlogp = (1.0 if v == int(IDS[row, t]) else 0.0) - p[v]
+                expected_grad[row, t - 1, v] = sign * dldm * float(MARGIN_W[row, t]) * dlogp
+                if row == 0:
+                    expected_grad[row, t - 1, v] -= NLL_ALPHA / 3 * dlogp
+
+    settings = LossSettings(loss=LossType.DPO, beta=BETA, nll_alpha=NLL_ALPHA)
+    z = POLICY_Z.clone().requires_grad_(True)
+    stats = stats_of(z, impl, **settings.statistic_weights({"loss_weights": MARGIN_W, "response_mask": RESPONSE}))
+    losses, metrics = compute_objective(settings, stats, 1, "train")
+    losses.sum().backward()
+    assert losses.item() == pytest.approx(expected, rel=1e-12)
+    assert metrics["nll_train/chosen"].item() == pytest.approx(nll, rel=1e-12)
+    torch.testing.assert_close(z.grad, expected_grad, rtol=1e-10, atol=1e-12)
+    assert z.grad[0, 1].abs().sum() > 1e-3  # a chosen token outside the highlights, pulled up by the NLL
+    assert "nll_train/chosen" not in compute_objective(LossSettings(loss=LossType.DPO), stats, 1, "train")[1]
+
+
+@pytest.mark.parametrize("settings", [{"loss": LossType.DPO, "beta": 0.5, "nll_alpha": 0.5},
+                                      {**TDPO2, "kl_weights": "all", "nll_alpha": 0.5}], ids=["dpo", "tdpo2-kl-all"])
+def test_nll_alpha_through_every_route(models, tokenizer, tmp_path, settings):
+    without = {k: v for k, v in settings.items() if k != "nll_alpha"}
+    truth = assert_routes_agree(models, tmp_path, settings, batch_of(tokenizer), differs_from=without)
+    assert (truth[1]["nll_train/chosen"] > 0).all()
+
+
+def test_nll_alpha_key_from_the_command_line():
+    for loss in ("dpo", "tdpo"):
+        cfg = compose_config([f"loss={loss}", "loss.nll_alpha=0.5"])
+        assert LossSettings.from_config(cfg, LossType(loss)).nll_alpha == 0.5
+    assert compose_config(["loss=dpo"]).loss.nll_alpha == 0.0
+    with pytest.raises(ConfigError, match="nll_alpha"):
+        compose_config(["loss=sft", "loss.nll_alpha=0.5"])  # SFT is all NLL already: no such key
+    with pytest.raises(ConfigError, match="loss.nll_alpha=-1.0"):
+        validate(compose_config(["loss=dpo", "loss.nll_alpha=-1", "debug=true"]))
+    assert not _free_on_resume("loss.nll_alpha")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import logging
+import math
 import os
 import re
 import typing
@@ -276,6 +277,9 @@ def validate(config: TrainConfig) -> RunSettings:
     preference = loss_cfg.name != "sft"
     if preference and not loss_cfg.beta > 0:
         raise ConfigError(f"loss.beta={loss_cfg.beta}: must be > 0 (it divides the implicit reward's scale)")
+    nll_alpha = getattr(loss_cfg, "nll_alpha", 0.0)
+    if not (math.isfinite(nll_alpha) and nll_alpha >= 0):
+        raise ConfigError(f"loss.nll_alpha={nll_alpha}: must be a finite number >= 0 (0: no NLL term)")
     if config.logprobs.chunk_size < 1:
         raise ConfigError(f"logprobs.chunk_size={config.logprobs.chunk_size}: must be >= 1")
     for f in fields(loss_cfg):  # research-code keys this loss has but does not use

@@ -10,6 +10,7 @@ research code's names, definitions and signs, one value per example (pair):
   too, as the research code did (not when the reference's log-probs were precomputed: no reference
   runs); `/margin`: chosen - rejected.
 - `logps_{split}/chosen`, `/rejected`: the policy's weighted log-probs; `loss/{split}`: the per-pair loss.
+- `nll_{split}/chosen`: with `loss.nll_alpha` > 0, the chosen response's mean per-token NLL (RPO's term).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from granular_po.data.masks import GranularOptions
-from granular_po.losses import LossType, dpo_loss, sft_loss, tdpo_loss
+from granular_po.losses import LossType, dpo_loss, sft_loss, tdpo_loss, with_chosen_nll
 from granular_po.settings import DPOLoss, LogprobsSettings, PreferenceLoss, TDPOLoss, TrainConfig
 from granular_po.stats import TokenStats
 
@@ -40,6 +41,7 @@ class LossSettings:
     chunk_size: int = LogprobsSettings.chunk_size
     skip_nonfinite: bool = TrainConfig.skip_nonfinite
     kl_weights: str = GranularOptions.kl_weights
+    nll_alpha: float = PreferenceLoss.nll_alpha
 
     @classmethod
     def from_config(cls, config: TrainConfig, loss: LossType) -> LossSettings:
@@ -61,14 +63,25 @@ class LossSettings:
         logged and keeps the margin's weights (no head on extra positions for a metric)."""
         return self.kl_weights == "all" and self.loss.needs_kl
 
+    @property
+    def adds_nll(self) -> bool:
+        """Whether the chosen response's NLL joins the preference loss (`loss.nll_alpha` > 0)."""
+        return self.nll_alpha > 0 and self.loss.is_preference
+
     def statistic_weights(self, batch: dict) -> dict[str, torch.Tensor]:
-        """The weights beyond the margin's that the statistics need (`kl_weights`), from the batch's
-        `response_mask`; {} with the defaults. Shape: each (N, T) float."""
-        out = {}
-        if self.kl_over_all_tokens:
-            if "response_mask" not in batch:
-                raise ValueError("granular.kl_weights=all needs the batch's response_mask (PreferenceCollator)")
-            out["kl_weights"] = batch["response_mask"].to(batch["loss_weights"].dtype)
+        """The weights beyond the margin's that the statistics need (`kl_weights`, `nll_weights`: 1 on every
+        response token, the NLL's on the chosen rows [0:B] only), from the batch's `response_mask`; {} with
+        the defaults. Shape: each (N, T) float."""
+        if not (self.kl_over_all_tokens or self.adds_nll):
+            return {}
+        if "response_mask" not in batch:
+            raise ValueError("granular.kl_weights=all and loss.nll_alpha need the batch's response_mask "
+                             "(PreferenceCollator)")
+        response = batch["response_mask"].to(batch["loss_weights"].dtype)  # (2B, T)
+        out = {"kl_weights": response} if self.kl_over_all_tokens else {}
+        if self.adds_nll:
+            chosen = torch.arange(response.shape[0], device=response.device) < response.shape[0] // 2
+            out["nll_weights"] = response * chosen[:, None]
         return out
 
 
@@ -121,5 +134,10 @@ OBJECTIVES = {LossType.SFT: sft_objective, LossType.DPO: dpo_objective, LossType
 
 def compute_objective(settings: LossSettings, stats: TokenStats, n_pairs: int, split: str
                       ) -> tuple[torch.Tensor, Metrics]:
-    """Per-example losses (B,) and metrics of the configured objective."""
-    return OBJECTIVES[settings.loss](settings, stats, n_pairs, split)
+    """Per-example losses (B,) and metrics of the configured objective (plus RPO's NLL term when asked)."""
+    losses, metrics = OBJECTIVES[settings.loss](settings, stats, n_pairs, split)
+    if settings.adds_nll:
+        chosen_nll = stats.nll[:n_pairs]
+        losses = with_chosen_nll(losses, chosen_nll, settings.nll_alpha)
+        metrics[f"nll_{split}/chosen"] = chosen_nll.detach()
+    return losses, metrics
