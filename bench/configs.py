@@ -20,6 +20,12 @@ CONFIGS = {
                 "granular": False, "chunk_size": 1024},
     "tdpo-1024": {"label": "TDPO chunked, chunk_size=1024", "kind": "ours", "loss": "tdpo", "impl": "chunked",
                  "granular": False, "chunk_size": 1024},
+    # issue 21: what the KL over every response token costs against today's granular TDPO2
+    "tdpo2-gran": {"label": "TDPO2 chunked, granular", "kind": "ours", "loss": "tdpo", "impl": "chunked",
+                   "granular": True, "overrides": ["loss.if_tdpo2=true"]},
+    "tdpo-klall": {"label": "TDPO2 chunked, granular, kl_weights=all", "kind": "ours", "loss": "tdpo",
+                   "impl": "chunked", "granular": True,
+                   "overrides": ["loss.if_tdpo2=true", "granular.kl_weights=all"]},
 }  # fmt: skip
 
 # The processes of a group run side by side, taking turns step by step, so a burst of load from
@@ -30,7 +36,7 @@ CONFIGS = {
 # (TDPO naive runs alone: its time is compared with nothing the targets name, its memory needs no pairing.)
 DEFAULT_GROUPS = [["trl-dpo", "dpo", "tdpo"], ["tdpo", "tdpo-gran", "sft"], ["tdpo-naive"]]
 # run last, and only while the projected end stays inside --budget-min
-OPTIONAL_GROUPS = [["dpo-1024", "tdpo-1024"]]
+OPTIONAL_GROUPS = [["dpo-1024", "tdpo-1024"], ["tdpo2-gran", "tdpo-klall"]]
 QUICK_GROUPS = [["trl-dpo", "dpo", "tdpo"], ["tdpo", "tdpo-gran", "sft"]]
 MICRO_CHUNK = 1024  # the logits micro-benchmark also runs at this chunk size (the tradeoff)
 

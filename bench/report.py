@@ -157,6 +157,10 @@ def targets_table(results: dict[str, dict], micro: dict, gpu: bool = False) -> l
         row(f"granular TDPO ({share:.0f}% of response tokens weighted) measurably cheaper than all weights 1 "
             f"(< {TARGETS['granular_cheaper']:g}x the time)", f"{t[0]:.2f}x time{t[1]}",
             t[0] < TARGETS["granular_cheaper"])
+    t = time_ratio(results, "tdpo-klall", "tdpo2-gran")
+    if t:  # issue 21: a cost to report, no target
+        row("granular TDPO2 with `granular.kl_weights=all` (the lm_head on every response position) against "
+            "today's granular TDPO2", f"{t[0]:.2f}x time{t[1]}", None)
     if gpu:
         m = memory_ratio(results, "dpo", "trl-dpo")
         if m is not None:

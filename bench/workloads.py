@@ -239,7 +239,7 @@ def _overrides(spec: dict, data: Path, run_root: Path) -> list[str]:
     ]  # fmt: skip
     if spec.get("chunk_size"):
         out.append(f"logprobs.chunk_size={spec['chunk_size']}")
-    return out
+    return out + list(spec.get("overrides", ()))  # a configuration's own keys (configs.py)
 
 
 def run_ours(spec: dict) -> dict:

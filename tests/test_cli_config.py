@@ -27,7 +27,7 @@ def test_unknown_loss_key_refused_also_when_appended(override, tmp_path):
     done = cli("loss=dpo", override, f"local_dirs=[{tmp_path}]", cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == ("config error: unknown key 'loss.betta'; did you mean loss.beta? (keys here: "
-                                   "name, beta, reference_free, average_log_prob, label_smoothing, alpha)")
+                                   "name, beta, reference_free, average_log_prob, nll_alpha, label_smoothing, alpha)")
     assert list(tmp_path.iterdir()) == []
 
 

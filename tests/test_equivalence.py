@@ -183,7 +183,7 @@ def _half(batch: dict, rows: slice) -> dict:
     host-side facts, which describe the whole batch)."""
     width = int(batch["attention_mask"][rows].sum(-1).max())
     return {k: v[rows, :width] if v.dim() == 2 else v for k, v in batch.items()
-            if k not in ("host", "weighted_positions")}
+            if k not in ("host", "weighted_positions", "response_positions")}
 
 
 @pytest.mark.parametrize("impl", ["chunked", "naive"])

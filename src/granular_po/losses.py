@@ -115,6 +115,15 @@ def tdpo_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
+def with_chosen_nll(losses: torch.Tensor, chosen_nll: torch.Tensor, alpha: float) -> torch.Tensor:
+    """A preference loss plus alpha x the chosen response's NLL, per pair (RPO, Pang et al. 2024, arXiv
+    2404.19733: L_DPO + alpha * L_NLL, the form of TRL's `rpo_alpha`; `chosen_nll` is the mean
+    per-token negative log-likelihood of the chosen response).
+    Shape: losses (B,), chosen_nll (B,) -> (B,).
+    """
+    return losses + alpha * chosen_nll
+
+
 def sequential_kl(ref_logprobs: torch.Tensor, policy_logprobs: torch.Tensor) -> torch.Tensor:
     """KL(pi_ref || pi_theta) at each position, from log-probabilities (outputs of `log_softmax`).
 

@@ -85,6 +85,10 @@ class PreferenceLoss(LossConfig):
     sequential KL, which needs a distribution, is taken against the uniform one over the vocabulary."""
     average_log_prob: bool = False
     """Weighted means instead of weighted sums of token log-probs."""
+    nll_alpha: float = 0.0
+    """Adds alpha x the chosen response's mean per-token NLL, over all its tokens whatever their weights, to
+    each pair's loss (RPO, Pang et al. 2024, arXiv 2404.19733; TRL's rpo_alpha); logged as nll_*/chosen.
+    > 0 runs the lm_head on every chosen response position. 0: off."""
 
 
 @dataclass

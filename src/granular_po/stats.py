@@ -46,7 +46,9 @@ class TokenStats:
     """Weighted per-sequence statistics (sums, or weighted means when `average`), in float32 or wider.
 
     Shape: every field (N,). `reference_logps` and `logratio` are None without a reference (and
-    not reference-free); `position_kl` is None unless asked for (`need_kl`). Reference-free, the
+    not reference-free); `position_kl` is None unless asked for (`need_kl`), reduced with the KL's own
+    weights where given (`kl_weights`), else with the margin's; `nll` is None unless `nll_weights` are
+    given: the weighted mean negative log-likelihood under them (RPO's term). Reference-free, the
     reference gives every response the same probability: `reference_logps` is 0 and `logratio` is
     `policy_logps` (DPO's reference implementation, TRL); `position_kl` is against the uniform
     distribution over the vocabulary, the only per-token reference that assigns no preference.
@@ -57,6 +59,7 @@ class TokenStats:
     logratio: torch.Tensor | None
     position_kl: torch.Tensor | None
     weight_sum: torch.Tensor
+    nll: torch.Tensor | None = None
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +98,8 @@ def _row_stats(
     return policy_tok, ref_tok, kl
 
 
-def _check_inputs(policy_hidden, ref_hidden, input_ids, loss_weights, need_kl, reference_free, impl):
+def _check_inputs(policy_hidden, ref_hidden, input_ids, loss_weights, need_kl, reference_free, impl,
+                  extra_weights=()):
     if impl not in ("chunked", "naive"):
         raise ValueError(f"impl must be 'chunked' or 'naive', got {impl!r}")
     if policy_hidden.shape[:2] != input_ids.shape or loss_weights.shape != input_ids.shape:
@@ -103,6 +107,9 @@ def _check_inputs(policy_hidden, ref_hidden, input_ids, loss_weights, need_kl, r
             f"shape mismatch: hidden {tuple(policy_hidden.shape)}, input_ids {tuple(input_ids.shape)}, "
             f"loss_weights {tuple(loss_weights.shape)}"
         )
+    for name, extra in extra_weights:
+        if extra is not None and extra.shape != input_ids.shape:
+            raise ValueError(f"{name} {tuple(extra.shape)} does not match input_ids {tuple(input_ids.shape)}")
     if ref_hidden is not None and ref_hidden.shape[:2] != input_ids.shape:
         raise ValueError(
             f"ref_hidden {tuple(ref_hidden.shape)} does not match input_ids {tuple(input_ids.shape)}"
@@ -112,20 +119,25 @@ def _check_inputs(policy_hidden, ref_hidden, input_ids, loss_weights, need_kl, r
 
 
 def _finish(per_pos: dict[str, torch.Tensor | None], weights: torch.Tensor, average: bool,
-            reference_free: bool = False) -> TokenStats:
-    """Weighted reduction of per-position values. Shape: each value (N, T-1), weights (N, T-1)."""
+            reference_free: bool = False, kl_weights: torch.Tensor | None = None,
+            nll_weights: torch.Tensor | None = None) -> TokenStats:
+    """Weighted reduction of per-position values: the margin's weights, the KL's (`kl_weights`, else the
+    margin's) and the NLL's (a weighted mean, always). Shape: each value and weights (N, T-1)."""
     reduce = functools.partial(weighted_sum, weights=weights, average=average)
     policy = reduce(per_pos["policy"])
     ref = None if per_pos["ref"] is None else reduce(per_pos["ref"])
     if reference_free:  # every response equally likely: a reference log-ratio of 0 (DPO reference code, TRL)
         ref = torch.zeros_like(policy)
-    kl = None if per_pos["kl"] is None else reduce(per_pos["kl"])
+    kl_w = weights if kl_weights is None else kl_weights
+    kl = None if per_pos["kl"] is None else weighted_sum(per_pos["kl"], kl_w, average=average)
+    nll = None if nll_weights is None else -weighted_sum(per_pos["policy"], nll_weights, average=True)
     return TokenStats(
         policy_logps=policy,
         reference_logps=ref,
         logratio=None if ref is None else policy - ref,
         position_kl=kl,
         weight_sum=weights.sum(-1),
+        nll=nll,
     )
 
 
@@ -278,13 +290,14 @@ def _chunked(
     fused=True, weighted_positions=None,
 ):
     """Only weighted positions, `chunk_size` rows at a time: through `_FusedHeadStats` where the heads
-    are plain linear layers (and `fused`), otherwise each chunk under activation checkpointing."""
+    are plain linear layers (and `fused`), otherwise each chunk under activation checkpointing.
+    `weights` is the (N, T-1) mask of positions any statistic weighs (margin, KL or NLL)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     n, t1 = weights.shape
     t = t1 + 1
     if weighted_positions is None:  # a data-dependent shape: the device reports the count (a sync)
-        seq, pos = torch.nonzero(weights != 0, as_tuple=True)  # target at (seq, pos + 1)
+        seq, pos = torch.nonzero(weights, as_tuple=True)  # target at (seq, pos + 1)
     else:
         seq, pos = weighted_positions[0], weighted_positions[1]
     hidden_rows = seq * t + pos  # row of hidden[:, :-1] predicting it, in the flattened (N*T, H) view
@@ -354,6 +367,8 @@ def compute_token_stats(
     chunk_size: int = LogprobsSettings.chunk_size,
     fused: bool = True,
     weighted_positions: torch.Tensor | None = None,
+    kl_weights: torch.Tensor | None = None,
+    nll_weights: torch.Tensor | None = None,
 ) -> TokenStats:
     """Weighted per-sequence log-probs, log-ratios and sequential KL from final hidden states.
 
@@ -362,6 +377,10 @@ def compute_token_stats(
     `reference_free`: no reference model; a reference log-ratio of 0 and, for the KL, the uniform
     distribution over the head's V outputs (see `TokenStats`). `fused=False` keeps the
     chunked path on activation checkpointing (for heads whose weights are sharded: FSDP, DeepSpeed).
+    `kl_weights` (N, T): the KL's own weights (TDPO's sequential KL over other tokens than the margin's,
+    `granular.kl_weights=all`); None: the KL is reduced with `loss_weights`. `nll_weights` (N, T): adds
+    `nll`, the weighted mean NLL under them (`loss.nll_alpha`). The chunked path then runs the head on
+    every position any of the three weighs; `weighted_positions` (2, R), when given, must list them all.
     Given `policy_logits`
     (and `ref_logits`) instead of hidden states and heads, this is `compute_token_stats_from_logits`.
     Shape: policy_hidden (N, T, H), ref_hidden (N, T, H) or None, input_ids (N, T) long,
@@ -376,11 +395,20 @@ def compute_token_stats(
         raise ValueError("policy_hidden and policy_head (or policy_logits) are required")
     if ref_hidden is not None and ref_head is None:
         raise ValueError("ref_hidden given without ref_head")
-    _check_inputs(policy_hidden, ref_hidden, input_ids, loss_weights, need_kl, reference_free, impl)
+    _check_inputs(policy_hidden, ref_hidden, input_ids, loss_weights, need_kl, reference_free, impl,
+                  (("kl_weights", kl_weights), ("nll_weights", nll_weights)))
     weights = _upcast(loss_weights[:, 1:])  # weight of the target at t, predicted from hidden t-1
-    args = (policy_hidden, policy_head, ref_hidden, ref_head, input_ids, weights, need_kl, reference_free)
-    per_pos = _naive(*args) if impl == "naive" else _chunked(*args, chunk_size, fused, weighted_positions)
-    return _finish(per_pos, weights, average, reference_free)
+    kl_w = None if kl_weights is None or not need_kl else _upcast(kl_weights[:, 1:])
+    nll_w = None if nll_weights is None else _upcast(nll_weights[:, 1:])
+    args = (policy_hidden, policy_head, ref_hidden, ref_head, input_ids)
+    if impl == "naive":
+        per_pos = _naive(*args, weights, need_kl, reference_free)
+    else:
+        used = weights != 0  # (N, T-1): every position a statistic weighs goes through the head
+        for extra in (kl_w, nll_w):
+            used = used if extra is None else used | (extra != 0)
+        per_pos = _chunked(*args, used, need_kl, reference_free, chunk_size, fused, weighted_positions)
+    return _finish(per_pos, weights, average, reference_free, kl_w, nll_w)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

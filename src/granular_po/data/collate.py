@@ -8,7 +8,10 @@ device (each such question stalls a GPU's stream until all queued work is done):
 - `host`: plain Python lists (they pass through device placement untouched): `index` (record indices),
   `lengths` and `prompt_lengths` (real tokens and prompt tokens of each row);
 - `weighted_positions` (2, R) long: the (row, position) pairs of `loss_weights[:, 1:]` that are
-  non-zero (the targets the statistics read), listed here instead of by a `nonzero` on the device.
+  non-zero (the targets the statistics read), listed here instead of by a `nonzero` on the device;
+- `response_positions` (2, R') long: the same for every response target, whatever its weight (the
+  statistics read them all when a KL or NLL weighs every response token: `granular.kl_weights=all`,
+  `loss.nll_alpha`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ def _pad_rows(
     pad_to_multiple_of: int | None,
 ) -> dict[str, Any]:
     """(prompt_ids, response_ids, response_weights) per row -> input_ids, attention_mask, loss_weights,
-    response_mask (N, T), weighted_positions (2, R) and the host-side lists."""
+    response_mask (N, T), weighted_positions (2, R), response_positions (2, R') and the host-side lists."""
     lengths = [len(p) + len(r) for p, r, _ in rows]
     T = max(lengths, default=0)
     if pad_to_multiple_of and T % pad_to_multiple_of:
@@ -35,6 +38,7 @@ def _pad_rows(
     loss_weights = torch.zeros((len(rows), T), dtype=torch.float32)  # (N, T)
     response_mask = torch.zeros((len(rows), T), dtype=torch.long)  # (N, T): 1 on response tokens
     weighted: list[tuple[int, int]] = []  # (row, t - 1) of every target t >= 1 with a non-zero weight
+    responses: list[tuple[int, int]] = []  # (row, t - 1) of every response target t >= 1
     for i, (prompt, response, weights) in enumerate(rows):
         if len(weights) != len(response):
             raise ValueError(f"row {i}: {len(response)} response tokens but {len(weights)} weights")
@@ -45,9 +49,11 @@ def _pad_rows(
         loss_weights[i, n_p:n] = torch.as_tensor(list(weights), dtype=torch.float32)
         response_mask[i, n_p:n] = 1
         weighted += [(i, n_p + j - 1) for j, w in enumerate(weights) if w != 0 and n_p + j >= 1]
+        responses += [(i, n_p + j - 1) for j in range(len(weights)) if n_p + j >= 1]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_weights": loss_weights,
             "response_mask": response_mask,
             "weighted_positions": torch.tensor(weighted, dtype=torch.long).reshape(-1, 2).t().contiguous(),  # (2, R)
+            "response_positions": torch.tensor(responses, dtype=torch.long).reshape(-1, 2).t().contiguous(),
             "host": {"lengths": lengths, "prompt_lengths": [len(p) for p, _, _ in rows]}}
 
 

@@ -39,6 +39,11 @@ class GranularOptions:
     include_eos: bool = True
     """The end-of-response token of a response with a region weighs 1 (as the research code did); the
     other response of the pair follows `unannotated_weight` at its end token too."""
+    kl_weights: str = "highlight"
+    """TDPO's sequential KL: highlight (reduced with the margin's weights, as the research code did) or all
+    (every response token weighs 1 in the KL while the margin keeps the highlight weights: the whole
+    response stays anchored, TDPO's own KL, Zeng et al. 2024, arXiv 2404.11999). all runs the lm_head on
+    every response position."""
 
     def __post_init__(self) -> None:
         for name in ("outside_weight", "unannotated_weight"):
@@ -46,6 +51,13 @@ class GranularOptions:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"granular.{name} must be a finite number >= 0, got {value!r}")
             setattr(self, name, float(value))
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"granular.{name}={getattr(self, name)!r}: expected one of {', '.join(choices)}")
+
+
+# the values of GranularOptions' choice keys; the first is the default (the research code's behaviour)
+CHOICES = {"kl_weights": ("highlight", "all")}
 
 
 def trim_region(region: Region, text: str) -> Region:

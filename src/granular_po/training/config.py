@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import logging
+import math
 import os
 import re
 import typing
@@ -294,6 +295,9 @@ def validate(config: TrainConfig) -> RunSettings:
     preference = loss_cfg.name != "sft"
     if preference and not loss_cfg.beta > 0:
         raise ConfigError(f"loss.beta={loss_cfg.beta}: must be > 0 (it divides the implicit reward's scale)")
+    nll_alpha = getattr(loss_cfg, "nll_alpha", 0.0)
+    if not (math.isfinite(nll_alpha) and nll_alpha >= 0):
+        raise ConfigError(f"loss.nll_alpha={nll_alpha}: must be a finite number >= 0 (0: no NLL term)")
     if config.logprobs.chunk_size < 1:
         raise ConfigError(f"logprobs.chunk_size={config.logprobs.chunk_size}: must be >= 1")
     for f in fields(loss_cfg):  # research-code keys this loss has but does not use
@@ -311,6 +315,7 @@ def validate(config: TrainConfig) -> RunSettings:
         value = getattr(config.wandb, key)
         if not config.wandb.enabled and value != getattr(default_wandb, key):
             logger.warning("notice: wandb.%s=%s applies with wandb.enabled=true only; ignored", key, value)
+    _objective_option_notices(config)
     if config.precompute_ref_log_probs and loss_cfg.name != "dpo":
         logger.warning("notice: precompute_ref_log_probs applies to loss=dpo only (TDPO needs the live reference)")
     try:
@@ -349,6 +354,17 @@ def validate(config: TrainConfig) -> RunSettings:
         max_steps=max_steps,
         run_dir=run_dir,
     )
+
+
+def _objective_option_notices(config: TrainConfig) -> None:
+    """One notice line per objective option (issue 21) set where it changes nothing."""
+    gran, loss = config.granular, config.loss.name
+    if gran.kl_weights != "highlight" and loss != "tdpo":
+        logger.warning("notice: granular.kl_weights=%s applies to loss=tdpo only (DPO's KL is only logged, "
+                       "with the margin's weights); ignored", gran.kl_weights)
+    elif gran.kl_weights != "highlight" and not gran.enabled:
+        logger.warning("notice: granular.kl_weights=%s changes nothing with granular=false (every token "
+                       "weighs 1 already)", gran.kl_weights)
 
 
 def _flat(node, prefix: str = "") -> dict:

@@ -10,6 +10,7 @@ research code's names, definitions and signs, one value per example (pair):
   too, as the research code did (not when the reference's log-probs were precomputed: no reference
   runs); `/margin`: chosen - rejected.
 - `logps_{split}/chosen`, `/rejected`: the policy's weighted log-probs; `loss/{split}`: the per-pair loss.
+- `nll_{split}/chosen`: with `loss.nll_alpha` > 0, the chosen response's mean per-token NLL (RPO's term).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from granular_po.losses import LossType, dpo_loss, sft_loss, tdpo_loss
+from granular_po.data.masks import GranularOptions
+from granular_po.losses import LossType, dpo_loss, sft_loss, tdpo_loss, with_chosen_nll
 from granular_po.settings import DPOLoss, LogprobsSettings, PreferenceLoss, TDPOLoss, TrainConfig
 from granular_po.stats import TokenStats
 
@@ -38,19 +40,49 @@ class LossSettings:
     logprobs_impl: str = LogprobsSettings.impl
     chunk_size: int = LogprobsSettings.chunk_size
     skip_nonfinite: bool = TrainConfig.skip_nonfinite
+    kl_weights: str = GranularOptions.kl_weights
+    nll_alpha: float = PreferenceLoss.nll_alpha
 
     @classmethod
     def from_config(cls, config: TrainConfig, loss: LossType) -> LossSettings:
         """The run's loss keys (a key the chosen loss does not have keeps its default, unused)."""
-        keys = {f.name for f in fields(cls)} - {"loss", "logprobs_impl", "chunk_size", "skip_nonfinite"}
+        outside = {"loss", "logprobs_impl", "chunk_size", "skip_nonfinite", "kl_weights"}
+        keys = {f.name for f in fields(cls)} - outside
         given = {k: getattr(config.loss, k) for k in keys if getattr(config.loss, k, None) is not None}
         return cls(loss=loss, logprobs_impl=config.logprobs.impl, chunk_size=config.logprobs.chunk_size,
-                   skip_nonfinite=config.skip_nonfinite, **given)
+                   skip_nonfinite=config.skip_nonfinite, kl_weights=config.granular.kl_weights, **given)
 
     @property
     def needs_reference(self) -> bool:
         """Whether a live reference model runs (not for SFT, nor reference-free preference losses)."""
         return self.loss.needs_reference and not self.reference_free
+
+    @property
+    def kl_over_all_tokens(self) -> bool:
+        """Whether TDPO's KL weighs every response token 1 (`granular.kl_weights=all`); DPO's KL is only
+        logged and keeps the margin's weights (no head on extra positions for a metric)."""
+        return self.kl_weights == "all" and self.loss.needs_kl
+
+    @property
+    def adds_nll(self) -> bool:
+        """Whether the chosen response's NLL joins the preference loss (`loss.nll_alpha` > 0)."""
+        return self.nll_alpha > 0 and self.loss.is_preference
+
+    def statistic_weights(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The weights beyond the margin's that the statistics need (`kl_weights`, `nll_weights`: 1 on every
+        response token, the NLL's on the chosen rows [0:B] only), from the batch's `response_mask`; {} with
+        the defaults. Shape: each (N, T) float."""
+        if not (self.kl_over_all_tokens or self.adds_nll):
+            return {}
+        if "response_mask" not in batch:
+            raise ValueError("granular.kl_weights=all and loss.nll_alpha need the batch's response_mask "
+                             "(PreferenceCollator)")
+        response = batch["response_mask"].to(batch["loss_weights"].dtype)  # (2B, T)
+        out = {"kl_weights": response} if self.kl_over_all_tokens else {}
+        if self.adds_nll:
+            chosen = torch.arange(response.shape[0], device=response.device) < response.shape[0] // 2
+            out["nll_weights"] = response * chosen[:, None]
+        return out
 
 
 Metrics = dict[str, torch.Tensor]
@@ -102,5 +134,10 @@ OBJECTIVES = {LossType.SFT: sft_objective, LossType.DPO: dpo_objective, LossType
 
 def compute_objective(settings: LossSettings, stats: TokenStats, n_pairs: int, split: str
                       ) -> tuple[torch.Tensor, Metrics]:
-    """Per-example losses (B,) and metrics of the configured objective."""
-    return OBJECTIVES[settings.loss](settings, stats, n_pairs, split)
+    """Per-example losses (B,) and metrics of the configured objective (plus RPO's NLL term when asked)."""
+    losses, metrics = OBJECTIVES[settings.loss](settings, stats, n_pairs, split)
+    if settings.adds_nll:
+        chosen_nll = stats.nll[:n_pairs]
+        losses = with_chosen_nll(losses, chosen_nll, settings.nll_alpha)
+        metrics[f"nll_{split}/chosen"] = chosen_nll.detach()
+    return losses, metrics

@@ -143,16 +143,20 @@ class GranularTrainer(Trainer):
         stack.enter_context(self.accelerator.autocast())
         return stack
 
-    def _statistics(self, hidden, head, logits, batch, ref=(None, None, None), need_kl=False):
+    def _statistics(self, hidden, head, logits, batch, ref=(None, None, None), need_kl=False, extra=None):
+        """Token statistics of the batch; `extra`: weights beyond the margin's (`statistic_weights`)."""
         settings = self.loss_settings
-        # the collator's host-side list of weighted positions, where its facts match the batch
-        positions = batch.get("weighted_positions") if host_facts(batch) else None
+        extra = extra or {}
+        # the collator's host-side list of weighted positions, where its facts match the batch; with a KL
+        # or NLL over every response token, the list of every response position
+        key = "response_positions" if extra else "weighted_positions"
+        positions = batch.get(key) if host_facts(batch) else None
         return compute_token_stats(
             policy_hidden=hidden, policy_head=head, ref_hidden=ref[0], ref_head=ref[1],
             policy_logits=logits, ref_logits=ref[2], input_ids=batch["input_ids"],
             loss_weights=batch["loss_weights"], need_kl=need_kl, average=settings.average_log_prob,
             reference_free=settings.reference_free, impl=settings.logprobs_impl,
-            chunk_size=settings.chunk_size, fused=self.fused_head, weighted_positions=positions,
+            chunk_size=settings.chunk_size, fused=self.fused_head, weighted_positions=positions, **extra,
         )
 
     def token_stats(self, model, batch, need_reference: bool):
@@ -167,7 +171,8 @@ class GranularTrainer(Trainer):
         # DPO logs the KL as the research code did (a metric only: its gradient is skipped)
         has_reference = need_reference or settings.reference_free
         need_kl = settings.loss.needs_kl or (settings.loss.is_preference and has_reference)
-        return self._statistics(hidden, head, logits, batch, ref, need_kl=need_kl)
+        return self._statistics(hidden, head, logits, batch, ref, need_kl=need_kl,
+                                extra=settings.statistic_weights(batch))
 
     @torch.no_grad()
     def reference_offset(self, dataset, n_pairs: int) -> tuple[float, float]:
