@@ -5,6 +5,7 @@ reuse; and the statistics on known numbers."""
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,9 @@ from tiny import tiny_llama, tiny_tokenizer
 
 from granular_po.apps import compare
 from granular_po.apps.compare import CompareSettings, Run, grid_runs, pick
-from granular_po.apps.compare_report import mean_ci, paired_questions, paired_seeds, t975
+from granular_po.apps.compare_metrics import forced_item, forced_margins
+from granular_po.apps.compare_report import bootstrap_paired, mean_ci, paired_questions, paired_seeds, t975
+from granular_po.training.config import compose_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -50,12 +53,13 @@ def test_every_run_trained_from_the_shared_sft_model_with_its_settings(grid):
     sft = (grid / "runs" / "sft" / "LATEST").resolve()
     for run in runs:
         config = yaml.safe_load((grid / "runs" / run.name / "config.yaml").read_text())
-        assert config["loss"]["name"] == run.loss and config["granular"]["enabled"] is run.granular
+        loss, granular = run.arm.split("_g")
+        assert config["loss"]["name"] == loss and config["granular"]["enabled"] is (granular == "1")
         assert config["optimizer"] == run.optimizer and config["seed"] == run.seed
         assert math.isclose(config["lr"], run.multiplier * 5e-6)
         assert Path(config["model"]["archive"]).resolve() == sft
         assert config["custom_eval_path"].endswith("val.json")  # the trainer never sees the test split
-        if run.loss == "tdpo":
+        if loss == "tdpo":
             assert config["loss"]["if_tdpo2"] is True
     assert len((grid / "commands.txt").read_text().splitlines()) == len(runs)
 
@@ -83,16 +87,56 @@ def test_report_has_intervals_pairs_and_plots(grid):
     assert "Status: complete" in text
     for cell in ("TDPO2, granular, AdamW", "TDPO2, response-level, AdamW", "SFT (the start of every run)"):
         assert f"| {cell} |" in text
-    table = text.split("## Test accuracy")[1].split("## Granular")[0]
+    table = text.split("## Test accuracy")[1].split("## Arms vs")[0]
     assert table.count(" [") >= 2  # a mean [low, high] per cell (two seeds each)
-    paired = text.split("## Granular vs response-level, paired")[1].split("## Validation")[0]
-    assert "| TDPO2, AdamW | 2 |" in paired
+    paired = text.split("## Arms vs their reference, paired")[1].split("## Validation")[0]
+    assert "| TDPO2, granular - TDPO2, response-level, AdamW | 2 |" in paired
     assert "| x1 | x100 |" in text  # the validation sweep's columns
     for name in ("test_accuracy.png", "val_sweep.png"):
         assert (grid / name).read_bytes()[:8] == PNG_SIGNATURE
         assert f"]({name})" in text
     summary = json.loads((grid / "compare.json").read_text())
     assert summary["settings"]["task"] == "styled" and len(summary["cells"]) == 2
+
+
+def test_report_has_every_synthetic_metric_and_the_sft_margin_is_right(grid, workspace):
+    """The quick styled grid reports each metric per arm and seed with paired t and bootstrap intervals;
+    the SFT model's mean forced margin is checked against a plain forward of each test question."""
+    import torch
+
+    from granular_po.apps.eval import format_prompt, read_pairs
+    from granular_po.models import load_model, load_tokenizer
+
+    text = (grid / "compare.md").read_text()
+    table = text.split("## Test metrics per arm")[1].split("## Paired differences on every metric")[0]
+    for name in ("greedy accuracy", "forced margin (nats)", "forced-margin accuracy", "keeps the worked step",
+                 "preference accuracy", "highlighted log-ratio (rejected)"):
+        assert f" {name} |" in table
+    paired = text.split("## Paired differences on every metric")[1].split("## Validation")[0]
+    assert "| TDPO2, granular - TDPO2, response-level, AdamW | forced margin (nats) | 2 |" in paired
+    summary = json.loads((grid / "compare.json").read_text())["metrics"]
+    assert {p["metric"] for p in summary["paired"]} >= {"forced_margin", "worked_step", "preference_accuracy"}
+    for by_seed in summary["per_seed"].values():
+        assert set(by_seed) == {"0", "1"} and all("forced_accuracy" in m for m in by_seed.values())
+    sft = grid / "runs" / "sft" / "LATEST"
+    tokenizer, model = load_tokenizer(str(sft)), load_model(str(sft))
+    margins = []
+    for pair in read_pairs(grid / "data" / "test.json"):
+        right = str(eval(pair["prompt"][len("What is "):-1]))  # noqa: S307 - "7 * 13"
+        wrong = re.findall(r"\d+", pair["incorrect_response"])[-1]
+        cut = re.search(rf"(?<!\d){right}(?!\d)", pair["correct_response"])
+        head = format_prompt(tokenizer, pair["prompt"]) + pair["correct_response"][:cut.start()]
+        end = pair["correct_response"][cut.end():cut.end() + 1]
+        sides = []
+        for result in (right, wrong):
+            ids = tokenizer(head + result + end, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+            with torch.no_grad():
+                lp = torch.log_softmax(model(input_ids=ids[None]).logits[0, :-1], -1).gather(-1, ids[1:, None])[:, 0]
+            sides.append((ids[1:].tolist(), lp.tolist()))
+        k = next(i for i, (x, y) in enumerate(zip(sides[0][0], sides[1][0])) if x != y)
+        margins.append(sum(sides[0][1][k:]) - sum(sides[1][1][k:]))
+    assert summary["sft"]["forced_margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-4)
+    assert summary["sft"]["preference_accuracy"] == 0.0  # the SFT model is its own reference: every margin 0
 
 
 def test_rerun_reuses_every_run_and_a_larger_grid_adds_to_it(grid, workspace, capsys):
@@ -111,11 +155,12 @@ def test_rerun_reuses_every_run_and_a_larger_grid_adds_to_it(grid, workspace, ca
         config = yaml.safe_load((grid / "runs" / name / "config.yaml").read_text())
         assert config["optimizer"] == "SGD" and math.isclose(config["lr"], 5e-4)
     text = (grid / "compare.md").read_text()
-    assert "Status: complete" in text and "| DPO, SGD |" in text and "| TDPO2, SGD |" in text
+    assert "Status: complete" in text and "| DPO, granular - DPO, response-level, SGD |" in text
+    assert "| TDPO2, granular - TDPO2, response-level, SGD |" in text
 
 
 def test_pick_prefers_validation_accuracy_then_the_lower_rate():
-    a, b, c = (Run("dpo", True, "AdamW", m, 0) for m in (1, 3, 10))
+    a, b, c = (Run("dpo_g1", "AdamW", m, 0) for m in (1, 3, 10))
     assert pick([(c, {"val_accuracy": None})]) == c  # one rate: no choice to make
     assert pick([(a, {"val_accuracy": 0.4}), (b, {"val_accuracy": 0.6}), (c, {"val_accuracy": 0.5})]) == b
     assert pick([(c, {"val_accuracy": 0.6}), (b, {"val_accuracy": 0.6}), (a, {"val_accuracy": 0.5})]) == b
@@ -179,7 +224,7 @@ def test_pairs_retrains_the_validation_best_cell_of_each_granularity(workspace, 
     runs = grid_runs(s)
     best = {}
     for granular in (True, False):
-        cells = [(loss, granular, "AdamW") for loss in ("dpo", "tdpo")]
+        cells = [(f"{loss}_g{int(granular)}", "AdamW") for loss in ("dpo", "tdpo")]
         mean_val = {c: sum(_result(out, r)["val_accuracy"] for r in runs if r.cell == c) / s.seeds for c in cells}
         best[granular] = max(cells, key=lambda c: (mean_val[c], -cells.index(c)))
     for seed in range(s.seeds):
@@ -197,7 +242,8 @@ def test_pairs_retrains_the_validation_best_cell_of_each_granularity(workspace, 
     assert "granular - response-level: over seeds / over questions" in section
     assert (out / "sample_efficiency.png").read_bytes()[:8] == PNG_SIGNATURE
     summary = json.loads((out / "compare.json").read_text())["sample_efficiency"]
-    assert set(summary) == {compare.cell_label(*c) for c in best.values()}
+    arms = {a.name: a for a in compare.default_arms()}
+    assert set(summary) == {compare.cell_label(arms, *c) for c in best.values()}
     assert all(set(by_n) == {"4", "8"} and len(by_n["8"]) == s.seeds for by_n in summary.values())
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/compare_result.json")}
     capsys.readouterr()
@@ -212,3 +258,106 @@ def test_pairs_retrains_the_validation_best_cell_of_each_granularity(workspace, 
 def test_pairs_that_cannot_be_trained_are_refused(workspace, pairs, message):
     with pytest.raises(SystemExit, match=message):
         compare.settings_from_args(compare.build_parser().parse_args(quick_args(workspace, "--pairs", pairs)))
+
+
+# ---------------------------------------------------------------- arms
+
+
+def test_builtin_arms_give_the_overrides_grids_were_stamped_with(tmp_path):
+    """A built-in arm's run gets the same override list, in the same order, as before arms existed, so a
+    grid stopped then resumes (its stamps compare lists)."""
+    data = {"train": tmp_path / "train.json", "val": tmp_path / "val.json"}
+    s = CompareSettings()
+    arm = {a.name: a for a in compare.default_arms()}["tdpo_g1"]
+    got = compare.run_overrides(Run("tdpo_g1", "AdamW", 3, 1), arm, "m", data, tmp_path, tmp_path / "sft", s)
+    common = compare.common_overrides("m", data, tmp_path, s)
+    assert got == [*common, f"model.archive={tmp_path / 'sft'}", "loss=tdpo", "granular=true", "optimizer=AdamW",
+                   "lr=1.5e-05", "seed=1", "exp_name=tdpo_g1_AdamW_x3_s1", "loss.beta=0.1", "loss.if_tdpo2=true",
+                   "loss.alpha=0.5", "do_first_eval=false", "batch_size=4", "n_examples=64", "eval_every=64",
+                   "save_every=64"]
+
+
+def test_an_arm_overrides_the_base_config_in_place_and_adds_its_keys(tmp_path):
+    arm = compare.parse_arm("anchored: loss=tdpo granular=true loss.alpha=0.3 'granular.outside_weight=0.1'")
+    assert (arm.name, arm.loss, arm.granular) == ("anchored", "tdpo", True)
+    data = {"train": tmp_path / "train.json", "val": tmp_path / "val.json"}
+    got = compare.run_overrides(Run("anchored", "AdamW", 2, 0), arm, "m", data, tmp_path, tmp_path / "sft",
+                                CompareSettings())
+    assert "loss.alpha=0.3" in got and "loss.alpha=0.5" not in got and "loss.if_tdpo2=true" in got
+    assert got.index("granular=true") == got.index("loss=tdpo") + 1  # replaced in place
+    assert got[-1] == "granular.outside_weight=0.1" and "exp_name=anchored_AdamW_x2_s0" in got
+    config = compose_config(got)  # the settings' own composition accepts it
+    assert config.loss.alpha == 0.3 and config.granular.outside_weight == 0.1 and config.granular.enabled
+
+
+def test_arms_file_keeps_its_order_and_reads_lists_or_strings(tmp_path):
+    path = tmp_path / "arms.yaml"
+    path.write_text("response: [loss=tdpo, granular=false]\ngranular: loss=tdpo granular=true\n")
+    arms = compare.read_arms(str(path))
+    assert [(a.name, a.overrides) for a in arms] == [("response", ("loss=tdpo", "granular=false")),
+                                                    ("granular", ("loss=tdpo", "granular=true"))]
+    assert compare.paired_arms(arms) == [("granular", "response")]  # each arm against the first
+    assert compare.paired_arms(compare.default_arms()) == [("dpo_g1", "dpo_g0"), ("tdpo_g1", "tdpo_g0")]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("typo: loss=tdpo granular.outside_wieght=0.1", "arm typo: unknown key 'granular.outside_wieght'"),
+    ("fast: loss=tdpo lr=1e-5", "lr is set by compare"),
+    ("noloss: granular=true", "give loss=dpo or loss=tdpo"),
+    ("bad name: loss=dpo", "arm name"),
+    ("neg: loss=dpo loss.beta=-1", "arm neg: loss.beta=-1.0: must be > 0"),
+])
+def test_a_bad_arm_fails_before_any_training(workspace, spec, message):
+    out = workspace / "out-bad-arm"
+    with pytest.raises(SystemExit, match=message):
+        compare.main(["--quick", "--model", str(workspace / "base"), "--out", str(out), "--adamw", "1", "--sgd", "",
+                      "--arm", "ok: loss=dpo granular=true", "--arm", spec])
+    assert not (out / "runs").exists()
+
+
+# ---------------------------------------------------------------- test metrics
+
+
+def test_forced_item_is_the_correct_responses_prefix_and_both_results():
+    pair = {"prompt": "What is 7 * 13?", "correct_response": "Sure! 7 * 13 = 91. The answer is 91.",
+            "incorrect_response": "It is 81.", "masked_regions": [[6, 7, -1]]}
+    assert forced_item(pair) == {"prompt": "What is 7 * 13?", "prefix": "Sure! 7 * 13 = ", "right": "91",
+                                 "wrong": "81", "end": "."}
+
+
+def test_forced_margin_against_a_plain_forward_of_each_text(workspace):
+    """forced_margins (batched, via the training encoding) = log p(text + right) - log p(text + wrong) from a
+    forward of each full string on its own, summed from the first token where the two differ."""
+    import torch
+
+    from granular_po.apps.eval import format_prompt
+    from granular_po.models import load_model, load_tokenizer
+
+    tokenizer, model = load_tokenizer(str(workspace / "base")), load_model(str(workspace / "base"))
+    items = [{"prompt": "What is 7 * 13?", "prefix": "7 * 13 = ", "right": "91", "wrong": "81", "end": "."},
+             {"prompt": "What is 12 + 30?", "prefix": "Let's work it out. 12 + 30 = ", "right": "42", "wrong": "142",
+              "end": ""}]
+    got = forced_margins(model, tokenizer, items, batch_size=2)
+
+    def logp(text: str) -> list[float]:
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1)
+        return ids[0, 1:].tolist(), out.gather(-1, ids[0, 1:, None])[:, 0].tolist()
+
+    for item, margin in zip(items, got):
+        head = format_prompt(tokenizer, item["prompt"]) + item["prefix"]
+        (ids_r, lp_r), (ids_w, lp_w) = logp(head + item["right"] + item["end"]), logp(head + item["wrong"] + item["end"])
+        k = next(i for i, (x, y) in enumerate(zip(ids_r, ids_w)) if x != y)
+        assert margin == pytest.approx(sum(lp_r[k:]) - sum(lp_w[k:]), abs=1e-4)
+
+
+def test_bootstrap_over_seeds_and_items_on_known_numbers():
+    constant = bootstrap_paired({0: [1.0, 2.0, None], 1: [3.0, 4.0, 5.0]}, {0: [0.5, 1.5, 9.0], 1: [2.5, 3.5, 4.5]})
+    assert constant["mean"] == pytest.approx(0.5) and constant["low"] == pytest.approx(0.5)
+    assert constant["high"] == pytest.approx(0.5)  # every difference is 0.5: no spread to resample
+    a = {s: [float((s + i) % 3) for i in range(30)] for s in range(4)}
+    b = {s: [0.0] * 30 for s in range(4)}
+    first, again = bootstrap_paired(a, b), bootstrap_paired(a, b)
+    assert first == again and first["mean"] == pytest.approx(1.0) and first["low"] < 1.0 < first["high"]
+    assert bootstrap_paired({0: [1.0]}, {1: [1.0]})["mean"] is None  # no seed in common

@@ -8,9 +8,11 @@ import pytest
 
 from granular_po.apps.eval import extract_answer
 from granular_po.data.synthetic import (
+    STYLES,
     Question,
     diff_span,
     generate_pairs,
+    keeps_worked_step,
     make_pair,
     split_questions,
     split_train_eval,
@@ -192,3 +194,38 @@ def test_split_questions_are_disjoint_and_deterministic(task):
         split_questions(10, 1, 1, task="poetry")
     with pytest.raises(ValueError, match="n_val"):
         split_questions(10, 500, 500, task=task)
+
+
+def test_styled_digits_highlight_marks_only_the_differing_digits_of_the_same_texts():
+    """--highlight digits: the same pairs (texts and draws) as the whole-number default, each region cut
+    down to the digits that differ from the right result, so a shared leading digit is not penalised."""
+    number = split_questions(300, 20, 20, task="styled", seed=3)
+    digits = split_questions(300, 20, 20, task="styled", seed=3, highlight="digits")
+    shorter = 0
+    for part_n, part_d in zip(number, digits):
+        for pn, pd in zip(part_n, part_d):
+            assert {k: v for k, v in pn.items() if k != "masked_regions"} == \
+                   {k: v for k, v in pd.items() if k != "masked_regions"}
+            right, wrong = str(extract_answer(pd["correct_response"])), str(extract_answer(pd["incorrect_response"]))
+            c_span, w_span = diff_span(right, wrong)
+            spans = {1: c_span, -1: w_span}
+            assert len(pn["masked_regions"]) == len(pd["masked_regions"])
+            for (s, _, f), (sd, ed, fd) in zip(pn["masked_regions"], pd["masked_regions"]):
+                assert f == fd and (sd, ed) == (s + spans[f][0], s + spans[f][1])
+            shorter += any(ed - sd < e - s for (s, e, _), (sd, ed, _) in zip(pn["masked_regions"], pd["masked_regions"]))
+    assert shorter > 100  # e.g. 56 vs 57: "7" only (about 40% of pairs share a leading digit)
+    with pytest.raises(ValueError, match="highlight"):
+        split_questions(10, 1, 1, task="styled", highlight="words")
+
+
+def test_worked_step_is_told_from_the_generators_templates():
+    """`keeps_worked_step` holds for every worked template and no terse one, with any opener or closer."""
+    q = Question(7, "*", 13)
+    for style, templates in STYLES.items():
+        for template in templates:
+            text = template.replace("{op}", q.op).format(a=q.a, b=q.b, r=q.answer)
+            for framed in (text, f"Sure! {text} I hope this helps."):
+                assert keeps_worked_step(framed, q) is (style == "worked"), framed
+    assert keeps_worked_step("13 * 7 = 91. The answer is 91.", q)  # operands in either order
+    assert not keeps_worked_step("The answer is 91. 7 * 13 = 91.", q)  # no answer after the restated step
+    assert not keeps_worked_step("17 * 13 = 221. The answer is 221.", q)  # another operation

@@ -35,6 +35,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -42,6 +43,7 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+from granular_po.apps.compare_metrics import TestScorer, mean_of
 from granular_po.apps.demo import DEFAULT_MODEL, model_overrides
 from granular_po.apps.help import DefaultsFormatter
 from granular_po.apps.stages import (
@@ -68,6 +70,7 @@ class CompareSettings:
 
     task: str = "arithmetic"  # arithmetic (minimal edits, the control) | styled
     confound: float = 0.75  # styled: share of pairs written correct = worked style, wrong = terse
+    highlight: str = "number"  # styled: the whole wrong number (the default grid) | digits: only the differing digits
     n_train: int = 512  # training pairs (questions repeat with other phrasings and errors)
     n_val: int = 32  # validation questions: the learning rate is chosen on them
     n_test: int = 200  # test questions: scored once per chosen run
@@ -94,6 +97,7 @@ class CompareSettings:
     # cell (mean validation accuracy of their chosen runs) are trained again on these many pairs, one
     # pass each (steps = pairs / batch_size), per seed at that seed's chosen rate, and scored on test
     pairs: tuple[int, ...] = ()
+    rouge: bool = False  # also ROUGE-L of each greedy answer against the correct response (rouge-score)
 
 
 QUICK = dict(n_train=16, n_val=4, n_test=4, sft_steps=2, sft_batch_size=4, steps=2, batch_size=2, adamw=(1,),
@@ -101,11 +105,46 @@ QUICK = dict(n_train=16, n_val=4, n_test=4, sft_steps=2, sft_batch_size=4, steps
 
 
 @dataclass(frozen=True)
+class Arm:
+    """A named list of `granular-po train` overrides applied on top of every run's base config.
+
+    The built-in grid's arms are {DPO, TDPO2} x {granular, response-level}, named `dpo_g1` ... so their
+    runs keep the names (and their stamps the overrides) of the grids run before arms existed."""
+
+    name: str
+    overrides: tuple[str, ...]
+    label: str = ""  # shown in the report; the name when empty
+
+    @property
+    def shown(self) -> str:
+        return self.label or self.name
+
+    def value(self, key: str) -> str | None:
+        """The value the arm gives `key` (`granular` and `granular.enabled` are one key), or None."""
+        found = [o.split("=", 1)[1] for o in self.overrides if override_key(o) == override_key(key + "=")]
+        return found[-1] if found else None
+
+    @property
+    def loss(self) -> str:
+        return self.value("loss") or ""
+
+    @property
+    def granular(self) -> bool:
+        return str(self.value("granular.enabled")).lower() == "true"
+
+
+def default_arms(losses: tuple[str, ...] = LOSSES) -> list[Arm]:
+    """The built-in 2x2: per loss, granular then response-level."""
+    return [Arm(f"{loss}_g{int(granular)}", (f"loss={loss}", f"granular={str(granular).lower()}"),
+                f"{LOSS_LABELS[loss]}, {'granular' if granular else 'response-level'}")
+            for loss in losses for granular in (True, False)]
+
+
+@dataclass(frozen=True)
 class Run:
     """One preference run of the grid."""
 
-    loss: str
-    granular: bool
+    arm: str
     optimizer: str
     multiplier: float  # lr = multiplier x base_lr
     seed: int
@@ -113,28 +152,43 @@ class Run:
 
     @property
     def name(self) -> str:
-        name = f"{self.loss}_g{int(self.granular)}_{self.optimizer}_x{self.multiplier:g}_s{self.seed}"
+        name = f"{self.arm}_{self.optimizer}_x{self.multiplier:g}_s{self.seed}"
         return f"{name}_n{self.pairs}" if self.pairs else name
 
     def steps(self, s: CompareSettings) -> int:
         return self.pairs // s.batch_size if self.pairs else s.steps
 
     @property
-    def cell(self) -> tuple[str, bool, str]:
-        """What a learning rate is chosen for: loss, granularity, optimizer."""
-        return (self.loss, self.granular, self.optimizer)
+    def cell(self) -> tuple[str, str]:
+        """What a learning rate is chosen for: arm and optimizer."""
+        return (self.arm, self.optimizer)
 
 
-def cell_label(loss: str, granular: bool, optimizer: str | None = None) -> str:
-    label = f"{LOSS_LABELS[loss]}, {'granular' if granular else 'response-level'}"
+def cell_label(arms: dict[str, Arm], arm: str, optimizer: str | None = None) -> str:
+    label = arms[arm].shown if arm in arms else arm
     return f"{label}, {optimizer}" if optimizer else label
 
 
-def grid_runs(s: CompareSettings) -> list[Run]:
-    """Every run in the order trained: seed, then optimizer and rate, then loss and granularity."""
+def builtin_grid(arms: list[Arm]) -> bool:
+    """Every arm is one of the built-in 2x2's."""
+    builtin = {a.name: a for a in default_arms()}
+    return all(a.name in builtin and a.overrides == builtin[a.name].overrides for a in arms)
+
+
+def paired_arms(arms: list[Arm]) -> list[tuple[str, str]]:
+    """(arm, reference) pairs of the report's paired differences: each arm against the first one; in the
+    built-in grid each granular arm against the response-level arm of its loss."""
+    if builtin_grid(arms):
+        names = {a.name for a in arms}
+        return [(a.name, f"{a.loss}_g0") for a in arms if a.granular and f"{a.loss}_g0" in names]
+    return [(a.name, arms[0].name) for a in arms[1:]]
+
+
+def grid_runs(s: CompareSettings, arms: list[Arm] | None = None) -> list[Run]:
+    """Every run in the order trained: seed, then optimizer and rate, then arm."""
+    arms = default_arms(s.losses) if arms is None else arms
     rates = [("AdamW", m) for m in s.adamw] + [("SGD", m) for m in s.sgd]
-    return [Run(loss, granular, opt, m, seed) for seed in range(s.seeds) for opt, m in rates
-            for loss in s.losses for granular in (True, False)]
+    return [Run(arm.name, opt, m, seed) for seed in range(s.seeds) for opt, m in rates for arm in arms]
 
 
 # ---------------------------------------------------------------- command line
@@ -163,12 +217,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="delete this comparison's runs, results and eval cache")
     p.add_argument("--keep-weights", action="store_true", help="keep every run's final weights")
     p.add_argument("--model", default=DEFAULT_MODEL, help=argparse.SUPPRESS)  # tests: a tiny base model dir
+    p.add_argument("--arm", action="append", metavar="'NAME: KEY=VALUE ...'",
+                   help="an arm: a name and `granular-po train` overrides applied on top of every run's base "
+                        "config, e.g. --arm 'kl-all: loss=tdpo granular=true granular.kl_weights=all' "
+                        "(repeatable; the first arm is the reference of the paired differences); default the "
+                        "built-in {DPO, TDPO2} x {granular, response-level}")
+    p.add_argument("--arms", metavar="FILE.yaml", help="arms from a YAML file: name -> list of overrides "
+                   "(after any --arm)")
     for f in fields(CompareSettings):
         value = getattr(d, f.name)
         flag = f"--{f.name.replace('_', '-')}"
         quick = f" ({QUICK[f.name]} with --quick)" if f.name in QUICK else ""
         if f.name == "task":
             p.add_argument(flag, choices=("arithmetic", "styled"), default=None, help=f"default {value}")
+        elif f.name == "highlight":
+            p.add_argument(flag, choices=("number", "digits"), default=None, help=(
+                f"styled task: what is highlighted in the wrong response, the whole wrong number ({value}, the "
+                "default grid's setting) or only its digits that differ from the right result (digits, as the "
+                "arithmetic task does)"))
+        elif isinstance(value, bool):
+            p.add_argument(flag, action="store_const", const=True, default=None,
+                           help="ROUGE-L F1 (rouge-score) of each test greedy answer against the correct response")
         elif isinstance(value, tuple):
             kind = {"losses": _names, "pairs": _ints}.get(f.name, _floats)
             shown = ','.join(f'{v:g}' if isinstance(v, float) else str(v) for v in value) or "none"
@@ -191,6 +260,8 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
         raise SystemExit(f"--losses: unknown {unknown}; expected some of {list(LOSSES)}")
     if s.seeds < 1 or not (s.adamw or s.sgd):
         raise SystemExit("compare needs at least one seed and one learning rate (--adamw / --sgd)")
+    if args.highlight is not None and s.task != "styled":
+        raise SystemExit("--highlight applies to --task styled (the arithmetic task highlights the differing digits)")
     if not 0.0 <= s.confound <= 1.0:
         raise SystemExit(f"--confound must be in [0, 1], not {s.confound}")
     grid_pairs = s.steps * s.batch_size
@@ -209,7 +280,8 @@ def make_data(out: Path, s: CompareSettings) -> dict[str, Path]:
     """<out>/data/{train,val,test}.json from `split_questions` (rewritten only when they change)."""
     from granular_po.data.synthetic import split_questions, write_json
 
-    parts = split_questions(s.n_train, s.n_val, s.n_test, task=s.task, seed=s.data_seed, confound=s.confound)
+    parts = split_questions(s.n_train, s.n_val, s.n_test, task=s.task, seed=s.data_seed, confound=s.confound,
+                            highlight=s.highlight)
     paths = {}
     for name, pairs in zip(("train", "val", "test"), parts):
         path = out / "data" / f"{name}.json"
@@ -259,17 +331,133 @@ def sft_overrides(model: str, data: dict[str, Path], runs: Path, s: CompareSetti
             f"n_examples={n}", f"eval_every={n}", f"save_every={n}"]
 
 
-def run_overrides(run: Run, model: str, data: dict[str, Path], runs: Path, sft: Path, s: CompareSettings) -> list[str]:
+def override_key(override: str) -> str:
+    """The key an override sets (`granular=x` is `granular.enabled=x`, as `granular-po train` reads it)."""
+    key = override.split("=", 1)[0].strip()
+    return "granular.enabled" if key == "granular" else key
+
+
+def merge_overrides(base: list[str], extra: tuple[str, ...] | list[str]) -> list[str]:
+    """`base` with each of `extra` replacing the override of the same key in place, or appended."""
+    out = list(base)
+    for item in extra:
+        where = [i for i, o in enumerate(out) if override_key(o) == override_key(item)]
+        if where:
+            out[where[0]] = item
+            for i in reversed(where[1:]):
+                del out[i]
+        else:
+            out.append(item)
+    return out
+
+
+def run_overrides(run: Run, arm: Arm, model: str, data: dict[str, Path], runs: Path, sft: Path,
+                  s: CompareSettings) -> list[str]:
+    """The run's base config (model, data, optimizer, rate, seed, length) with the arm's overrides on top.
+
+    The built-in arms give the same list, in the same order, as the grid gave before arms existed."""
     n = run.steps(s) * s.batch_size  # one pass over n pairs
-    return [
+    base = [
         *common_overrides(model, data, runs, s), f"model.archive={hydra_value(sft)}",
-        f"loss={run.loss}", f"granular={str(run.granular).lower()}", f"optimizer={run.optimizer}",
+        f"loss={arm.loss}", f"granular={str(arm.granular).lower()}", f"optimizer={run.optimizer}",
         f"lr={run.multiplier * s.base_lr:g}", f"seed={run.seed}", f"exp_name={run.name}",
         f"loss.beta={s.beta:g}",
-        *(["loss.if_tdpo2=true", f"loss.alpha={s.alpha:g}"] if run.loss == "tdpo" else []),  # TDPO2's keys
+        *(["loss.if_tdpo2=true", f"loss.alpha={s.alpha:g}"] if arm.loss == "tdpo" else []),  # TDPO2's keys
         "do_first_eval=false",  # policy = reference before step 1: every reward 0
         f"batch_size={s.batch_size}", f"n_examples={n}", f"eval_every={n}", f"save_every={n}",
     ]
+    return merge_overrides(base, arm.overrides)
+
+
+# keys compare sets itself for every run: an arm that set them would break the comparison or the grid
+GRID_KEYS = {
+    "optimizer": "--adamw / --sgd", "lr": "--adamw / --sgd x --base-lr", "seed": "--seeds",
+    "exp_name": "the run's name", "batch_size": "--batch-size", "n_examples": "--steps x --batch-size",
+    "eval_every": "one evaluation at the end", "save_every": "one checkpoint at the end",
+    "datasets": "--task or --train / --val", "custom_train_path": "--task or --train",
+    "custom_eval_path": "--task or --val", "local_dirs": "--out", "local_run_dir": "--out",
+    "model": "--model / --sft", "do_first_eval": "off: policy = reference before step 1",
+}
+ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
+
+
+def make_arm(name: str, overrides: list[str] | tuple[str, ...], where: str) -> Arm:
+    """An arm from its name and overrides, or SystemExit naming `where` and what is wrong."""
+    name = str(name).strip()
+    if not ARM_NAME.fullmatch(name) or name == "sft":
+        raise SystemExit(f"{where}: arm name {name!r} must be letters, digits, '.' or '-' (it names run "
+                         "directories), and not 'sft'")
+    overrides = tuple(str(o).strip() for o in overrides if str(o).strip())
+    for o in overrides:
+        key = override_key(o)
+        if "=" not in o or not key or key.startswith(("+", "~")):
+            raise SystemExit(f"{where}: arm {name}: {o!r} is not a key=value override of granular-po train")
+        top = key.split(".", 1)[0]
+        if key in GRID_KEYS or (top == "model" and key != "model"):
+            raise SystemExit(f"{where}: arm {name}: {key} is set by compare for every run "
+                             f"({GRID_KEYS.get(key, GRID_KEYS['model'])}); an arm cannot change it")
+    arm = Arm(name, overrides)
+    if arm.loss not in LOSSES:
+        raise SystemExit(f"{where}: arm {name}: give loss=dpo or loss=tdpo (compare trains preference runs"
+                         + (f"; not {arm.loss!r})" if arm.loss else ")"))
+    return arm
+
+
+def parse_arm(text: str) -> Arm:
+    """`'name: key=value key=value'` (quotes as in a shell) -> Arm."""
+    name, sep, rest = text.partition(":")
+    if not sep:
+        raise SystemExit(f"--arm {text!r}: expected 'name: key=value key=value ...'")
+    return make_arm(name, shlex.split(rest), f"--arm {text!r}")
+
+
+def read_arms(path: str) -> list[Arm]:
+    """An arms YAML file: a mapping name -> list of overrides (or one string of them), in order."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise SystemExit(f"--arms {path}: {type(error).__name__}: {error}") from None
+    if not isinstance(loaded, dict) or not loaded:
+        raise SystemExit(f"--arms {path}: expected a mapping of arm name -> list of overrides")
+    arms = []
+    for name, overrides in loaded.items():
+        if isinstance(overrides, str):
+            overrides = shlex.split(overrides)
+        if not isinstance(overrides, list):
+            raise SystemExit(f"--arms {path}: arm {name}: expected a list of overrides, not "
+                             f"{type(overrides).__name__}")
+        arms.append(make_arm(name, overrides, f"--arms {path}"))
+    return arms
+
+
+def arms_from_args(args: argparse.Namespace, s: CompareSettings) -> list[Arm]:
+    """--arm / --arms in the order given, else the built-in 2x2 (over --losses)."""
+    arms = [parse_arm(a) for a in args.arm or []] + (read_arms(args.arms) if args.arms else [])
+    if not arms:
+        return default_arms(s.losses)
+    if args.losses is not None:
+        raise SystemExit("--losses chooses the built-in arms; with --arm / --arms give loss= in each arm")
+    names = [a.name for a in arms]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SystemExit(f"arm names must differ: {', '.join(twice)} given twice")
+    return arms
+
+
+def check_arms(arms: list[Arm], model: str, data: dict[str, Path], runs: Path, s: CompareSettings) -> None:
+    """Compose and validate each arm's first run with the settings' own checks, before any training:
+    an unknown key or a bad value fails here, naming the arm."""
+    from granular_po.training.config import ConfigError, compose_config, validate
+
+    opt, m = (("AdamW", s.adamw[0]) if s.adamw else ("SGD", s.sgd[0]))
+    for arm in arms:
+        overrides = run_overrides(Run(arm.name, opt, m, 0), arm, model, data, runs, runs / "sft" / "LATEST", s)
+        try:
+            validate(compose_config([*overrides, "resume=false"]))  # resume: no run directory is read
+        except ConfigError as error:
+            raise SystemExit(f"arm {arm.name}: {error}") from None
 
 
 def sft_model_dir(sft: str) -> Path:
@@ -299,6 +487,15 @@ def drop_optimizer_state(run_dir: Path) -> None:
 # ---------------------------------------------------------------- the grid
 
 
+def test_metrics(items: dict[str, list], correct: list[bool] | None = None) -> dict:
+    """A run's test metrics: `items` (per test item, aligned across runs; the greedy completions left out)
+    and `metrics` (their means, None where no item has a value)."""
+    items = {k: v for k, v in items.items() if k != "completions"}
+    if correct is not None:
+        items["accuracy"] = [float(c) for c in correct]
+    return {"items": items, "metrics": {k: mean_of(v) for k, v in items.items()}}
+
+
 def pick(scored: list[tuple[Run, dict]]) -> Run:
     """The run with the best validation accuracy; ties go to the lower learning rate (the safer one).
 
@@ -312,7 +509,7 @@ class Grid:
     """Trains, scores and selects; every result is a JSON file beside its run, so nothing is done twice."""
 
     def __init__(self, s: CompareSettings, out: Path, model: str, data: dict[str, Path], sft: Path,
-                 keep_weights: bool):
+                 keep_weights: bool, arms: list[Arm] | None = None):
         from granular_po.apps.eval import questions_from_pairs, read_pairs
 
         self.s, self.out, self.model, self.data, self.sft, self.keep_weights = s, out, model, data, sft, keep_weights
@@ -320,7 +517,11 @@ class Grid:
         self.fingerprint = f"{data_fingerprint(data['train'], data['val'])}|{checkpoint_key(sft)}"
         self.val_questions = questions_from_pairs(read_pairs(data["val"]))
         self.test_questions = questions_from_pairs(read_pairs(data["test"]))
-        self.runs = grid_runs(s)
+        self.scorer = TestScorer(data["test"], sft, out / "eval" / "reference_logps.json", s.max_length,
+                                 s.max_prompt_length, synthetic=True, rouge=s.rouge, max_new_tokens=s.max_new_tokens,
+                                 batch_size=s.eval_batch_size)
+        self.arms = {a.name: a for a in (default_arms(s.losses) if arms is None else arms)}
+        self.runs = grid_runs(s, list(self.arms.values()))
         self.seconds: dict[str, list[float]] = {"run": [], "test": []}
         self.test_seconds_hint: float | None = None  # seconds the SFT model's test scoring took
         self.started = time.monotonic()
@@ -364,7 +565,7 @@ class Grid:
         if (found := self.result(run)) is not None:
             return found
         start = time.monotonic()
-        overrides = run_overrides(run, self.model, self.data, self.runs_dir, self.sft, self.s)
+        overrides = run_overrides(run, self.arms[run.arm], self.model, self.data, self.runs_dir, self.sft, self.s)
         run_dir = self.runs_dir / run.name
         self._record_command(overrides)
         train_seconds = train_in_process(overrides, run_dir, run.steps(self.s), self.fingerprint, run.name)
@@ -391,6 +592,10 @@ class Grid:
         path = self.out / "commands.txt"
         old = path.read_text().splitlines() if path.is_file() else []
         path.write_text("\n".join(dict.fromkeys([*old, shown_command(overrides)])) + "\n")
+
+    def label(self, cell: tuple[str, str] | str) -> str:
+        """'DPO, granular, AdamW' for a cell, 'DPO, granular' for an arm's name."""
+        return cell_label(self.arms, cell) if isinstance(cell, str) else cell_label(self.arms, *cell)
 
     # ---- selection
     def _groups(self) -> dict[tuple, list[Run]]:
@@ -446,16 +651,19 @@ class Grid:
         test = evaluate_model(self.runs_dir / run.name / checkpoints.LATEST, self.test_questions,
                               self.out / "eval" / "test" / f"{run.name}.json", self.s.max_new_tokens,
                               f"{run.name} (test)", batch_size=self.s.eval_batch_size)
+        items = self.scorer.score(self.runs_dir / run.name / checkpoints.LATEST,
+                                  [r["completion"] for r in test["rows"]])
         result = self.result(run)
         result["test"] = {"accuracy": test["accuracy"], "n": test["n"], "correct": test["correct"],
-                          "seconds": test.get("seconds"),
-                          "rows": [{"prompt": r["prompt"], "correct": r["correct"]} for r in test["rows"]]}
+                          "seconds": time.monotonic() - start,
+                          "rows": [{"prompt": r["prompt"], "correct": r["correct"]} for r in test["rows"]],
+                          **test_metrics(items, [r["correct"] for r in test["rows"]])}
         self._write_result(run, result)
         self.seconds["test"].append(time.monotonic() - start)
 
     # ---- sample efficiency (--pairs)
     def best_cells(self) -> dict[bool, tuple] | None:
-        """granular -> the (loss, granular, optimizer) cell of that granularity whose validation-chosen runs
+        """granular -> the (arm, optimizer) cell of that granularity whose validation-chosen runs
         have the best mean validation accuracy over seeds (ties: the earlier cell of the grid); None until
         every (seed, cell) has its choice. Test results play no part."""
         groups = self._groups()
@@ -466,11 +674,11 @@ class Grid:
         for cell in dict.fromkeys(r.cell for r in self.runs):
             vals = [self.result(self.chosen((seed, cell)))["val_accuracy"] for seed in range(self.s.seeds)]
             if any(v is None for v in vals):
-                raise SystemExit(f"--pairs chooses the best cells on validation, but {cell_label(*cell)} was trained "
+                raise SystemExit(f"--pairs chooses the best cells on validation, but {self.label(cell)} was trained "
                                  "at one rate without --pairs and never scored on validation; give --pairs with a "
                                  "fresh --out (or several rates per optimizer)")
             mean = sum(vals) / len(vals)
-            granular = cell[1]
+            granular = self.arms[cell[0]].granular
             if granular not in score or mean > score[granular]:
                 best[granular], score[granular] = cell, mean
         return best
@@ -530,7 +738,7 @@ class Grid:
                 self.prune((seed, run.cell))
             for key in (k for k in groups if k[0] == seed):
                 if self._chosen_needs_test(key):
-                    self._progress(f"seed {seed}, {cell_label(*key[1])}: scoring {self.chosen(key).name} on the "
+                    self._progress(f"seed {seed}, {self.label(key[1])}: scoring {self.chosen(key).name} on the "
                                    "test questions")
                 self.test(key)
             if seed < self.s.seeds - 1 or self.s.pairs:  # the caller reports after the last one
@@ -543,6 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     passive_openmp()
     s = settings_from_args(args)
+    arms = arms_from_args(args, s)
     out = Path(args.out).resolve()
     runs = out / "runs"
     if args.fresh:
@@ -552,6 +761,12 @@ def main(argv: list[str] | None = None) -> int:
     data = make_data(out, s)
     print(f"compare: task {s.task}, {s.n_train} training pairs, {s.n_val} validation and {s.n_test} test "
           f"questions -> {out}", flush=True)
+    check_arms(arms, args.model, data, runs, s)  # an unknown key fails here, before any training
+    for arm in arms:
+        print(f"arm {arm.name}: {' '.join(arm.overrides)}", flush=True)
+    if len(s.adamw) <= 1 and len(s.sgd) <= 1:
+        print("learning rate: one per optimizer, fixed: no validation choice (validation questions not scored"
+              + (" except for --pairs' choice of cells)" if s.pairs else ")"), flush=True)
     if args.sft is None:
         overrides = sft_overrides(args.model, data, runs, s)
         print(f"SFT: {shown_command(overrides)}", flush=True)
@@ -564,12 +779,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from granular_po.apps.compare_report import write_report
 
-    grid = Grid(s, out, args.model, data, sft, args.keep_weights)
+    grid = Grid(s, out, args.model, data, sft, args.keep_weights, arms)
     invocation = "granular-po compare " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     # the starting point of every run, on both splits (the test score is reported, never used to choose)
     baseline = {split: evaluate_model(sft, questions, out / "eval" / f"sft_{split}.json", s.max_new_tokens,
                                       f"SFT ({split})", batch_size=s.eval_batch_size)
                 for split, questions in (("val", grid.val_questions), ("test", grid.test_questions))}
+    baseline["test"] |= test_metrics(grid.scorer.score(sft, [r["completion"] for r in baseline["test"]["rows"]]),
+                                     [r["correct"] for r in baseline["test"]["rows"]])
     grid.test_seconds_hint = baseline["test"].get("seconds")
 
     def report(seed: int | None) -> Path:

@@ -222,7 +222,6 @@ def sample_efficiency(grid, sft_test_accuracy: float) -> tuple[list[str], dict]:
     count and seed, for `--pairs`; nothing without it."""
     from dataclasses import replace
 
-    from granular_po.apps.compare import cell_label
     from granular_po.apps.report import markdown_table
 
     s, out = grid.s, grid.out
@@ -247,22 +246,22 @@ def sample_efficiency(grid, sft_test_accuracy: float) -> tuple[list[str], dict]:
 
     first = "cell (the best of its granularity on validation)"
     rows, curves, by_arm, summary, done = [], {}, {}, {}, {}
-    for granular in (True, False):
+    for granular in (g for g in (True, False) if g in best):
         cell = best[granular]
-        row = {first: cell_label(*cell)}
-        curves[cell_label(*cell)] = {}
+        row = {first: grid.label(cell)}
+        curves[grid.label(cell)] = {}
         by_arm[granular] = {}
         for n in counts:
             tests = accuracies(cell, n)
             by_arm[granular][n] = tests
             stats = mean_ci([tests[k]["accuracy"] for k in sorted(tests)])
             row[f"{n} pairs"] = format_ci(*stats) + f" ({len(tests)})"
-            curves[cell_label(*cell)][n] = stats
+            curves[grid.label(cell)][n] = stats
             done[(granular, n)] = len(tests) == s.seeds
-            summary.setdefault(cell_label(*cell), {})[n] = {str(k): v["accuracy"] for k, v in tests.items()}
+            summary.setdefault(grid.label(cell), {})[n] = {str(k): v["accuracy"] for k, v in tests.items()}
         rows.append(row)
     paired = {first: "granular - response-level: over seeds / over questions"}
-    for n in counts:
+    for n in counts if set(by_arm) == {True, False} else ():
         a, b = by_arm[True][n], by_arm[False][n]
         seeds = paired_seeds({k: v["accuracy"] for k, v in a.items()}, {k: v["accuracy"] for k, v in b.items()})
         questions = paired_questions({k: v["rows"] for k, v in a.items()}, {k: v["rows"] for k, v in b.items()})
@@ -291,7 +290,7 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
     """<out>/compare.md, test_accuracy.png and val_sweep.png from every result on disk (partial grids too)."""
     from datetime import datetime, timezone
 
-    from granular_po.apps.compare import cell_label
+    from granular_po.apps.compare import builtin_grid, paired_arms
     from granular_po.apps.demo import _machine
     from granular_po.apps.report import markdown_table, plot_panels
 
@@ -307,11 +306,11 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
              "validation accuracy": sft_val["accuracy"]}]
     bars: dict[str, dict[str, tuple]] = {}
     for cell, by_seed in chosen.items():
-        loss, granular, optimizer = cell
+        arm, optimizer = cell
         accs = [by_seed[k]["test"]["accuracy"] for k in sorted(by_seed)]
         stats = mean_ci(accs)
         rows.append({
-            "cell": cell_label(*cell), "seeds": len(accs),
+            "cell": grid.label(cell), "seeds": len(accs),
             "lr chosen (x 5e-6), per seed" if base == 5e-6 else f"lr chosen (x {base:g}), per seed":
                 ", ".join(f"{by_seed[k]['run']['multiplier']:g}" for k in sorted(by_seed)) or "n/a",
             "test accuracy, mean [95% CI]": format_ci(*stats),
@@ -320,31 +319,31 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
             "eval reward accuracy": _mean([by_seed[k]["eval_reward_accuracy"] for k in by_seed]),
             "eval margin": _mean([by_seed[k]["eval_margin"] for k in by_seed]),
         })
-        bars.setdefault(f"{LOSS_NAMES.get(loss, loss)}, {optimizer}", {})[
-            "granular" if granular else "response-level"] = stats
+        bars.setdefault(optimizer, {})[grid.label(arm)] = stats
 
     paired_rows = []
-    for cell in chosen:
-        loss, granular, optimizer = cell
-        other = (loss, False, optimizer)
-        if not granular or other not in chosen:
+    optimizers = dict.fromkeys(r.optimizer for r in grid.runs)
+    for (arm, reference), optimizer in ((p, o) for p in paired_arms(list(grid.arms.values())) for o in optimizers):
+        cell, other = (arm, optimizer), (reference, optimizer)
+        if cell not in chosen or other not in chosen:
             continue
         a, b = chosen[cell], chosen[other]
         by_seed = paired_seeds({k: a[k]["test"]["accuracy"] for k in a}, {k: b[k]["test"]["accuracy"] for k in b})
         by_question = paired_questions({k: a[k]["test"]["rows"] for k in a}, {k: b[k]["test"]["rows"] for k in b})
         paired_rows.append({
-            "loss, optimizer": f"{LOSS_NAMES.get(loss, loss)}, {optimizer}", "seeds": len(by_seed["seeds"]),
-            "granular - response-level, per seed": ", ".join(f"{d:+.3f}" for d in by_seed["diffs"]) or "n/a",
+            "arm - reference, optimizer": f"{grid.label(arm)} - {grid.label(reference)}, {optimizer}",
+            "seeds": len(by_seed["seeds"]),
+            "difference per seed": ", ".join(f"{d:+.3f}" for d in by_seed["diffs"]) or "n/a",
             "mean [95% CI over seeds]": format_ci(by_seed["mean"], by_seed["low"], by_seed["high"], "+.3f"),
             "mean [95% CI over questions]": format_ci(by_question["mean"], by_question["low"], by_question["high"],
                                                       "+.3f"),
-            "questions right only with granular / only response-level (summed over seeds)":
+            "questions right only with the arm / only the reference (summed over seeds)":
                 f"{by_question['a_only']} / {by_question['b_only']}",
         })
 
     sweep_rows, sweep_panels = [], {}
     for cell in dict.fromkeys(r.cell for r in grid.runs):
-        row = {"cell": cell_label(*cell)}
+        row = {"cell": grid.label(cell)}
         xs, ys = [], []
         for m in dict.fromkeys(r.multiplier for r in grid.runs if r.cell == cell):
             vals = [grid.result(r)["val_accuracy"] for r in grid.runs
@@ -355,7 +354,7 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
                 xs.append(math.log10(m))
                 ys.append(_mean(vals))
         sweep_rows.append(row)
-        sweep_panels.setdefault(cell[2], {})[cell_label(cell[0], cell[1])] = (xs, ys)
+        sweep_panels.setdefault(cell[1], {})[grid.label(cell[0])] = (xs, ys)
 
     any_interval = any(low is not None for group in bars.values() for _, low, _ in group.values())
     subtitle = "mean and 95% CI over seeds" if any_interval else "one seed: no interval"
@@ -365,6 +364,7 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
                 xlabel=f"log10(lr / {base:g})", title="validation accuracy by learning rate")
 
     efficiency_lines, efficiency = sample_efficiency(grid, sft_test["accuracy"])
+    metric_lines, metric_summary = metric_sections(grid, chosen, baseline)
     rates = sorted({r.multiplier for r in grid.runs})
     one_rate = all(len(group) == 1 for group in grid._groups().values())
     train_seconds = [grid.result(r)["train_seconds"] for r in grid.runs
@@ -385,7 +385,7 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
                  f"with probability {s.confound:g} the correct response is in the worked style and the wrong one "
                  "terse; only the results are highlighted)")
     lines = [
-        f"# granular-po compare, task `{s.task}`: {{DPO, TDPO2}} x {{granular, response-level}}",
+        f"# granular-po compare, task `{s.task}`: " + ", ".join(a.shown for a in grid.arms.values()),
         "",
         f"Status: {status}. Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
         "",
@@ -405,9 +405,11 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
         "",
         "![test accuracy](test_accuracy.png)",
         "",
-        "## Granular vs response-level, paired",
+        "## Arms vs their reference, paired",
         "",
-        "Same questions, same seeds, same loss and optimizer, each at " + (
+        ("Each granular arm against the response-level arm of its loss" if builtin_grid(list(grid.arms.values())) else
+         f"Each arm against the first, {grid.label(next(iter(grid.arms)))}")
+        + ": same questions, same seeds, same optimizer, each at " + (
             "the one learning rate given (nothing to choose)." if one_rate else
             "its own validation-chosen learning rate."),
         "",
@@ -416,6 +418,7 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
         "question's correctness averaged over the seeds, normal interval over questions (question sampling "
         "only).",
         "",
+        *metric_lines,
         "## Validation accuracy by learning rate",
         "",
         *([f"One learning rate per cell ({', '.join(f'{m:g}' for m in rates)} x {base:g}): nothing is chosen, so "
@@ -428,6 +431,10 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
         f"```bash\n{invocation}\n```",
         "",
         markdown_table([{"setting": k, "value": _setting(v)} for k, v in asdict_settings(s).items()]),
+        "Arms (overrides on top of each run's base config; the full command of each run in `commands.txt`):",
+        "",
+        markdown_table([{"arm": a.name, "shown as": a.shown, "overrides": " ".join(a.overrides)}
+                        for a in grid.arms.values()]),
         f"SFT (shared by every run; {sft_seconds:.0f} s this invocation):",
         "",
         f"```bash\n{sft_command}\n```",
@@ -453,9 +460,10 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
     path.write_text("\n".join(lines), encoding="utf-8")
     (out / "compare.json").write_text(json.dumps({
         "status": status, "settings": asdict_settings(s), "sft": {"val": sft_val["accuracy"], "test": sft_test["accuracy"]},
-        "cells": {cell_label(*c): {str(k): {key: v[key] for key in v if key != "test"} | {
+        "arms": {a.name: list(a.overrides) for a in grid.arms.values()},
+        "cells": {grid.label(c): {str(k): {key: v[key] for key in v if key != "test"} | {
             "test_accuracy": v["test"]["accuracy"]} for k, v in by_seed.items()} for c, by_seed in chosen.items()},
-        "paired": paired_rows, "sample_efficiency": efficiency}, indent=1))
+        "paired": paired_rows, "metrics": metric_summary, "sample_efficiency": efficiency}, indent=1))
     return path
 
 
@@ -466,3 +474,107 @@ def asdict_settings(s) -> dict:
     from dataclasses import asdict
 
     return asdict(s)
+
+
+# ---------------------------------------------------------------- test metrics per arm, paired
+
+METRICS = {  # key in a run's test items -> shown name; in this order
+    "accuracy": "greedy accuracy",
+    "forced_margin": "forced margin (nats)",
+    "forced_accuracy": "forced-margin accuracy",
+    "worked_step": "keeps the worked step",
+    "preference_accuracy": "preference accuracy",
+    "sequence_margin": "sequence log-ratio margin",
+    "highlight_logratio": "highlighted log-ratio (rejected)",
+    "rouge_l": "ROUGE-L",
+}
+BOOTSTRAP_REPLICATES = 2000
+
+
+def bootstrap_paired(a: Mapping[int, Sequence], b: Mapping[int, Sequence], replicates: int = BOOTSTRAP_REPLICATES,
+                     seed: int = 0) -> dict:
+    """a - b resampled over seeds and items at once (seeds with replacement, then items with replacement,
+    the same draw for both arms: paired), percentile 95% interval; items where either side has no value
+    (None) are left out. a, b: seed -> per-item values, aligned. Fixed `seed`: the same report twice."""
+    import numpy as np
+
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return {"seeds": [], "mean": None, "low": None, "high": None}
+    diff = np.array([[np.nan if x is None or y is None else float(x) - float(y) for x, y in zip(a[s], b[s])]
+                     for s in seeds])  # (seeds, items)
+    if not np.isfinite(diff).any():
+        return {"seeds": seeds, "mean": None, "low": None, "high": None}
+    rng = np.random.default_rng(seed)
+    n_s, n_i = diff.shape
+    stats = []
+    for _ in range(replicates):
+        sub = diff[rng.integers(0, n_s, n_s)][:, rng.integers(0, n_i, n_i)]
+        if np.isfinite(sub).any():
+            stats.append(np.nanmean(sub))
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return {"seeds": seeds, "mean": float(np.nanmean(diff)), "low": float(low), "high": float(high)}
+
+
+def _metrics_of(result: dict) -> dict:
+    return (result.get("test") or {}).get("metrics") or {}
+
+
+def metric_sections(grid, chosen: dict, baseline: dict) -> tuple[list[str], dict]:
+    """'## Test metrics per arm' and '## Paired differences on every metric', and their JSON."""
+    from granular_po.apps.compare import paired_arms
+    from granular_po.apps.report import markdown_table
+
+    shown = [k for k in METRICS if any(k in _metrics_of(r) for by_seed in chosen.values() for r in by_seed.values())]
+    if not shown:
+        return [], {}
+    sft = baseline["test"].get("metrics", {})
+    rows = [{"cell": "SFT (the start of every run)", "seeds": "-",
+             **{METRICS[k]: "n/a" if sft.get(k) is None else f"{sft[k]:.3f}" for k in shown}}]
+    per_seed: dict[str, dict] = {}
+    for cell, by_seed in chosen.items():
+        row = {"cell": grid.label(cell), "seeds": len(by_seed)}
+        for k in shown:
+            values = [_metrics_of(by_seed[s]).get(k) for s in sorted(by_seed)]
+            row[METRICS[k]] = format_ci(*mean_ci([v for v in values if v is not None]))
+        rows.append(row)
+        per_seed[grid.label(cell)] = {str(s): _metrics_of(r) for s, r in by_seed.items()}
+    paired = []
+    optimizers = dict.fromkeys(r.optimizer for r in grid.runs)
+    for (arm, reference), optimizer in ((p, o) for p in paired_arms(list(grid.arms.values())) for o in optimizers):
+        a, b = chosen.get((arm, optimizer), {}), chosen.get((reference, optimizer), {})
+        for k in shown:
+            a_items = {s: r["test"]["items"][k] for s, r in a.items() if k in (r["test"].get("items") or {})}
+            b_items = {s: r["test"]["items"][k] for s, r in b.items() if k in (r["test"].get("items") or {})}
+            if not (set(a_items) & set(b_items)):
+                continue
+            by_seed = paired_seeds({s: _metrics_of(a[s])[k] for s in a_items}, {s: _metrics_of(b[s])[k] for s in b_items})
+            boot = bootstrap_paired(a_items, b_items)
+            paired.append({"arm - reference, optimizer": f"{grid.label(arm)} - {grid.label(reference)}, {optimizer}",
+                           "metric": METRICS[k], "seeds": len(by_seed["seeds"]),
+                           "difference per seed": ", ".join(f"{d:+.3f}" for d in by_seed["diffs"]),
+                           "mean [95% t over seeds]": format_ci(by_seed["mean"], by_seed["low"], by_seed["high"], "+.3f"),
+                           "[95% bootstrap, seeds x items]": format_ci(boot["mean"], boot["low"], boot["high"], "+.3f"),
+                           "_t": by_seed, "_bootstrap": boot, "_key": k})
+    lines = [
+        "## Test metrics per arm", "",
+        "Mean [95% Student-t over seeds] of each run's mean over the test items. Greedy accuracy: exact match of "
+        "the stated answer. Forced margin: log p(right result) - log p(the generator's wrong result), both "
+        "teacher-forced after the prompt and the correct response's text up to its first stated result (with the "
+        "character after it); forced-margin accuracy: the share of questions where it is > 0. Keeps the worked "
+        "step: the greedy answer restates the operation and states \"answer is\" after it (every worked template "
+        "of the styled task does, no terse one). Preference accuracy: the share of test pairs whose sequence-level "
+        "log-ratio margin against the SFT model (every response token, the same for every arm) is > 0. "
+        "Highlighted log-ratio: mean log pi - log ref over the rejected response's highlighted tokens.", "",
+        markdown_table(rows), "",
+        "## Paired differences on every metric", "",
+        f"Arm - reference on the same test items and seeds. t: over the per-seed differences. Bootstrap: "
+        f"{BOOTSTRAP_REPLICATES} replicates resampling seeds and items together (percentile interval, generator "
+        "seed 0).", "",
+        markdown_table([{k: v for k, v in r.items() if not k.startswith("_")} for r in paired]) if paired else
+        "No pair of arms has test results yet.\n", "",
+    ]
+    summary = {"per_seed": per_seed, "sft": sft, "paired": [
+        {"arms": r["arm - reference, optimizer"], "metric": r["_key"], "t_over_seeds": r["_t"],
+         "bootstrap": r["_bootstrap"]} for r in paired]}
+    return lines, summary

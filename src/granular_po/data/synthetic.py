@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -258,8 +259,23 @@ def _styled_text(q: Question, style: str, r: str, rng: random.Random) -> tuple[s
     return opener + text + closer, [s + len(opener) for s in starts]
 
 
+HIGHLIGHTS = ("number", "digits")
+_ANSWER_IS = re.compile(r"\banswer is\b", re.IGNORECASE)
+
+
+def keeps_worked_step(text: str, q: Question) -> bool:
+    """The text is in the worked style: it restates the operation (`a op b`, the question's operands in
+    either order) and states "answer is" after it. Every "worked" template does; no "terse" one has both
+    (the terse "{a} {op} {b} = {r}." restates the operation but states no "answer is" after it)."""
+    op = re.escape(q.op)
+    step = re.compile(rf"(?<!\d)(?:{q.a}\s*{op}\s*{q.b}|{q.b}\s*{op}\s*{q.a})(?!\d)")
+    return any(_ANSWER_IS.search(text, m.end()) for m in step.finditer(text))
+
+
+
+
 def make_styled_pair(q: Question, rng: random.Random, confound: float = DEFAULT_CONFOUND,
-                     mark_correct: bool = False) -> dict:
+                     mark_correct: bool = False, highlight: str = "number") -> dict:
     """A pair whose sides differ in more than the error; only the results are highlighted.
 
     The correct response states the right result, the incorrect one a plausible wrong result
@@ -268,12 +284,17 @@ def make_styled_pair(q: Question, rng: random.Random, confound: float = DEFAULT_
     written in the preferred "worked" style and the incorrect one in the "terse" style. So `confound=0`:
     style carries no information about which side is right (it is noise in a response-level margin);
     `confound=1`: style alone separates every pair, and a response-level learner can fit the preference
-    without the arithmetic. Regions: every occurrence of the wrong result, the whole number, flag -1; with
-    `mark_correct`, every occurrence of the right result with flag 1. Answer correctness, what the held-out
-    score measures, is the same under every confound.
+    without the arithmetic. Regions: every occurrence of the wrong result, flag -1; with `mark_correct`,
+    every occurrence of the right result with flag 1. `highlight="number"` marks the whole number (the
+    default grid's setting); `"digits"` only the digits that differ between the two results (`diff_span`,
+    as the minimal-edit task does), so a digit the wrong result gets right is not penalised. The texts
+    and the random draws are the same under both. Answer correctness, what the held-out score measures,
+    is the same under every confound.
     """
     if not 0.0 <= confound <= 1.0:
         raise ValueError(f"confound must be in [0, 1], not {confound!r}")
+    if highlight not in HIGHLIGHTS:
+        raise ValueError(f"highlight must be one of {HIGHLIGHTS}, not {highlight!r}")
     wrong, _kind = wrong_result(q, rng)
     if rng.random() < confound:
         c_style, w_style = PREFERRED_STYLE, OTHER_STYLE
@@ -281,9 +302,11 @@ def make_styled_pair(q: Question, rng: random.Random, confound: float = DEFAULT_
         c_style, w_style = rng.choice(list(STYLES)), rng.choice(list(STYLES))
     chosen, c_starts = _styled_text(q, c_style, str(q.answer), rng)
     rejected, w_starts = _styled_text(q, w_style, str(wrong), rng)
-    regions = [[s, s + len(str(wrong)), -1] for s in w_starts]
+    right_s, wrong_s = str(q.answer), str(wrong)
+    c_span, w_span = diff_span(right_s, wrong_s) if highlight == "digits" else ((0, len(right_s)), (0, len(wrong_s)))
+    regions = [[s + w_span[0], s + w_span[1], -1] for s in w_starts]
     if mark_correct:
-        regions += [[s, s + len(str(q.answer)), 1] for s in c_starts]
+        regions += [[s + c_span[0], s + c_span[1], 1] for s in c_starts]
     return {
         "prompt": q.prompt,
         "correct_response": chosen,
@@ -305,12 +328,13 @@ def split_questions(
     ranges=WIDE_RANGES,
     mark_correct: bool = True,
     confound: float = DEFAULT_CONFOUND,
+    highlight: str = "number",
 ) -> tuple[list[dict], list[dict], list[dict]]:
     """(train, validation, test) pairs of `task` over three disjoint sets of questions.
 
     Validation and test hold one pair per question, each question distinct; training pairs cycle over
     the remaining questions (repeats draw new phrasings and errors). `task="arithmetic"`: the demo's
-    minimal edits, wrong digits highlighted; `"styled"`: `make_styled_pair` with `confound`.
+    minimal edits, wrong digits highlighted; `"styled"`: `make_styled_pair` with `confound` and `highlight`.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, not {task!r}")
@@ -323,7 +347,7 @@ def split_questions(
     test_keys, val_keys, train_keys = keys[:n_test], keys[n_test:n_test + n_val], keys[n_test + n_val:]
 
     def styled(q, r):
-        return make_styled_pair(q, r, confound, mark_correct)
+        return make_styled_pair(q, r, confound, mark_correct, highlight)
 
     def pairs(keys_, n):
         return _pairs_for(keys_, n, rng, mark_correct, "digits", None if task == "arithmetic" else styled)
