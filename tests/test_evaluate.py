@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import tiny_llama, tiny_tokenizer
+from tiny import llama_style_bos, tiny_llama, tiny_tokenizer
 
 from granular_po.apps import eval as evaluate
 from granular_po.apps.answers import is_correct, normalize, stated_answer
@@ -217,3 +217,29 @@ def test_run_eval_preference_metrics_hook():
     result = evaluate.run_eval(model, tok, questions, preference_metrics=lambda m, t: {"rewards_eval/accuracies": 0.5},
                                max_new_tokens=2, progress=False)
     assert result["rewards_eval/accuracies"] == 0.5 and result["n"] == 2
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_generation_encodes_prompts_as_training_does(chat):
+    """Eval (and compare's scoring, through `task_accuracy`) must see the prompt ids training saw: with a
+    Llama-style `<s> $A` tokenizer the raw prompt starts with BOS, as `encode_record`'s does."""
+    import torch
+
+    from granular_po.data.encode import EncodeOptions, encode_record
+    from granular_po.data.masks import GranularOptions
+    from granular_po.data.schema import PreferenceRecord
+
+    tok = llama_style_bos(tiny_tokenizer(chat=chat))
+    prompts = ["What is 7 * 8?", "What is 12 * 13? Say it."]
+    trained = [encode_record(PreferenceRecord(p, "56", "54", ()), tok, EncodeOptions(), GranularOptions())["prompt_ids"]
+               for p in prompts]
+    assert (trained[0][0] == tok.bos_token_id) is not chat  # raw: BOS first, as the tokenizer adds it
+    batch = evaluate.prompt_batch(tok, prompts)
+    for row, mask, ids in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(), trained):
+        assert [t for t, m in zip(row, mask) if m] == ids
+    model = tiny_llama(len(tok), seed=1, tie_word_embeddings=False)  # untied: tied random weights echo the prompt
+    completion = evaluate.generate(model, tok, prompts[:1], max_new_tokens=6)[0]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([trained[0]]), max_new_tokens=6, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert completion == tok.decode(out[0, len(trained[0]):], skip_special_tokens=True)

@@ -27,8 +27,8 @@ from granular_po.apps.answers import (
     stated_answer,
 )
 
-__all__ = ["Question", "extract_answer", "format_prompt", "generate", "load_questions", "main", "questions_from_pairs",
-           "read_pairs", "run_eval", "task_accuracy"]
+__all__ = ["Question", "extract_answer", "format_prompt", "generate", "load_questions", "main", "prompt_batch",
+           "questions_from_pairs", "read_pairs", "run_eval", "task_accuracy"]
 
 # end-of-turn / end-of-text tokens of common models; generation also stops at these when they exist
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
@@ -37,7 +37,8 @@ _CORRECT_FIELDS = ("correct_response", "correct", "chosen")
 
 
 def format_prompt(tokenizer: Any, prompt: str, prompt_format: str = "auto") -> str:
-    """The generation prompt: the chat template with the prompt as the user turn, or the raw prompt."""
+    """The generation prompt as text (for display): the chat template with the prompt as the user turn, or
+    the raw prompt. Generation itself encodes prompts with `prompt_batch` (training's own ids)."""
     if prompt_format not in ("auto", "chat", "raw"):
         raise ValueError(f"prompt_format must be auto, chat or raw, not {prompt_format!r}")
     use_chat = prompt_format == "chat" or (prompt_format == "auto" and getattr(tokenizer, "chat_template", None))
@@ -71,18 +72,27 @@ def _generation_mode(model: Any, tokenizer: Any):
         model.train(was_training)
 
 
+def prompt_batch(tokenizer: Any, prompts: Sequence[str], prompt_format: str = "auto") -> Any:
+    """The prompts encoded as training encodes them (`data.encode.encode_prompt`: the chat template, or the
+    raw text with BOS when the tokenizer adds one), padded on the tokenizer's padding side into one batch."""
+    from granular_po.data.encode import EncodeOptions, encode_prompt, resolve_layout
+
+    layout = resolve_layout(tokenizer, EncodeOptions(prompt_format=prompt_format))
+    ids = [encode_prompt(p, tokenizer, layout) for p in prompts]
+    return tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+
+
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 32,
              prompt_format: str = "auto") -> list[str]:
     """Greedy completions of one batch of prompts (special tokens stripped; `generate` runs without grad)."""
     from transformers import GenerationConfig
 
-    texts = [format_prompt(tokenizer, p, prompt_format) for p in prompts]
     device = next(model.parameters()).device
     stop = _stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=pad)
     with _generation_mode(model, tokenizer):
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        enc = prompt_batch(tokenizer, prompts, prompt_format).to(device)
         out = model.generate(**enc, generation_config=config)  # (B, T + new)
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
