@@ -33,6 +33,15 @@ from granular_po.models import save_model_dir
         ("56, so we are done", 56),
         ("no numbers here", None),
         ("", None),
+        # a worked answer: the result of the expression the answer sentence opens with
+        ("The answer is 7 * 8 = 56.", 56),
+        ("Answer: 27 + 29 = 56", 56),
+        ("So the answer is: 12 times 13, which is 156.", 156),
+        ("The answer is 7 * 8, or 56. Check: 7 * 8 = 54", 56),  # no "=" / "is": the sentence's last number
+        ("The answer is 54, since 56 is 7 * 8.", 54),  # no expression opens it: its first number
+        ("The answer is:\n56", 56),
+        ("Answer: 3 - 5 = -2.", -2),
+        ("The answer is 7 x 8 = 54. No, the answer is 7 x 8 = 56. 3 ways", 56),  # the last answer sentence
     ],
 )
 def test_extract_answer(text, expected):
@@ -208,6 +217,7 @@ def test_eval_help_states_the_grading_rules():
                    "counted and named", "(default: 16)"):
         assert phrase in text, phrase
     assert "(default: None)" not in text
+    assert "the number after the sentence's last \"=\" / \"is\"" in text
 
 
 def test_run_eval_preference_metrics_hook():

@@ -228,10 +228,12 @@ string or a number) or, without one, the answer its "correct_response" states (r
 Records that have neither are not graded: they are counted and named (index and reason), and a file
 with nothing to grade is an error (exit status 1).
 
-How a model's output is read: only the LAST STATED ANSWER counts. That is the text after the last
-"answer is" / "answer:" (for a number: the first number there), or, without such a phrase, the last
-number in the output (numeric answers) or its last non-empty line (text answers). An earlier or
-unrelated number in the output does not make a question right.
+How a model's output is read: only the LAST STATED ANSWER counts. That is the sentence after the last
+"answer is" / "answer:" (for a number: its first number, or, when that opens a worked expression as in
+"The answer is 7 * 8 = 56." or "12 times 13, which is 156", the number after the sentence's last "=" /
+"is" / "equals", else its last number), or, without such a phrase, the last number in the output
+(numeric answers) or its last non-empty line (text answers). An earlier or unrelated number in the
+output does not make a question right.
 
 How answers compare: numbers numerically ("1,234" = 1234 = 1234.0; an "answer" string that is a
 number counts as one); text after normalising case, whitespace and punctuation ("Paris." = "paris"),
