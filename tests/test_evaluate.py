@@ -253,3 +253,27 @@ def test_generation_encodes_prompts_as_training_does(chat):
         out = model.generate(torch.tensor([trained[0]]), max_new_tokens=6, do_sample=False,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     assert completion == tok.decode(out[0, len(trained[0]):], skip_special_tokens=True)
+
+
+LONG_FORM = ("People often ask how far a person can fall and survive. Survival after falling more than 20 feet "
+             "depends on the surface, the posture on landing and quick medical care, so there is no single limit.")
+
+
+def test_a_long_form_correct_response_is_no_answer_key(tmp_path, capsys):
+    """Its last number ("falling more than 20 feet" -> 20) is not an answer: the record is not graded,
+    counted and named, with a pointer to the `answer` field and to the pair metrics."""
+    records = [
+        {"prompt": "How far can a person fall?", "correct_response": LONG_FORM, "incorrect_response": "Any height."},
+        {"prompt": "How far?", "correct_response": LONG_FORM + " In short, the answer is 20.", "incorrect_response": "5"},
+        {"prompt": "What is 7 + 7?", "correct_response": "The sum of 7 and 7 is 14.", "incorrect_response": "15"},
+        {"prompt": "How far can a person fall?", "correct_response": LONG_FORM, "answer": 20},
+    ]
+    assert questions_from_pairs(records) == [("How far?", 20), ("What is 7 + 7?", 14), ("How far can a person fall?", 20)]
+    reason = evaluate.question_of(records[0], 0)
+    assert isinstance(reason, str) and "long-form" in reason and f"{len(LONG_FORM.split())} words" in reason
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records[:1] * 3))
+    assert evaluate.main(["--model", "unused", "--data", str(data)]) == 1
+    err = capsys.readouterr().err
+    assert "nothing to grade" in err and err.count("long-form") == 4  # three records named, one pointer
+    assert "3 records" in err and "'answer' field" in err and "rewards_eval/accuracies" in err

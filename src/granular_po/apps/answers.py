@@ -2,7 +2,8 @@
 
 The rules, as `granular-po eval --help` states them:
 - the expected answer is a record's `answer` (a string or a number), else the answer its correct response
-  states (read by the same rules as a model's output);
+  states (read by the same rules as a model's output) when that response is short (at most
+  `SHORT_RESPONSE_WORDS` words) or says "the answer is ..."; a long-form response gives none;
 - the stated answer of a text is the last one: after the last "answer is" / "answer:" if the text has one,
   else the last number in the text (numeric answers) or its last line (text answers);
 - a number after "answer is" is read in that answer sentence: its first number, or, when that opens a worked
@@ -21,6 +22,10 @@ import re
 import unicodedata
 
 Answer = int | float | str
+
+# a correct response longer than this and without "answer is" is long-form: no answer key is read from
+# it (the synthetic tasks' one-sentence answers, "The sum of 7 and 7 is 14.", have at most 13 words)
+SHORT_RESPONSE_WORDS = 16
 
 # "the answer is 56", "Answer: 56", "final answer is **56**"
 _ANSWER_PHRASE = re.compile(r"\banswer\s*(?:is\b|:)", re.IGNORECASE)
@@ -132,9 +137,18 @@ def is_correct(stated: Answer | None, expected: Answer) -> bool:
     return bool(wanted) and (said == wanted or said.endswith(" " + wanted))
 
 
+def is_long_form(response: str) -> bool:
+    """More than `SHORT_RESPONSE_WORDS` words and no "answer is" / "answer:": a text whose numbers are
+    no answer key ("Survival after falling more than 20 feet depends on ..." does not answer 20)."""
+    return len(response.split()) > SHORT_RESPONSE_WORDS and not _ANSWER_PHRASE.search(response)
+
+
 def answer_of_response(response: str) -> Answer | None:
     """The answer a correct response states: its number (see `stated_number`), else the text after an
-    "answer is" phrase; None when it states neither (the record cannot be graded without an `answer`)."""
+    "answer is" phrase; None when it states neither or is long-form (`is_long_form`): such a record
+    cannot be graded without an `answer`."""
+    if is_long_form(response):
+        return None
     number = stated_number(response)
     if number is not None:
         return number

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from granular_po.apps.answers import (
+    SHORT_RESPONSE_WORDS,
     Answer,
     answer_of_response,
     extract_answer,
     is_correct,
+    is_long_form,
     stated_answer,
 )
 
@@ -34,6 +36,12 @@ __all__ = ["Question", "extract_answer", "format_prompt", "generate", "load_ques
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 # the correct response's field and its aliases, as the training data reader accepts them
 _CORRECT_FIELDS = ("correct_response", "correct", "chosen")
+# why a long-form record is not graded (once per record) and what to do instead (once per run)
+LONG_FORM_NOTE = "its numbers are no answer key"
+LONG_FORM_HINT = (
+    "give each an 'answer' field to grade it here, or judge a model on such pairs by the preference metrics "
+    "training logs on custom_eval_path (rewards_eval/accuracies, rewards_eval/margins; `granular-po compare` "
+    "reports the same)")
 
 
 def format_prompt(tokenizer: Any, prompt: str, prompt_format: str = "auto") -> str:
@@ -156,6 +164,9 @@ def question_of(item: Any, index: int) -> Question | str:
     response = next((item[f] for f in _CORRECT_FIELDS if isinstance(item.get(f), str)), None)
     if response is None:
         return "no 'answer' field and no correct_response to read one from"
+    if is_long_form(response):
+        return (f"no 'answer' field, and its correct_response is long-form ({len(response.split())} words, no "
+                f"\"the answer is ...\"): {LONG_FORM_NOTE}")
     answer = answer_of_response(response)
     if answer is None:
         return "no 'answer' field, and its correct_response states no answer (no number, no \"answer is\")"
@@ -220,13 +231,14 @@ def run_eval(
 
 # ---------------------------------------------------------------- command line
 
-HELP = """\
+HELP = f"""\
 Task accuracy of a model by greedy generation on the records of a JSON list or JSONL file.
 
 What is graded: each record needs a "prompt" and an expected answer, either its "answer" field (a
-string or a number) or, without one, the answer its "correct_response" states (read as below).
-Records that have neither are not graded: they are counted and named (index and reason), and a file
-with nothing to grade is an error (exit status 1).
+string or a number) or, without one, the answer its "correct_response" states (read as below) when
+that response is short (at most {SHORT_RESPONSE_WORDS} words) or says "the answer is ...": a long-form
+response is no answer key. Records that have neither are not graded: they are counted and named (index
+and reason), and a file with nothing to grade is an error (exit status 1).
 
 How a model's output is read: only the LAST STATED ANSWER counts. That is the sentence after the last
 "answer is" / "answer:" (for a number: its first number, or, when that opens a worked expression as in
@@ -291,6 +303,9 @@ def _not_graded_lines(ungraded: list[tuple[int, str]], total: int, shown: int = 
     lines += [f"  record {index}: {why}" for index, why in ungraded[:shown]]
     if len(ungraded) > shown:
         lines.append(f"  ... and {len(ungraded) - shown} more (all in --out)")
+    long_form = sum(LONG_FORM_NOTE in why for _, why in ungraded)
+    if long_form:
+        lines.append(f"  {_plural(long_form, 'record')} long-form, with no answer key: {LONG_FORM_HINT}")
     return lines
 
 
