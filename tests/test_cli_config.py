@@ -135,6 +135,8 @@ def no_heavy_imports(root: Path) -> Path:
     ("custom_train_path=missing.json", "config error: custom_train_path=missing.json: no such file"),
     ("model.archive=runs/sft/LATEST", "config error: model.archive=runs/sft/LATEST: no such file or directory"),
     ("datasets=[ourz]", "config error: datasets='ourz': did you mean ours? expected one of ours, hh, shp, se"),
+    ("loss=DPO", "config error: loss='DPO': did you mean dpo? expected one of dpo, sft, tdpo"),
+    ("model=smollm2", "config error: model='smollm2': did you mean smollm2-135m? expected one of gpt2-large, "),
 ])
 def test_bad_configuration_refused_in_one_line_before_torch(override, message, tmp_path):
     """Issue 13.2: each of these once failed after 13 s with a traceback (or a raw OSError), after the

@@ -167,7 +167,10 @@ def test_pick_prefers_validation_accuracy_then_the_lower_rate():
 
 
 def test_intervals_on_known_numbers():
-    assert t975(1) == 12.706 and t975(2) == 4.303 and t975(11) == 2.228 and t975(100) == 1.96
+    known = {1: 12.706, 2: 4.303, 5: 2.571, 6: 2.447, 7: 2.365, 11: 2.201, 30: 2.042, 31: 2.040, 40: 2.021,
+             60: 2.000, 120: 1.980, 1000: 1.962}  # t_{0.975, df}, e.g. NIST/SEMATECH's table
+    assert {df: round(t975(df), 3) for df in known} == known
+    assert 1.95996 < t975(10**6) < t975(1000) < t975(120)
     mean, low, high = mean_ci([0.4, 0.5, 0.6])
     assert math.isclose(mean, 0.5) and math.isclose(high - mean, 4.303 * 0.1 / math.sqrt(3))
     assert mean_ci([0.7]) == (0.7, None, None) and mean_ci([]) == (None, None, None)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import tiny_llama, tiny_tokenizer
+from tiny import llama_style_bos, tiny_llama, tiny_tokenizer
 
 from granular_po.apps import eval as evaluate
 from granular_po.apps.answers import is_correct, normalize, stated_answer
@@ -33,6 +33,15 @@ from granular_po.models import save_model_dir
         ("56, so we are done", 56),
         ("no numbers here", None),
         ("", None),
+        # a worked answer: the result of the expression the answer sentence opens with
+        ("The answer is 7 * 8 = 56.", 56),
+        ("Answer: 27 + 29 = 56", 56),
+        ("So the answer is: 12 times 13, which is 156.", 156),
+        ("The answer is 7 * 8, or 56. Check: 7 * 8 = 54", 56),  # no "=" / "is": the sentence's last number
+        ("The answer is 54, since 56 is 7 * 8.", 54),  # no expression opens it: its first number
+        ("The answer is:\n56", 56),
+        ("Answer: 3 - 5 = -2.", -2),
+        ("The answer is 7 x 8 = 54. No, the answer is 7 x 8 = 56. 3 ways", 56),  # the last answer sentence
     ],
 )
 def test_extract_answer(text, expected):
@@ -208,6 +217,7 @@ def test_eval_help_states_the_grading_rules():
                    "counted and named", "(default: 16)"):
         assert phrase in text, phrase
     assert "(default: None)" not in text
+    assert "the number after the sentence's last \"=\" / \"is\"" in text
 
 
 def test_run_eval_preference_metrics_hook():
@@ -217,3 +227,53 @@ def test_run_eval_preference_metrics_hook():
     result = evaluate.run_eval(model, tok, questions, preference_metrics=lambda m, t: {"rewards_eval/accuracies": 0.5},
                                max_new_tokens=2, progress=False)
     assert result["rewards_eval/accuracies"] == 0.5 and result["n"] == 2
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_generation_encodes_prompts_as_training_does(chat):
+    """Eval (and compare's scoring, through `task_accuracy`) must see the prompt ids training saw: with a
+    Llama-style `<s> $A` tokenizer the raw prompt starts with BOS, as `encode_record`'s does."""
+    import torch
+
+    from granular_po.data.encode import EncodeOptions, encode_record
+    from granular_po.data.masks import GranularOptions
+    from granular_po.data.schema import PreferenceRecord
+
+    tok = llama_style_bos(tiny_tokenizer(chat=chat))
+    prompts = ["What is 7 * 8?", "What is 12 * 13? Say it."]
+    trained = [encode_record(PreferenceRecord(p, "56", "54", ()), tok, EncodeOptions(), GranularOptions())["prompt_ids"]
+               for p in prompts]
+    assert (trained[0][0] == tok.bos_token_id) is not chat  # raw: BOS first, as the tokenizer adds it
+    batch = evaluate.prompt_batch(tok, prompts)
+    for row, mask, ids in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(), trained):
+        assert [t for t, m in zip(row, mask) if m] == ids
+    model = tiny_llama(len(tok), seed=1, tie_word_embeddings=False)  # untied: tied random weights echo the prompt
+    completion = evaluate.generate(model, tok, prompts[:1], max_new_tokens=6)[0]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([trained[0]]), max_new_tokens=6, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    assert completion == tok.decode(out[0, len(trained[0]):], skip_special_tokens=True)
+
+
+LONG_FORM = ("People often ask how far a person can fall and survive. Survival after falling more than 20 feet "
+             "depends on the surface, the posture on landing and quick medical care, so there is no single limit.")
+
+
+def test_a_long_form_correct_response_is_no_answer_key(tmp_path, capsys):
+    """Its last number ("falling more than 20 feet" -> 20) is not an answer: the record is not graded,
+    counted and named, with a pointer to the `answer` field and to the pair metrics."""
+    records = [
+        {"prompt": "How far can a person fall?", "correct_response": LONG_FORM, "incorrect_response": "Any height."},
+        {"prompt": "How far?", "correct_response": LONG_FORM + " In short, the answer is 20.", "incorrect_response": "5"},
+        {"prompt": "What is 7 + 7?", "correct_response": "The sum of 7 and 7 is 14.", "incorrect_response": "15"},
+        {"prompt": "How far can a person fall?", "correct_response": LONG_FORM, "answer": 20},
+    ]
+    assert questions_from_pairs(records) == [("How far?", 20), ("What is 7 + 7?", 14), ("How far can a person fall?", 20)]
+    reason = evaluate.question_of(records[0], 0)
+    assert isinstance(reason, str) and "long-form" in reason and f"{len(LONG_FORM.split())} words" in reason
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records[:1] * 3))
+    assert evaluate.main(["--model", "unused", "--data", str(data)]) == 1
+    err = capsys.readouterr().err
+    assert "nothing to grade" in err and err.count("long-form") == 4  # three records named, one pointer
+    assert "3 records" in err and "'answer' field" in err and "rewards_eval/accuracies" in err

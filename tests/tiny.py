@@ -75,6 +75,17 @@ def tiny_tokenizer(kind: str = "byte_level", chat: bool = False, vocab_size: int
 TINY_TOKENIZER_KINDS = ("byte_level", "whitespace_bpe")
 
 
+def llama_style_bos(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """`tok` made to add BOS as Llama-2 and Mistral base tokenizers do: a `<s>` token and a `<s> $A`
+    TemplateProcessing post-processor, so `tok(text)` starts with `<s>` and `add_special_tokens=False` drops it."""
+    from tokenizers import processors
+
+    tok.add_special_tokens({"bos_token": "<s>"})
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    return tok
+
+
 def tiny_llama(vocab_size: int, hidden_size: int = 32, layers: int = 2, seed: int = 0, **overrides) -> LlamaForCausalLM:
     """A random Llama small enough for unit tests (milliseconds per step on CPU)."""
     import torch

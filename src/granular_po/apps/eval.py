@@ -20,24 +20,33 @@ from pathlib import Path
 from typing import Any
 
 from granular_po.apps.answers import (
+    SHORT_RESPONSE_WORDS,
     Answer,
     answer_of_response,
     extract_answer,
     is_correct,
+    is_long_form,
     stated_answer,
 )
 
-__all__ = ["Question", "extract_answer", "format_prompt", "generate", "load_questions", "main", "questions_from_pairs",
-           "read_pairs", "run_eval", "task_accuracy"]
+__all__ = ["Question", "extract_answer", "format_prompt", "generate", "load_questions", "main", "prompt_batch",
+           "questions_from_pairs", "read_pairs", "run_eval", "task_accuracy"]
 
 # end-of-turn / end-of-text tokens of common models; generation also stops at these when they exist
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 # the correct response's field and its aliases, as the training data reader accepts them
 _CORRECT_FIELDS = ("correct_response", "correct", "chosen")
+# why a long-form record is not graded (once per record) and what to do instead (once per run)
+LONG_FORM_NOTE = "its numbers are no answer key"
+LONG_FORM_HINT = (
+    "give each an 'answer' field to grade it here, or judge a model on such pairs by the preference metrics "
+    "training logs on custom_eval_path (rewards_eval/accuracies, rewards_eval/margins; `granular-po compare` "
+    "reports the same)")
 
 
 def format_prompt(tokenizer: Any, prompt: str, prompt_format: str = "auto") -> str:
-    """The generation prompt: the chat template with the prompt as the user turn, or the raw prompt."""
+    """The generation prompt as text (for display): the chat template with the prompt as the user turn, or
+    the raw prompt. Generation itself encodes prompts with `prompt_batch` (training's own ids)."""
     if prompt_format not in ("auto", "chat", "raw"):
         raise ValueError(f"prompt_format must be auto, chat or raw, not {prompt_format!r}")
     use_chat = prompt_format == "chat" or (prompt_format == "auto" and getattr(tokenizer, "chat_template", None))
@@ -71,18 +80,27 @@ def _generation_mode(model: Any, tokenizer: Any):
         model.train(was_training)
 
 
+def prompt_batch(tokenizer: Any, prompts: Sequence[str], prompt_format: str = "auto") -> Any:
+    """The prompts encoded as training encodes them (`data.encode.encode_prompt`: the chat template, or the
+    raw text with BOS when the tokenizer adds one), padded on the tokenizer's padding side into one batch."""
+    from granular_po.data.encode import EncodeOptions, encode_prompt, resolve_layout
+
+    layout = resolve_layout(tokenizer, EncodeOptions(prompt_format=prompt_format))
+    ids = [encode_prompt(p, tokenizer, layout) for p in prompts]
+    return tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
+
+
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 32,
              prompt_format: str = "auto") -> list[str]:
     """Greedy completions of one batch of prompts (special tokens stripped; `generate` runs without grad)."""
     from transformers import GenerationConfig
 
-    texts = [format_prompt(tokenizer, p, prompt_format) for p in prompts]
     device = next(model.parameters()).device
     stop = _stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=pad)
     with _generation_mode(model, tokenizer):
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        enc = prompt_batch(tokenizer, prompts, prompt_format).to(device)
         out = model.generate(**enc, generation_config=config)  # (B, T + new)
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
@@ -146,6 +164,9 @@ def question_of(item: Any, index: int) -> Question | str:
     response = next((item[f] for f in _CORRECT_FIELDS if isinstance(item.get(f), str)), None)
     if response is None:
         return "no 'answer' field and no correct_response to read one from"
+    if is_long_form(response):
+        return (f"no 'answer' field, and its correct_response is long-form ({len(response.split())} words, no "
+                f"\"the answer is ...\"): {LONG_FORM_NOTE}")
     answer = answer_of_response(response)
     if answer is None:
         return "no 'answer' field, and its correct_response states no answer (no number, no \"answer is\")"
@@ -210,18 +231,21 @@ def run_eval(
 
 # ---------------------------------------------------------------- command line
 
-HELP = """\
+HELP = f"""\
 Task accuracy of a model by greedy generation on the records of a JSON list or JSONL file.
 
 What is graded: each record needs a "prompt" and an expected answer, either its "answer" field (a
-string or a number) or, without one, the answer its "correct_response" states (read as below).
-Records that have neither are not graded: they are counted and named (index and reason), and a file
-with nothing to grade is an error (exit status 1).
+string or a number) or, without one, the answer its "correct_response" states (read as below) when
+that response is short (at most {SHORT_RESPONSE_WORDS} words) or says "the answer is ...": a long-form
+response is no answer key. Records that have neither are not graded: they are counted and named (index
+and reason), and a file with nothing to grade is an error (exit status 1).
 
-How a model's output is read: only the LAST STATED ANSWER counts. That is the text after the last
-"answer is" / "answer:" (for a number: the first number there), or, without such a phrase, the last
-number in the output (numeric answers) or its last non-empty line (text answers). An earlier or
-unrelated number in the output does not make a question right.
+How a model's output is read: only the LAST STATED ANSWER counts. That is the sentence after the last
+"answer is" / "answer:" (for a number: its first number, or, when that opens a worked expression as in
+"The answer is 7 * 8 = 56." or "12 times 13, which is 156", the number after the sentence's last "=" /
+"is" / "equals", else its last number), or, without such a phrase, the last number in the output
+(numeric answers) or its last non-empty line (text answers). An earlier or unrelated number in the
+output does not make a question right.
 
 How answers compare: numbers numerically ("1,234" = 1234 = 1234.0; an "answer" string that is a
 number counts as one); text after normalising case, whitespace and punctuation ("Paris." = "paris"),
@@ -279,6 +303,9 @@ def _not_graded_lines(ungraded: list[tuple[int, str]], total: int, shown: int = 
     lines += [f"  record {index}: {why}" for index, why in ungraded[:shown]]
     if len(ungraded) > shown:
         lines.append(f"  ... and {len(ungraded) - shown} more (all in --out)")
+    long_form = sum(LONG_FORM_NOTE in why for _, why in ungraded)
+    if long_form:
+        lines.append(f"  {_plural(long_form, 'record')} long-form, with no answer key: {LONG_FORM_HINT}")
     return lines
 
 

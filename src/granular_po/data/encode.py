@@ -142,7 +142,10 @@ def resolve_layout(tokenizer, enc: EncodeOptions) -> TokenLayout:
     return TokenLayout(chat=False, end_token_id=tokenizer.eos_token_id, bos_token_id=bos if adds_bos else None)
 
 
-def _prompt_ids(prompt: str, tokenizer, layout: TokenLayout) -> list[int]:
+def encode_prompt(prompt: str, tokenizer, layout: TokenLayout) -> list[int]:
+    """A prompt's token ids as training sees them (before truncation): the chat template's user turn and
+    generation prompt, or the raw text with the tokenizer's BOS when it adds one. `granular-po eval` and
+    compare's scoring generate from these same ids, so a model is tested on the prompts it was trained on."""
     if layout.chat:
         out = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
@@ -181,7 +184,7 @@ def encode_record(
     """
     layout = layout or resolve_layout(tokenizer, enc)
     record = trim_regions(record)  # regions are taken without edge whitespace (see `masks`)
-    prompt_ids = _prompt_ids(record.prompt, tokenizer, layout)
+    prompt_ids = encode_prompt(record.prompt, tokenizer, layout)
     out: dict[str, Any] = {"index": record.index}
     for side, text, own in (
         ("chosen", record.chosen, record.chosen_regions),

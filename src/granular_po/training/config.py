@@ -110,12 +110,22 @@ def compose_config(overrides: list[str]) -> TrainConfig:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             cfg = compose(config_name="config", overrides=normalize_overrides(overrides))
     except HydraException as error:
+        _check_group_choice(str(error))
         unknown = re.match(r"Could not override '([^']+)'", str(error))
         known = _schema_keys(unknown.group(1), overrides) if unknown else None
         if known is not None and unknown.group(1).rsplit(".", 1)[-1] not in known:
             raise ConfigError(_unknown_key_message(unknown.group(1), known)) from None
         raise ConfigError(_one_line(error)) from None
     return to_settings(cfg)
+
+
+def _check_group_choice(message: str) -> None:
+    """A config group given an option it lacks (`loss=DPO`, `model=smollm2`) is refused as a bad value is,
+    with the closest option ("did you mean dpo?") and the list, instead of Hydra's "Could not find"."""
+    missing = re.search(r"Could not find '([\w-]+)/([^']+)'", message)
+    if missing and (CONFIG_DIR / missing.group(1)).is_dir():
+        group, option = missing.groups()
+        choose(group, option, tuple(sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))))
 
 
 def _schema_keys(key: str, overrides: list[str]) -> list[str] | None:
