@@ -210,10 +210,15 @@ def test_next_command_runs_stage_two_from_the_archive(sft, workspace, capsys):
 
 
 def test_stage_two_overrides_replace_only_the_stage_keys():
-    from granular_po.training.briefing import stage_two_overrides
+    """SFT's rate is not carried into the preference stage (the README's small-data recipe: 5e-6; rates
+    10x above it collapse AdamW runs), and a key typed twice appears once, with the value that took effect."""
+    from granular_po.apps.demo import DemoSettings
+    from granular_po.training.briefing import PREFERENCE_LR, stage_two_overrides
 
-    given = ["loss=sft", "+granular=false", "granular.outside_weight=0.1", "exp_name=a", "lr=3e-5",
-             "model.archive=old", "model.name_or_path=m", "losses_seen=1"]
+    given = ["loss=sft", "+granular=false", "granular.outside_weight=0.1", "exp_name=a", "lr=3e-5", "n_examples=48",
+             "model.archive=old", "model.name_or_path=m", "losses_seen=1", "n_examples=56", "++model.name_or_path=n"]
     assert stage_two_overrides(given, Path("/r/LATEST"), "a") == [
-        "granular.outside_weight=0.1", "lr=3e-5", "model.name_or_path=m", "losses_seen=1", "loss=tdpo", "loss.beta=0.1", "loss.alpha=0.5",
-        "loss.if_tdpo2=true", "granular=true", "exp_name=a_tdpo", "model.archive=/r/LATEST"]
+        "granular.outside_weight=0.1", "losses_seen=1", "n_examples=56", "++model.name_or_path=n", "loss=tdpo",
+        "loss.beta=0.1", "loss.alpha=0.5", "loss.if_tdpo2=true", "granular=true", "lr=5e-06", "exp_name=a_tdpo",
+        "model.archive=/r/LATEST"]
+    assert PREFERENCE_LR == DemoSettings().tdpo_lr == 5e-6

@@ -287,3 +287,42 @@ def test_archive_formats_and_unreadable_files(base_dir, tmp_path):
     torch.save([torch.zeros(1)], tmp_path / "list.pt")
     with pytest.raises(ModelLoadError, match="list.pt: expected"):
         models.load_archive_state(tmp_path / "list.pt")
+
+
+def test_lora_adapter_records_an_absolute_resolved_base(base_dir, tmp_path, monkeypatch):
+    """Issue 23.7: trained from `model.archive=runs/sft/LATEST` (relative, through the LATEST link), the adapter
+    named that path, so it loaded only from the repository folder. It names the resolved directory: a run
+    copied elsewhere still loads while its base exists."""
+    import json
+    import shutil
+
+    path, _, tok = base_dir
+    (tmp_path / "runs" / "sft").mkdir(parents=True)
+    shutil.copytree(path, tmp_path / "runs" / "sft" / "step-4")
+    (tmp_path / "runs" / "sft" / "LATEST").symlink_to("step-4")
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg(path, archive="runs/sft/LATEST")
+    policy, _ = load_policy_and_reference(cfg, False, lora_cfg=LORA, device="cpu")
+    _perturb_lora(policy)
+    out = save_model_dir(policy, tok, tmp_path / "runs" / "tdpo" / "step-1")
+    base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str((tmp_path / "runs" / "sft" / "step-4").resolve())
+    moved = shutil.copytree(out, tmp_path / "elsewhere" / "adapter")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    torch.testing.assert_close(_logits(models.load_model(str(moved), device="cpu")), _logits(policy),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_lora_wrapping_and_loading_raise_no_checkpointing_future_warning(base_dir, tmp_path):
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model, and every LoRA run
+    printed its FutureWarning; wrapping and loading an adapter now warn nothing."""
+    import warnings
+
+    path, _, tok = base_dir
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        policy, _ = load_policy_and_reference(_cfg(path), False, lora_cfg=LORA, device="cpu")
+        out = save_model_dir(policy, tok, tmp_path / "adapter")
+        models.load_model(str(out), device="cpu")
+    assert not [w for w in caught if "checkpointing" in str(w.message)], [str(w.message) for w in caught]
+    assert not policy.base_model.model.is_activation_checkpointing

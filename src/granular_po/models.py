@@ -10,6 +10,7 @@ import contextlib
 import copy
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -185,7 +186,8 @@ def _load_adapter_dir(path, dtype, trust_remote_code, device, cache_dir) -> nn.M
 
     base_name = PeftConfig.from_pretrained(path).base_model_name_or_path
     base = load_model(base_name, dtype, trust_remote_code, device, cache_dir)
-    return PeftModel.from_pretrained(base, path).merge_and_unload()
+    with _peft_wrapping():
+        return PeftModel.from_pretrained(base, path).merge_and_unload()
 
 
 def load_policy_and_reference(
@@ -251,8 +253,22 @@ def seeded(seed: int | None, device: str | torch.device | None = None) -> Iterat
         yield
 
 
+@contextlib.contextmanager
+def _peft_wrapping() -> Iterator[None]:
+    """Around peft's wrapping of a model: peft (to 0.21 at least) reads `is_gradient_checkpointing`, a
+    property transformers 5 deprecated for `is_activation_checkpointing` (the same value), and every LoRA
+    run printed its FutureWarning. That one warning is silenced here, where peft is called; nothing else."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def wrap_lora(model: nn.Module, lora_cfg: LoraSettings) -> nn.Module:
-    """Wrap `model` in a peft LoRA PeftModel (r, alpha, dropout, target_modules)."""
+    """Wrap `model` in a peft LoRA PeftModel (r, alpha, dropout, target_modules).
+
+    A base loaded from a local directory is recorded (`base_model_name_or_path` of the saved adapter) as
+    its absolute path with links resolved (`runs/sft/LATEST` -> `/abs/runs/sft/step-16`), so the adapter
+    loads from anywhere while that directory exists; a hub id is kept as named."""
     from peft import LoraConfig, get_peft_model
 
     targets = lora_cfg.target_modules
@@ -265,7 +281,12 @@ def wrap_lora(model: nn.Module, lora_cfg: LoraSettings) -> nn.Module:
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with _peft_wrapping():
+        wrapped = get_peft_model(model, config)
+    base = wrapped.peft_config["default"].base_model_name_or_path
+    if base and os.path.isdir(base):
+        wrapped.peft_config["default"].base_model_name_or_path = str(Path(base).resolve())
+    return wrapped
 
 
 def has_adapters(model: nn.Module) -> bool:

@@ -18,10 +18,14 @@ from granular_po.settings import TrainConfig
 from granular_po.training.console import metric_line, number
 from granular_po.training.resources import format_bytes
 
-# overrides a stage-2 command replaces: the loss (and its keys), the weighting switch, the name and the
-# starting weights; `granular.outside_weight` and the like are kept
-_STAGE_ONE_KEYS = ("loss", "granular", "granular.enabled", "exp_name", "model.archive", "do_first_eval")
-STAGE_TWO = ("loss=tdpo", "loss.beta=0.1", "loss.alpha=0.5", "loss.if_tdpo2=true", "granular=true")
+# the preference stage's rate of the README's small-data recipe (and the demo's `tdpo_lr`): SFT's higher
+# rate is not carried over, as AdamW rates 10x above this one collapse preference runs (README results)
+PREFERENCE_LR = 5e-6
+# overrides a stage-2 command replaces: the loss (and its keys), the weighting switch, the rate, the name
+# and the starting weights; `granular.outside_weight` and the like are kept
+_STAGE_ONE_KEYS = ("loss", "granular", "granular.enabled", "lr", "exp_name", "model.archive", "do_first_eval")
+STAGE_TWO = ("loss=tdpo", "loss.beta=0.1", "loss.alpha=0.5", "loss.if_tdpo2=true", "granular=true",
+             f"lr={PREFERENCE_LR:g}")
 
 
 def block(title: str, rows: list[tuple[str, str]]) -> str:
@@ -136,13 +140,16 @@ def start_block(cfg: TrainConfig, settings, *, train_reports, eval_reports, trai
     return block(f"{entry_command()}: {cfg.exp_name} ({what}, {granular})", rows)
 
 
-def stage_two_overrides(overrides: list[str], archive: Path, exp_name: str) -> list[str]:
-    """The SFT run's overrides with the loss, weighting and name of stage 2 and `model.archive` filled in."""
-    def replaced(item: str) -> bool:
-        key = item.lstrip("+~").split("=", 1)[0]
-        return key in _STAGE_ONE_KEYS or key.startswith("loss.")
+def _key(item: str) -> str:
+    return item.lstrip("+~").split("=", 1)[0]
 
-    kept = [item for item in overrides if not replaced(item)]
+
+def stage_two_overrides(overrides: list[str], archive: Path, exp_name: str) -> list[str]:
+    """The SFT run's overrides with the loss, weighting, rate and name of stage 2 and `model.archive`
+    filled in; a key given twice is kept once, at its last (the value that took effect)."""
+    last = {_key(item): i for i, item in enumerate(overrides)}
+    kept = [item for i, item in enumerate(overrides) if last[_key(item)] == i
+            and not (_key(item) in _STAGE_ONE_KEYS or _key(item).startswith("loss."))]
     return [*kept, *STAGE_TWO, f"exp_name={exp_name}_tdpo", f"model.archive={archive}"]
 
 
