@@ -330,3 +330,90 @@ def test_nll_alpha_key_from_the_command_line():
     with pytest.raises(ConfigError, match="loss.nll_alpha=-1.0"):
         validate(compose_config(["loss=dpo", "loss.nll_alpha=-1", "debug=true"]))
     assert not _free_on_resume("loss.nll_alpha")
+
+
+# ---------------------------------------------------------------- granular.sides, granular.after_first_error
+
+# two text tokens and the end token per response: "ab cd" as [(0, 2), (2, 5)], a -1 region on "ab" of the
+# rejected response (the chosen one has no region of its own)
+OFFSETS = [(0, 2), (2, 5)]
+REJECTED_REGION = (Region(0, 2, RegionFlag.INCORRECT),)
+
+
+def pair_weights(**gran) -> torch.Tensor:
+    """(2, 4) margin weights of the hand-made pair: position 0 the prompt, 1..3 the response."""
+    from granular_po.data.masks import response_weights
+
+    options = GranularOptions(enabled=True, **gran)
+    chosen = response_weights(OFFSETS, 5, (), True, options, "chosen")
+    rejected = response_weights(OFFSETS, 5, REJECTED_REGION, True, options, "rejected")
+    return torch.tensor([[0.0, *chosen], [0.0, *rejected]], dtype=torch.float64)
+
+
+def dpo_by_hand(weights: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """L = -log sigma(beta (m_c - m_r)), m = sum_t w_t (log p(y_t) - log p_ref(y_t));
+    dL/dz_t = -/+ beta sigma(-beta d) w_t (onehot - p) (chosen / rejected)."""
+    margins = [sum(float(weights[row, t]) * (by_hand(row, t)[0] - by_hand(row, t)[1]) for t in (1, 2, 3))
+               for row in (0, 1)]
+    d = margins[0] - margins[1]
+    dldm = -BETA / (1 + math.exp(BETA * d))
+    grad = torch.zeros_like(POLICY_Z)
+    for row, sign in ((0, 1.0), (1, -1.0)):
+        for t in (1, 2, 3):
+            p = by_hand(row, t)[3]
+            for v in range(3):
+                grad[row, t - 1, v] = sign * dldm * float(weights[row, t]) * ((v == int(IDS[row, t])) - p[v])
+    return -math.log(1 / (1 + math.exp(-BETA * d))), grad
+
+
+def dpo_through_stats(weights: torch.Tensor, impl: str) -> tuple[float, torch.Tensor]:
+    z = POLICY_Z.clone().requires_grad_(True)
+    stats = compute_token_stats(None, None, None, None, IDS, weights, policy_logits=z, ref_logits=REF_Z,
+                                impl=impl, chunk_size=2)
+    losses, _ = compute_objective(LossSettings(loss=LossType.DPO, beta=BETA), stats, 1, "train")
+    losses.sum().backward()
+    return losses.item(), z.grad
+
+
+SIDES = {  # sides: (chosen weights, rejected weights) at positions 1..3, end token last
+    "both": ([0.0, 0.0, 0.0], [1.0, 0.5, 1.0]),  # today: the chosen response has no region, so 0 throughout
+    "rejected": ([1.0, 1.0, 1.0], [1.0, 0.5, 1.0]),  # cDPO: the chosen response whole
+    "chosen": ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0]),  # the rejected response whole
+}
+
+
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+@pytest.mark.parametrize("sides", list(SIDES))
+def test_sides_closed_form_weights_loss_and_gradient(sides, impl):
+    weights = pair_weights(sides=sides, outside_weight=0.5)
+    chosen, rejected = SIDES[sides]
+    assert weights.tolist() == [[0.0, *chosen], [0.0, *rejected]]
+    expected, expected_grad = dpo_by_hand(weights)
+    loss, grad = dpo_through_stats(weights, impl)
+    assert loss == pytest.approx(expected, rel=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+    assert (grad[0].abs().sum() > 0) == (sides == "rejected")  # only then does the chosen response learn
+
+
+def test_sides_through_every_route(models, tokenizer, tmp_path):
+    batch = batch_of(tokenizer, sides="rejected")
+    default = batch_of(tokenizer)
+    n = default["index"].shape[0]
+    # the chosen rows weigh every response token 1; the rejected rows keep their highlights
+    torch.testing.assert_close(batch["loss_weights"][:n], default["response_mask"][:n].float())
+    torch.testing.assert_close(batch["loss_weights"][n:], default["loss_weights"][n:])
+    truth = assert_routes_agree(models, tmp_path, TDPO2, batch)
+    assert abs(truth[0].item() - route_run(models, tmp_path, "naive", TDPO2, default)[0].item()) > 1e-4
+
+
+def test_sides_key_and_sft_weights():
+    cfg = compose_config(["loss=dpo", "granular=true", "granular.sides=rejected"])
+    assert cfg.granular.sides == "rejected"
+    with pytest.raises(ConfigError, match="granular.sides='left'"):
+        compose_config(["granular.sides=left"])
+    assert not _free_on_resume("granular.sides")
+    from granular_po.data.masks import response_weights
+
+    sft = response_weights(OFFSETS, 5, (Region(0, 2, RegionFlag.CORRECT),), True,
+                           GranularOptions(enabled=True, sides="rejected"))  # no side: SFT's weights
+    assert sft == [1.0, 0.0, 1.0]

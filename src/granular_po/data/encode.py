@@ -191,7 +191,7 @@ def encode_record(
         ("rejected", record.rejected, record.rejected_regions),
     ):
         ids, offsets = _response(text, tokenizer)
-        out[f"{side}_weights"] = response_weights(offsets, len(text), own, record.is_annotated, gran)
+        out[f"{side}_weights"] = response_weights(offsets, len(text), own, record.is_annotated, gran, side)
         out[f"{side}_flags"] = [*token_flags(offsets, own), 0]
         out[f"{side}_ids"] = [*ids, layout.end_token_id]
         out[f"{side}_offsets"] = [*offsets, (len(text), len(text))]

@@ -44,6 +44,11 @@ class GranularOptions:
     (every response token weighs 1 in the KL while the margin keeps the highlight weights: the whole
     response stays anchored, TDPO's own KL, Zeng et al. 2024, arXiv 2404.11999). all runs the lm_head on
     every response position."""
+    sides: str = "both"
+    """Whose highlights shape the preference weights: both (as the research code), rejected or chosen; the
+    other response of an annotated pair weighs every token 1, its end token included. cDPO ("Critical
+    Tokens Matter", Lin et al. 2024, arXiv 2411.19943) weighs the rejected response only, its released
+    default. SFT's weights are unchanged."""
 
     def __post_init__(self) -> None:
         for name in ("outside_weight", "unannotated_weight"):
@@ -57,7 +62,7 @@ class GranularOptions:
 
 
 # the values of GranularOptions' choice keys; the first is the default (the research code's behaviour)
-CHOICES = {"kl_weights": ("highlight", "all")}
+CHOICES = {"kl_weights": ("highlight", "all"), "sides": ("both", "rejected", "chosen")}
 
 
 def trim_region(region: Region, text: str) -> Region:
@@ -120,6 +125,7 @@ def response_weights(
     own_regions: Sequence[Region],
     pair_annotated: bool,
     gran: GranularOptions,
+    side: str | None = None,
 ) -> list[float]:
     """Weights of one response's tokens followed by its end-of-response token (len = len(offsets) + 1).
 
@@ -127,8 +133,9 @@ def response_weights(
     weigh 1 and the rest `outside_weight`, the end token 1 with `include_eos` (else `outside_weight`).
     A response without a region of its own weighs `unannotated_weight` at every position, its end token
     included, as the research code gave it 0 throughout (`include_eos` is for annotated responses only).
+    `side` ("chosen" / "rejected"; None for SFT's weights): a side `granular.sides` leaves out weighs 1.
     """
-    if not gran.enabled or not pair_annotated:
+    if not gran.enabled or not pair_annotated or (side is not None and gran.sides not in ("both", side)):
         return [1.0] * (len(offsets) + 1)
     if not any(r.end > r.start for r in own_regions):
         _check_regions(own_regions, n_text_chars)

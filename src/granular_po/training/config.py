@@ -377,6 +377,13 @@ def _objective_option_notices(config: TrainConfig) -> None:
                        "weighs 1 already)", gran.kl_weights)
 
 
+    for key, default in (("sides", "both"),):
+        value = getattr(gran, key)
+        if value != default and (loss == "sft" or not gran.enabled):
+            why = "SFT's weights come from the projected regions" if loss == "sft" else "granular=false"
+            logger.warning("notice: granular.%s=%s changes nothing here (%s)", key, value, why)
+
+
 def _flat(node, prefix: str = "") -> dict:
     if not isinstance(node, dict):
         return {prefix.rstrip("."): node}
