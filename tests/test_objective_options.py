@@ -417,3 +417,59 @@ def test_sides_key_and_sft_weights():
     sft = response_weights(OFFSETS, 5, (Region(0, 2, RegionFlag.CORRECT),), True,
                            GranularOptions(enabled=True, sides="rejected"))  # no side: SFT's weights
     assert sft == [1.0, 0.0, 1.0]
+
+
+AFTER_FIRST_ERROR = {  # (sides, after_first_error): rejected weights at positions 1..3 (end token last)
+    ("both", "keep"): [1.0, 0.5, 1.0],
+    ("both", "drop"): [1.0, 0.0, 0.0],  # "cd" and the end token follow the error "ab"
+    ("chosen", "drop"): [1.0, 0.0, 0.0],  # the rejected response whole up to its first error
+}
+
+
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+@pytest.mark.parametrize("case", list(AFTER_FIRST_ERROR), ids="-".join)
+def test_after_first_error_closed_form_weights_loss_and_gradient(case, impl):
+    sides, after = case
+    weights = pair_weights(sides=sides, after_first_error=after, outside_weight=0.5)
+    assert weights[1, 1:].tolist() == AFTER_FIRST_ERROR[case]
+    assert weights[0, 1:].tolist() == SIDES[sides][0]  # the chosen response is never cut
+    expected, expected_grad = dpo_by_hand(weights)
+    loss, grad = dpo_through_stats(weights, impl)
+    assert loss == pytest.approx(expected, rel=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+    # positions 2..3 of the rejected row are predicted from logits 1..2: no gradient once dropped
+    assert (grad[1, 1:3].abs().sum() == 0) == (after == "drop")
+
+
+def test_after_first_error_on_encoded_records():
+    """The first region by position, not by order in the record; later regions are cut with the rest."""
+    from granular_po.data.masks import response_weights
+
+    offsets = [(0, 2), (2, 5), (5, 8), (8, 11)]  # "ab cd ef gh"
+    regions = (Region(6, 8, RegionFlag.INCORRECT), Region(3, 5, RegionFlag.INCORRECT))
+    drop = GranularOptions(enabled=True, outside_weight=0.25, after_first_error="drop")
+    assert response_weights(offsets, 11, regions, True, drop, "rejected") == [0.25, 1.0, 0.0, 0.0, 0.0]
+    assert response_weights(offsets, 11, (), True, drop, "rejected") == [0.0] * 5  # no region: nothing to cut
+    assert response_weights(offsets, 11, regions, True, GranularOptions(enabled=True, outside_weight=0.25),
+                            "rejected") == [0.25, 1.0, 1.0, 0.25, 1.0]
+    assert response_weights(offsets, 11, regions, True, GranularOptions(after_first_error="drop"),
+                            "rejected") == [1.0] * 5  # granular off: every token 1
+
+
+def test_after_first_error_through_every_route(models, tokenizer, tmp_path):
+    batch = batch_of(tokenizer, after_first_error="drop", outside_weight=0.25)
+    keep = batch_of(tokenizer, outside_weight=0.25)
+    n = keep["index"].shape[0]
+    torch.testing.assert_close(batch["loss_weights"][:n], keep["loss_weights"][:n])
+    assert batch["loss_weights"][n:].sum() < keep["loss_weights"][n:].sum()
+    truth = assert_routes_agree(models, tmp_path, {**TDPO2, "kl_weights": "all"}, batch)
+    other = route_run(models, tmp_path, "naive", {**TDPO2, "kl_weights": "all"}, keep)
+    assert abs(truth[0].item() - other[0].item()) > 1e-4
+
+
+def test_after_first_error_key():
+    cfg = compose_config(["loss=tdpo", "granular=true", "granular.after_first_error=drop"])
+    assert cfg.granular.after_first_error == "drop"
+    with pytest.raises(ConfigError, match="granular.after_first_error='cut'"):
+        compose_config(["granular.after_first_error=cut"])
+    assert not _free_on_resume("granular.after_first_error")

@@ -12,7 +12,7 @@ Two implementations give the same numbers:
              and forms their gradient in place; other heads (or `fused=False`, for weights sharded
              by FSDP / DeepSpeed) run each chunk under activation checkpointing instead.
 
-The module is longer than most (about 390 lines) on purpose: the naive, chunked and fused paths must
+The module is longer than most (about 440 lines) on purpose: the naive, chunked and fused paths must
 give the same numbers, and reading them side by side is how that is kept true.
 
 Log-probabilities are computed in float32 (float64 stays float64) whatever the model dtype, as the

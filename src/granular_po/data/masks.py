@@ -49,6 +49,11 @@ class GranularOptions:
     other response of an annotated pair weighs every token 1, its end token included. cDPO ("Critical
     Tokens Matter", Lin et al. 2024, arXiv 2411.19943) weighs the rejected response only, its released
     default. SFT's weights are unchanged."""
+    after_first_error: str = "keep"
+    """keep (as the research code) or drop: on a rejected response with a region, every token after the end
+    of its first region (by position), its end token included, weighs 0 in the margin: it follows a wrong
+    prefix (step-level DPO, e.g. Step-DPO, Lai et al. 2024, arXiv 2406.18629). Applied on top of the
+    weights the other keys give (with sides=chosen: the rejected prefix up to its first error weighs 1)."""
 
     def __post_init__(self) -> None:
         for name in ("outside_weight", "unannotated_weight"):
@@ -62,7 +67,8 @@ class GranularOptions:
 
 
 # the values of GranularOptions' choice keys; the first is the default (the research code's behaviour)
-CHOICES = {"kl_weights": ("highlight", "all"), "sides": ("both", "rejected", "chosen")}
+CHOICES = {"kl_weights": ("highlight", "all"), "sides": ("both", "rejected", "chosen"),
+           "after_first_error": ("keep", "drop")}
 
 
 def trim_region(region: Region, text: str) -> Region:
@@ -133,8 +139,20 @@ def response_weights(
     weigh 1 and the rest `outside_weight`, the end token 1 with `include_eos` (else `outside_weight`).
     A response without a region of its own weighs `unannotated_weight` at every position, its end token
     included, as the research code gave it 0 throughout (`include_eos` is for annotated responses only).
-    `side` ("chosen" / "rejected"; None for SFT's weights): a side `granular.sides` leaves out weighs 1.
+    `side` ("chosen" / "rejected"; None for SFT's weights): a side `granular.sides` leaves out weighs 1;
+    with `after_first_error=drop`, a rejected response's tokens after its first region weigh 0.
     """
+    weights = _response_weights(offsets, n_text_chars, own_regions, pair_annotated, gran, side)
+    first = min((r for r in own_regions if r.end > r.start), key=lambda r: r.start, default=None)
+    if side != "rejected" or gran.after_first_error == "keep" or not gran.enabled or first is None:
+        return weights
+    # a token starting at or after the first region's end follows the error; so does the end token
+    return [0.0 if start >= first.end else w for w, (start, _end) in zip(weights, offsets)] + [0.0]
+
+
+def _response_weights(offsets: Offsets, n_text_chars: int, own_regions: Sequence[Region], pair_annotated: bool,
+                      gran: GranularOptions, side: str | None) -> list[float]:
+    """`response_weights` before `after_first_error`."""
     if not gran.enabled or not pair_annotated or (side is not None and gran.sides not in ("both", side)):
         return [1.0] * (len(offsets) + 1)
     if not any(r.end > r.start for r in own_regions):

@@ -377,7 +377,7 @@ def _objective_option_notices(config: TrainConfig) -> None:
                        "weighs 1 already)", gran.kl_weights)
 
 
-    for key, default in (("sides", "both"),):
+    for key, default in (("sides", "both"), ("after_first_error", "keep")):
         value = getattr(gran, key)
         if value != default and (loss == "sft" or not gran.enabled):
             why = "SFT's weights come from the projected regions" if loss == "sft" else "granular=false"
