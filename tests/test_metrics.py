@@ -232,3 +232,33 @@ def test_examples_per_second_and_counters(logged_run):
     assert [r["examples_per_second"] for r in train] == [16.0, 8.0]
     assert [r["counters/updates"] for r in train] == [1, 2]
     assert [r["counters/examples"] for r in train] == [4, 6]
+
+
+def test_weighted_token_share_eval_counts_every_row_of_a_partial_last_batch(tmp_path, tok):
+    """8 eval pairs in batches of 3: the last batch holds 2 pairs (4 rows). The logged share is the mean,
+    over all 16 rows of the encoded eval set, of (tokens with a weight) / (response tokens)."""
+    tiny_llama(len(tok), hidden_size=32).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    eval_pairs = mixed_preference_pairs() + toy_preference_pairs(4, filler_cycle=3)
+    (tmp_path / "train.json").write_text(json.dumps(toy_preference_pairs(4)))
+    (tmp_path / "eval.json").write_text(json.dumps(eval_pairs))
+    argv = [
+        f"model.name_or_path={tmp_path / 'tiny'}", "datasets=[ours]", f"custom_train_path={tmp_path / 'train.json'}",
+        f"custom_eval_path={tmp_path / 'eval.json'}", "exp_name=share", f"local_dirs=[{tmp_path / 'runs'}]",
+        "prompt_format=raw", "max_length=64", "max_prompt_length=32", "loss=dpo", "granular=true",
+        "batch_size=4", "eval_batch_size=3", "n_epochs=1", "optimizer=SGD", "lr=0.1", "warmup_steps=0",
+        "do_first_eval=true",
+    ]
+    assert train_main(argv) == 0
+    logs = [json.loads(line) for line in (tmp_path / "runs" / "share" / "metrics.jsonl").read_text().splitlines()]
+    first_eval = next(r for r in logs if "loss/eval" in r)
+
+    gran, enc = GranularOptions(enabled=True), EncodeOptions(max_length=64, max_prompt_length=32, prompt_format="raw")
+    shares = []
+    for i, raw in enumerate(eval_pairs):
+        features = encode_record(parse_record(raw, "toy", i), tok, enc, gran)
+        for side in ("chosen", "rejected"):
+            weights = features[f"{side}_weights"]
+            shares.append(sum(w > 0 for w in weights) / len(weights))
+    assert len(shares) == 16 and len(set(shares)) > 2  # rows differ: a lost row would move the mean
+    assert first_eval["weighted_token_share_eval"] == pytest.approx(sum(shares) / len(shares), rel=1e-6)

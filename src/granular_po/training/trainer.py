@@ -211,10 +211,10 @@ class GranularTrainer(Trainer):
         if precomputed is not None:
             stats.logratio = stats.policy_logps - precomputed.to(stats.policy_logps.dtype)
         losses, metrics = compute_objective(settings, stats, batch["input_ids"].shape[0] // 2, split)
-        if "response_mask" in batch:
-            metrics[f"weighted_token_share_{split}"] = (
-                (batch["loss_weights"] > 0).sum(-1).float() / batch["response_mask"].sum(-1).clamp(min=1).float()
-            )
+        if "response_mask" in batch:  # per row (N,), then one value per example: every metric is (B,), as
+            # gathering and the step's pair count assume (a (2B,) tensor would be cut to the pair count)
+            rows = (batch["loss_weights"] > 0).sum(-1).float() / batch["response_mask"].sum(-1).clamp(min=1).float()
+            metrics[f"weighted_token_share_{split}"] = rows.reshape(-1, len(self._records(batch))).mean(0)
         if self._no_weighted_token(batch, stats):
             self.zero_weight_batches += 1
             logger.warning("batch with records %s has no weighted token: nothing to learn from it",
