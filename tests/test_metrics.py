@@ -35,7 +35,7 @@ from granular_po.data.records import parse_record
 from granular_po.losses import LossType
 from granular_po.training import callbacks
 from granular_po.training.objectives import LossSettings
-from granular_po.training.sampler import examples_after
+from granular_po.training.sampler import examples_after, step_layout
 from granular_po.training.trainer import GranularTrainer
 
 BETA, ALPHA = 0.5, 0.3
@@ -140,6 +140,32 @@ def test_examples_after_counts_the_last_partial_batch():
     """6 records, batches of 4: steps take 4, 2 | 4, 2 examples."""
     assert [examples_after(s, 6, 4) for s in range(5)] == [0, 4, 6, 10, 12]
     assert [examples_after(s, 8, 4) for s in range(4)] == [0, 4, 8, 12]
+
+
+@pytest.mark.parametrize("n", [1, 3, 6, 7, 8, 13, 14, 16, 17, 23])
+@pytest.mark.parametrize(("per_device", "accumulation", "world"), [(4, 1, 1), (2, 2, 1), (2, 2, 2), (3, 1, 2),
+                                                                   (1, 2, 3), (2, 1, 4)])
+def test_step_layout_marks_exactly_the_rows_accelerate_repeats(n, per_device, accumulation, world):
+    """Accelerate's own sharding (`BatchSamplerShard`, even_batches as Trainer sets it) of an epoch of `n`
+    records: per process, the rows `step_layout` keeps are every record once, and the rest are repeats."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    group = per_device * accumulation * world
+    steps = -(-n // group)
+    trained: list[int] = []
+    for process in range(world):
+        shard = list(BatchSamplerShard(BatchSampler(range(n), per_device, drop_last=False), num_processes=world,
+                                       process_index=process, even_batches=True))
+        assert len(shard) == math.ceil(math.ceil(n / per_device) / world)  # the same count on every process
+        for step in range(steps):
+            micro = shard[step * accumulation:(step + 1) * accumulation]
+            pairs, ranges = step_layout(step, n, per_device, accumulation, world, process, len(micro))
+            assert pairs == min(group, n - step * group)
+            for batch, positions in zip(micro, ranges):
+                assert batch[:len(positions)] == list(positions)  # the order's positions are the batch's rows
+                trained += batch[:len(positions)]
+    assert sorted(trained) == list(range(n))  # each record once: no repeat kept, nothing lost
 
 
 # ---------------------------------------------------------------- a real run, step by step
