@@ -216,3 +216,34 @@ def test_concatenated_forward_equals_separate_forwards(tokenizer, make_trainer, 
     for key, param in model.named_parameters():
         torch.testing.assert_close(param.grad, grads_joint[key], rtol=1e-4, atol=1e-6, msg=key)
     model.zero_grad()
+
+
+# ---------------------------------------------------------------- a last partial batch
+
+N_PARTIAL = 14  # one step of 8, then a last step of 6 (micro-batches of 4 and 2 under accumulation 2)
+
+
+@pytest.fixture(scope="module")
+def partial_workspace(tmp_path_factory):
+    return tiny_workspace(tmp_path_factory.mktemp("partial"), toy_preference_pairs(N_PARTIAL, filler_cycle=4))
+
+
+def test_last_partial_batch_weighs_each_pair_alike_under_accumulation(partial_workspace):
+    """14 records, batch 8: the last step has 6 pairs. With accumulation 2 its micro-batches hold 4 and 2
+    pairs; each pair must still weigh 1/6 of the step (not 1/8 and 1/4), so the final weights equal the
+    accumulation-1 run's, and `counters/examples` counts the 14 records trained."""
+    root = partial_workspace
+    one = train(root, "partial-1", "gradient_accumulation_steps=1")
+    two = train(root, "partial-2", "gradient_accumulation_steps=2")
+    initial = load_file(str(root / "tiny" / "model.safetensors"))
+    (logs, weights), (logs_two, weights_two) = one, two
+    assert sorted(logs) == sorted(logs_two) == [1, 2]
+    for step in logs:
+        assert logs_two[step]["loss/train"] == pytest.approx(logs[step]["loss/train"], rel=1e-5), step
+        assert logs_two[step]["loss"] == pytest.approx(logs[step]["loss"], rel=1e-5), step
+    assert [logs[s]["counters/examples"] for s in (1, 2)] == [8, 14]
+    assert [logs_two[s]["counters/examples"] for s in (1, 2)] == [8, 14]
+    moved = max((weights[k] - initial[k]).abs().max().item() for k in weights)
+    assert moved > 1e-2, "weights barely moved: the tolerance below would not discriminate"
+    for key in weights:
+        torch.testing.assert_close(weights_two[key], weights[key], rtol=0, atol=2e-6, msg=key)

@@ -78,8 +78,10 @@ def _free_port() -> int:
 
 
 def _env(out: Path) -> dict:
+    # the launched processes run this checkout's package (a relative PYTHONPATH=src would not resolve there)
+    path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "FSDP_OUT": str(out)}
+           "TOKENIZERS_PARALLELISM": "false", "FSDP_OUT": str(out), "PYTHONPATH": path}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env

@@ -35,7 +35,7 @@ from granular_po.data.records import parse_record
 from granular_po.losses import LossType
 from granular_po.training import callbacks
 from granular_po.training.objectives import LossSettings
-from granular_po.training.sampler import examples_after
+from granular_po.training.sampler import examples_after, step_layout
 from granular_po.training.trainer import GranularTrainer
 
 BETA, ALPHA = 0.5, 0.3
@@ -142,6 +142,32 @@ def test_examples_after_counts_the_last_partial_batch():
     assert [examples_after(s, 8, 4) for s in range(4)] == [0, 4, 8, 12]
 
 
+@pytest.mark.parametrize("n", [1, 3, 6, 7, 8, 13, 14, 16, 17, 23])
+@pytest.mark.parametrize(("per_device", "accumulation", "world"), [(4, 1, 1), (2, 2, 1), (2, 2, 2), (3, 1, 2),
+                                                                   (1, 2, 3), (2, 1, 4)])
+def test_step_layout_marks_exactly_the_rows_accelerate_repeats(n, per_device, accumulation, world):
+    """Accelerate's own sharding (`BatchSamplerShard`, even_batches as Trainer sets it) of an epoch of `n`
+    records: per process, the rows `step_layout` keeps are every record once, and the rest are repeats."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    group = per_device * accumulation * world
+    steps = -(-n // group)
+    trained: list[int] = []
+    for process in range(world):
+        shard = list(BatchSamplerShard(BatchSampler(range(n), per_device, drop_last=False), num_processes=world,
+                                       process_index=process, even_batches=True))
+        assert len(shard) == math.ceil(math.ceil(n / per_device) / world)  # the same count on every process
+        for step in range(steps):
+            micro = shard[step * accumulation:(step + 1) * accumulation]
+            pairs, ranges = step_layout(step, n, per_device, accumulation, world, process, len(micro))
+            assert pairs == min(group, n - step * group)
+            for batch, positions in zip(micro, ranges):
+                assert batch[:len(positions)] == list(positions)  # the order's positions are the batch's rows
+                trained += batch[:len(positions)]
+    assert sorted(trained) == list(range(n))  # each record once: no repeat kept, nothing lost
+
+
 # ---------------------------------------------------------------- a real run, step by step
 
 
@@ -232,3 +258,33 @@ def test_examples_per_second_and_counters(logged_run):
     assert [r["examples_per_second"] for r in train] == [16.0, 8.0]
     assert [r["counters/updates"] for r in train] == [1, 2]
     assert [r["counters/examples"] for r in train] == [4, 6]
+
+
+def test_weighted_token_share_eval_counts_every_row_of_a_partial_last_batch(tmp_path, tok):
+    """8 eval pairs in batches of 3: the last batch holds 2 pairs (4 rows). The logged share is the mean,
+    over all 16 rows of the encoded eval set, of (tokens with a weight) / (response tokens)."""
+    tiny_llama(len(tok), hidden_size=32).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    eval_pairs = mixed_preference_pairs() + toy_preference_pairs(4, filler_cycle=3)
+    (tmp_path / "train.json").write_text(json.dumps(toy_preference_pairs(4)))
+    (tmp_path / "eval.json").write_text(json.dumps(eval_pairs))
+    argv = [
+        f"model.name_or_path={tmp_path / 'tiny'}", "datasets=[ours]", f"custom_train_path={tmp_path / 'train.json'}",
+        f"custom_eval_path={tmp_path / 'eval.json'}", "exp_name=share", f"local_dirs=[{tmp_path / 'runs'}]",
+        "prompt_format=raw", "max_length=64", "max_prompt_length=32", "loss=dpo", "granular=true",
+        "batch_size=4", "eval_batch_size=3", "n_epochs=1", "optimizer=SGD", "lr=0.1", "warmup_steps=0",
+        "do_first_eval=true",
+    ]
+    assert train_main(argv) == 0
+    logs = [json.loads(line) for line in (tmp_path / "runs" / "share" / "metrics.jsonl").read_text().splitlines()]
+    first_eval = next(r for r in logs if "loss/eval" in r)
+
+    gran, enc = GranularOptions(enabled=True), EncodeOptions(max_length=64, max_prompt_length=32, prompt_format="raw")
+    shares = []
+    for i, raw in enumerate(eval_pairs):
+        features = encode_record(parse_record(raw, "toy", i), tok, enc, gran)
+        for side in ("chosen", "rejected"):
+            weights = features[f"{side}_weights"]
+            shares.append(sum(w > 0 for w in weights) / len(weights))
+    assert len(shares) == 16 and len(set(shares)) > 2  # rows differ: a lost row would move the mean
+    assert first_eval["weighted_token_share_eval"] == pytest.approx(sum(shares) / len(shares), rel=1e-6)

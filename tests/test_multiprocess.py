@@ -2,7 +2,9 @@
 
 `batch_size` is global in our config (per-device = batch_size / (gradient_accumulation_steps x
 processes)), so 2 processes x 2 per device x 2 accumulation steps and 1 process x 8 per device
-see the same 8 records at every optimizer step and must give the same losses and weights.
+see the same 8 records at every optimizer step and must give the same losses and weights. 13 records:
+each epoch's last step holds 5 pairs, as micro-batches of 2, 2 | 1 (+ 1 repeat), 0 (+ 2 repeats) that
+Accelerate evens out with records from the epoch's start; each of the 5 weighs 1/5, the repeats nothing.
 
 The trainer computes the policy's hidden states through a forward hook and applies the lm_head
 outside the DDP forward (`trainer.hidden_states_and_head`). If DDP missed those gradients the
@@ -30,7 +32,7 @@ from tiny import tiny_workspace, toy_preference_pairs
 from granular_po.apps.cli import train_main
 
 REPO = Path(__file__).resolve().parents[1]
-N_RECORDS = 16
+N_RECORDS = 13  # not a multiple of batch_size=8: a last partial step every epoch
 
 
 def _free_port() -> int:
@@ -67,8 +69,11 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _env(**extra) -> dict:
+    # the launched processes run in the workspace: this checkout's package first (a relative PYTHONPATH=src
+    # would not resolve there, and an installed copy elsewhere would be tested instead)
+    path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", **extra}
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path, **extra}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
@@ -108,11 +113,17 @@ def test_two_processes_match_one_process(workspace):
 
     assert train_main(overrides(workspace, "one")) == 0  # this process, 8 per device, no accumulation
 
-    # same loss at every step (2 epochs x 16 records / 8 = 4 steps)
+    # same loss at every step (2 epochs x 2 steps of 8 then 5 records), and examples counted as trained
     losses_two, losses_one = train_losses(two_dir), train_losses(one_dir)
     assert sorted(losses_two) == sorted(losses_one) == [1, 2, 3, 4]
     for step in losses_one:
         assert losses_two[step] == pytest.approx(losses_one[step], rel=1e-5), step
+    for run_dir in (two_dir, one_dir):
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        logged = {r["step"]: (r["loss"], r["counters/examples"]) for r in rows if "loss/train" in r}
+        assert [logged[s][1] for s in (1, 2, 3, 4)] == [8, 13, 21, 26]
+        for step in losses_one:  # Trainer's loss (the backward's) is the mean of the per-pair losses too
+            assert logged[step][0] == pytest.approx(losses_one[step], rel=1e-5), (run_dir.name, step)
     assert losses_one[4] < losses_one[1] - 1e-2  # it learned: the comparison is not between two constants
 
     # same final weights: the gradients were averaged over both ranks' halves of each batch

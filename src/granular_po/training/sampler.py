@@ -64,6 +64,24 @@ class SeededLengthGroupedSampler(Sampler[int]):
         return iter(self.order(self.epoch))
 
 
+def step_layout(step: int, n_records: int, per_device: int, accumulation: int, world_size: int, process: int,
+                micro_batches: int) -> tuple[int, list[range]]:
+    """The pairs optimizer step `step` of an epoch trains over all processes, and the epoch order's
+    positions of the records in each of this process's `micro_batches` micro-batches (their leading rows).
+
+    Accelerate deals the epoch's micro-batches of `per_device` positions round robin (micro-batch m to
+    process m % world_size); to even out the last step it fills the short micro-batch and adds whole ones
+    with records from the epoch's start (`even_batches`). Positions from `n_records` on are those repeats:
+    they are in no range here, so they weigh nothing. One process: every row is a record."""
+    group = per_device * accumulation * world_size
+    first = step * accumulation * world_size  # the step's first micro-batch in the epoch
+    ranges = []
+    for j in range(micro_batches):
+        start = (first + j * world_size + process) * per_device
+        ranges.append(range(start, max(start, min(start + per_device, n_records))))
+    return max(0, min(group, n_records - step * group)), ranges
+
+
 def examples_after(steps: int, n_records: int, batch_size: int) -> int:
     """Examples trained on after `steps` optimizer steps of `batch_size` over epochs of `n_records`
     (each epoch's last step takes what is left: the last partial batch is kept)."""

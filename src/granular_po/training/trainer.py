@@ -2,6 +2,9 @@
 
 Accumulation, mixed precision, DDP / FSDP / DeepSpeed (through Accelerate), LR schedules and logging
 integrations come from `transformers.Trainer`. What we change, and why:
+- `get_batch_samples` / `compute_loss`: every pair of an optimizer step weighs 1 / (the step's pairs over all
+  processes), whatever the accumulation and process count (a short last step included); the repeats
+  Accelerate adds to even out the last step over processes weigh nothing (`sampler.step_layout`).
 - `compute_loss` / `prediction_step`: the objective (`objectives.py`) on token statistics from the
   forward route chosen once at start-up (`forward/routes.py`); metrics under the research code's names.
 - `_save_checkpoint`: atomic `step-N/` folders and a `LATEST` link (Trainer's are not crash-safe);
@@ -33,7 +36,7 @@ from granular_po.stats import compute_token_stats
 from granular_po.training import checkpoints
 from granular_po.training.callbacks import StepTimer
 from granular_po.training.objectives import LossSettings, compute_objective
-from granular_po.training.sampler import SeededLengthGroupedSampler, examples_after
+from granular_po.training.sampler import SeededLengthGroupedSampler, examples_after, step_layout
 from granular_po.training.step_state import MetricBuffer, NonFiniteError, StepGuard
 
 logger = logging.getLogger(__name__)
@@ -60,13 +63,14 @@ class GranularTrainer(Trainer):
         self.nonfinite_skipped = 0
         self.zero_weight_batches = 0
         self._last_indices: list[int] = []
+        self._epoch_records: tuple[int, list[int]] | None = None  # (epoch, record index at each order position)
         self._examples_since_log = 0
         self.step_timer = StepTimer()
         super().__init__(*args, **kwargs)
         self.add_callback(self.step_timer)
-        # Our loss is a per-batch mean: let the Trainer divide it by the accumulation steps.
+        # compute_loss divides by the step's pair count (`num_items_in_batch`, from get_batch_samples)
         self.model_accepts_loss_kwargs = False
-        self.loss_is_scaled_for_ga = False
+        self.loss_is_scaled_for_ga = True
         if self.ref_model is not None:
             self.ref_model.eval()
             self.ref_model.requires_grad_(False)
@@ -98,6 +102,29 @@ class GranularTrainer(Trainer):
             dataset["length"], group_size=self._global_batch_size(), seed=self.args.seed,
             group_by_length=self.group_by_length,
         )
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Trainer's prefetch of a step's micro-batches, with the step's pairs over all processes as
+        `num_items_in_batch`; each batch's `host["real_pairs"]`: how many of its leading pairs belong to the
+        step (the others are Accelerate's repeats from the epoch's start, checked against the order)."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batches or self.train_dataset is None:
+            return batches, None
+        n, args = len(self.train_dataset), self.args
+        epoch, step = divmod(self.state.global_step, -(-n // self._global_batch_size()))
+        pairs, ranges = step_layout(step, n, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                                    args.world_size, args.process_index, len(batches))
+        if self._epoch_records is None or self._epoch_records[0] != epoch:
+            index = self.train_dataset["index"]
+            self._epoch_records = (epoch, [index[i] for i in self._get_train_sampler().order(epoch)])
+        for batch, positions in zip(batches, ranges):
+            expected, got = [self._epoch_records[1][i] for i in positions], self._records(batch)
+            if got[:len(expected)] != expected:
+                raise RuntimeError(f"step {self.state.global_step + 1}: a micro-batch holds records {got}, where "
+                                   f"the epoch's order puts {expected} first: the batches are not dealt as assumed")
+            batch["host"]["real_pairs"] = len(expected)
+        self._examples_since_log += pairs
+        return batches, pairs
 
     # ---- optimisation ----
     def create_optimizer(self, model=None):
@@ -204,22 +231,28 @@ class GranularTrainer(Trainer):
         return chosen, rejected
 
     def loss_and_metrics(self, model, batch, split: str):
-        """The batch's mean loss and per-example metric tensors named as the research code named them."""
+        """The batch's mean loss and per-example metric tensors (B,) named as the research code named them;
+        over the leading `batch["host"]["real_pairs"]` pairs where given (the rest are repeats), a zero
+        that keeps the graph when there are none."""
         settings = self.loss_settings
         precomputed = batch.get("ref_logps")
         stats = self.token_stats(model, batch, settings.needs_reference and precomputed is None)
         if precomputed is not None:
             stats.logratio = stats.policy_logps - precomputed.to(stats.policy_logps.dtype)
         losses, metrics = compute_objective(settings, stats, batch["input_ids"].shape[0] // 2, split)
-        if "response_mask" in batch:
-            metrics[f"weighted_token_share_{split}"] = (
-                (batch["loss_weights"] > 0).sum(-1).float() / batch["response_mask"].sum(-1).clamp(min=1).float()
-            )
+        if "response_mask" in batch:  # per row (N,), then one value per example: every metric is (B,), as
+            # gathering and the step's pair count assume (a (2B,) tensor would be cut to the pair count)
+            rows = (batch["loss_weights"] > 0).sum(-1).float() / batch["response_mask"].sum(-1).clamp(min=1).float()
+            metrics[f"weighted_token_share_{split}"] = rows.reshape(-1, len(self._records(batch))).mean(0)
         if self._no_weighted_token(batch, stats):
             self.zero_weight_batches += 1
             logger.warning("batch with records %s has no weighted token: nothing to learn from it",
                            self._records(batch))
         metrics[f"loss/{split}"] = losses.detach()
+        real = batch.get("host", {}).get("real_pairs", len(losses))
+        if real < len(losses):
+            metrics = {key: value[:real] for key, value in metrics.items()}
+            return (losses[:real].mean() if real else losses.sum() * 0.0), metrics
         return losses.mean(), metrics
 
     @staticmethod
@@ -236,11 +269,16 @@ class GranularTrainer(Trainer):
         return bool((stats.weight_sum == 0).all())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self._last_indices = self._records(inputs)
+        """The micro-batch's share of the step's mean loss: the sum over its pairs of the step (not Accelerate's
+        repeats) / the step's pairs, x the processes (whose gradients DDP / FSDP average). Shape: losses (B,)."""
+        records = self._records(inputs)
         loss, metrics = self.loss_and_metrics(model, inputs, "train")
+        if num_items_in_batch is not None:  # from Trainer's loop (else a direct call: the batch's mean)
+            records = records[:inputs["host"]["real_pairs"]]
+            loss = loss * (len(records) * self.args.world_size / num_items_in_batch)
+        self._last_indices = records
         self._metrics["train"].add(metrics)  # dropped again if the step is skipped
-        loss = self.guard.add(loss, self._last_indices)  # checked once, at the optimizer step
-        self._examples_since_log += len(self._last_indices) * self.args.world_size
+        loss = self.guard.add(loss, records)  # checked once, at the optimizer step
         return (loss, metrics) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
