@@ -222,6 +222,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "config, e.g. --arm 'kl-all: loss=tdpo granular=true granular.kl_weights=all' "
                         "(repeatable; the first arm is the reference of the paired differences); default the "
                         "built-in {DPO, TDPO2} x {granular, response-level}")
+    data = p.add_argument_group("your own data (instead of --task)")
+    for name in ("train", "val", "test"):
+        data.add_argument(f"--{name}", metavar="FILE", help=f"{name} pairs, JSON list or JSONL in our format"
+                          + (" (the learning rate is chosen on its records that carry an `answer`)" if name == "val"
+                             else " (scored once per chosen run)" if name == "test" else ""))
+    data.add_argument("--data", metavar="FILE", help="one file split here by --split and --split-seed")
+    data.add_argument("--split", default="0.8,0.1,0.1", help="train, val, test fractions of --data")
+    data.add_argument("--split-seed", type=int, default=0, help="the shuffle before --data is split")
     p.add_argument("--arms", metavar="FILE.yaml", help="arms from a YAML file: name -> list of overrides "
                    "(after any --arm)")
     for f in fields(CompareSettings):
@@ -274,6 +282,58 @@ def settings_from_args(args: argparse.Namespace) -> CompareSettings:
 
 
 # ---------------------------------------------------------------- stages
+
+
+def file_data(out: Path, args: argparse.Namespace) -> dict[str, Path] | None:
+    """The user's data: --train/--val/--test as they are, or --data split by --split with --split-seed
+    into <out>/data/{train,val,test}.json; None for a synthetic task. Every file is read as training
+    reads it (an invalid record fails here, naming file, record and field), before any training."""
+    from granular_po.data.records import load_records
+    from granular_po.data.schema import DataError
+
+    given = {name: getattr(args, name) for name in ("train", "val", "test") if getattr(args, name)}
+    if args.data is None and not given:
+        return None
+    if args.data is not None and given:
+        raise SystemExit("give --data (split here) or --train, --val and --test, not both")
+    if args.task is not None or args.highlight is not None:
+        raise SystemExit("--task / --highlight choose a synthetic task; with your own data leave them out")
+    if given and len(given) < 3:
+        raise SystemExit(f"--train, --val and --test go together; missing {sorted({'train', 'val', 'test'} - set(given))}")
+    try:
+        paths = {k: Path(v).expanduser().resolve() for k, v in given.items()} or split_file(out, args)
+        for path in paths.values():
+            load_records(path)
+    except DataError as error:
+        raise SystemExit(f"invalid data: {error}") from None
+    return paths
+
+
+def split_file(out: Path, args: argparse.Namespace) -> dict[str, Path]:
+    """--data's records shuffled with --split-seed and cut by the --split fractions (in order)."""
+    import random
+
+    from granular_po.apps.eval import read_pairs
+    from granular_po.data.synthetic import write_json
+
+    fractions = _floats(args.split)
+    if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise SystemExit(f"--split {args.split}: three positive fractions (train, val, test) that sum to 1")
+    records = read_pairs(args.data)
+    order = list(range(len(records)))
+    random.Random(args.split_seed).shuffle(order)
+    n_train = round(fractions[0] * len(order))
+    n_val = round(fractions[1] * len(order))
+    cuts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    if any(not idx for idx in cuts.values()):
+        raise SystemExit(f"--data {args.data}: {len(order)} records leave a split empty at --split {args.split}")
+    paths = {}
+    for name, idx in cuts.items():
+        paths[name] = out / "data" / f"{name}.json"
+        pairs = [records[i] for i in sorted(idx)]
+        if not paths[name].is_file() or json.loads(paths[name].read_text()) != pairs:
+            write_json(paths[name], pairs)
+    return paths
 
 
 def make_data(out: Path, s: CompareSettings) -> dict[str, Path]:
@@ -496,6 +556,21 @@ def test_metrics(items: dict[str, list], correct: list[bool] | None = None) -> d
     return {"items": items, "metrics": {k: mean_of(v) for k, v in items.items()}}
 
 
+def questions(pairs: list[dict], synthetic: bool) -> list[tuple[str, object]]:
+    """Gradable questions: a synthetic task's answers are read from the correct responses (as `eval` does);
+    on your data only records that carry an `answer` are graded."""
+    from granular_po.apps.eval import questions_from_pairs
+
+    return questions_from_pairs(pairs if synthetic else [p for p in pairs if isinstance(p, dict) and "answer" in p])
+
+
+def data_test_result(items: dict[str, list], scorer: TestScorer) -> dict:
+    """A run's test result on your data: accuracy over the records with an answer (None without any)."""
+    graded = [(scorer.records[i].prompt, bool(c)) for i, c in enumerate(items.get("accuracy", [])) if c is not None]
+    return {"accuracy": mean_of([c for _, c in graded]), "n": len(graded), "correct": sum(c for _, c in graded),
+            "rows": [{"prompt": p, "correct": c} for p, c in graded], **test_metrics(items)}
+
+
 def pick(scored: list[tuple[Run, dict]]) -> Run:
     """The run with the best validation accuracy; ties go to the lower learning rate (the safer one).
 
@@ -510,15 +585,18 @@ class Grid:
 
     def __init__(self, s: CompareSettings, out: Path, model: str, data: dict[str, Path], sft: Path,
                  keep_weights: bool, arms: list[Arm] | None = None):
-        from granular_po.apps.eval import questions_from_pairs, read_pairs
+        from granular_po.apps.eval import read_pairs
 
         self.s, self.out, self.model, self.data, self.sft, self.keep_weights = s, out, model, data, sft, keep_weights
         self.runs_dir = out / "runs"
         self.fingerprint = f"{data_fingerprint(data['train'], data['val'])}|{checkpoint_key(sft)}"
-        self.val_questions = questions_from_pairs(read_pairs(data["val"]))
-        self.test_questions = questions_from_pairs(read_pairs(data["test"]))
+        self.synthetic = s.task != "data"
+        self.val_questions, self.test_questions = (questions(read_pairs(data[k]), self.synthetic) for k in ("val", "test"))
+        if not self.synthetic and not self.val_questions and (len(s.adamw) > 1 or len(s.sgd) > 1 or s.pairs):
+            raise SystemExit(f"--val {data['val']}: no record carries an `answer`, so there is nothing to choose a "
+                             "learning rate or a cell on: give one rate per optimizer (e.g. --adamw 2 --sgd '')")
         self.scorer = TestScorer(data["test"], sft, out / "eval" / "reference_logps.json", s.max_length,
-                                 s.max_prompt_length, synthetic=True, rouge=s.rouge, max_new_tokens=s.max_new_tokens,
+                                 s.max_prompt_length, synthetic=self.synthetic, rouge=s.rouge, max_new_tokens=s.max_new_tokens,
                                  batch_size=s.eval_batch_size)
         self.arms = {a.name: a for a in (default_arms(s.losses) if arms is None else arms)}
         self.runs = grid_runs(s, list(self.arms.values()))
@@ -647,6 +725,8 @@ class Grid:
         self.prune(key)
 
     def _score_test(self, run: Run) -> None:
+        if not self.synthetic:
+            return self._score_data_test(run)
         start = time.monotonic()
         test = evaluate_model(self.runs_dir / run.name / checkpoints.LATEST, self.test_questions,
                               self.out / "eval" / "test" / f"{run.name}.json", self.s.max_new_tokens,
@@ -658,6 +738,15 @@ class Grid:
                           "seconds": time.monotonic() - start,
                           "rows": [{"prompt": r["prompt"], "correct": r["correct"]} for r in test["rows"]],
                           **test_metrics(items, [r["correct"] for r in test["rows"]])}
+        self._write_result(run, result)
+        self.seconds["test"].append(time.monotonic() - start)
+
+    def _score_data_test(self, run: Run) -> None:
+        """Your data: every metric from one model load (greedy answers generated when graded or --rouge)."""
+        start = time.monotonic()
+        items = self.scorer.score(self.runs_dir / run.name / checkpoints.LATEST)
+        result = self.result(run)
+        result["test"] = data_test_result(items, self.scorer) | {"seconds": time.monotonic() - start}
         self._write_result(run, result)
         self.seconds["test"].append(time.monotonic() - start)
 
@@ -758,7 +847,10 @@ def main(argv: list[str] | None = None) -> int:
         for sub in (out / "eval", runs, out / "commands.txt"):
             shutil.rmtree(sub, ignore_errors=True) if sub.is_dir() else sub.unlink(missing_ok=True)
     t0 = time.monotonic()
-    data = make_data(out, s)
+    data = file_data(out, args)
+    if data is not None:
+        s = replace(s, task="data")
+    data = data or make_data(out, s)
     print(f"compare: task {s.task}, {s.n_train} training pairs, {s.n_val} validation and {s.n_test} test "
           f"questions -> {out}", flush=True)
     check_arms(arms, args.model, data, runs, s)  # an unknown key fails here, before any training
@@ -785,8 +877,11 @@ def main(argv: list[str] | None = None) -> int:
     baseline = {split: evaluate_model(sft, questions, out / "eval" / f"sft_{split}.json", s.max_new_tokens,
                                       f"SFT ({split})", batch_size=s.eval_batch_size)
                 for split, questions in (("val", grid.val_questions), ("test", grid.test_questions))}
-    baseline["test"] |= test_metrics(grid.scorer.score(sft, [r["completion"] for r in baseline["test"]["rows"]]),
-                                     [r["correct"] for r in baseline["test"]["rows"]])
+    if grid.synthetic:
+        baseline["test"] |= test_metrics(grid.scorer.score(sft, [r["completion"] for r in baseline["test"]["rows"]]),
+                                         [r["correct"] for r in baseline["test"]["rows"]])
+    else:
+        baseline["test"] |= data_test_result(grid.scorer.score(sft), grid.scorer)
     grid.test_seconds_hint = baseline["test"].get("seconds")
 
     def report(seed: int | None) -> Path:

@@ -211,6 +211,16 @@ def _test_seconds(out: Path, result: dict, name: str) -> float | None:
     return json.loads(cache.read_text()).get("seconds") if cache.is_file() else None
 
 
+def _number(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def _count(path: Path) -> int:
+    from granular_po.apps.eval import read_pairs
+
+    return len(read_pairs(path))
+
+
 def _setting(value) -> str:
     if isinstance(value, tuple):
         return ", ".join(_setting(v) for v in value) or "(none)"
@@ -307,12 +317,12 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
     sft_test, sft_val = baseline["test"], baseline["val"]
 
     rows = [{"cell": "SFT (the start of every run)", "seeds": "-", "test accuracy, mean [95% CI]":
-             f"{sft_test['accuracy']:.3f}", "per seed": f"{sft_test['correct']}/{sft_test['n']}",
+             _number(sft_test["accuracy"]), "per seed": f"{sft_test['correct']}/{sft_test['n']}",
              "validation accuracy": sft_val["accuracy"]}]
     bars: dict[str, dict[str, tuple]] = {}
     for cell, by_seed in chosen.items():
         arm, optimizer = cell
-        accs = [by_seed[k]["test"]["accuracy"] for k in sorted(by_seed)]
+        accs = [by_seed[k]["test"]["accuracy"] for k in sorted(by_seed) if by_seed[k]["test"]["accuracy"] is not None]
         stats = mean_ci(accs)
         rows.append({
             "cell": grid.label(cell), "seeds": len(accs),
@@ -384,7 +394,9 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
     commands = (out / "commands.txt").read_text().splitlines() if (out / "commands.txt").is_file() else []
     sft_command = (out / "sft_command.txt").read_text().strip() if (out / "sft_command.txt").is_file() else \
         f"# --sft given: {grid.sft}"
-    task_line = ("the demo's minimal-edit arithmetic pairs (the control: the two responses differ only in the "
+    task_line = (f"your data: {grid.data['train']} ({_count(grid.data['train'])} training pairs), validation "
+                 f"{grid.data['val']}, test {grid.data['test']} ({_count(grid.data['test'])} pairs; task accuracy on "
+                 "the records that carry an `answer`)" if s.task == "data" else "the demo's minimal-edit arithmetic pairs (the control: the two responses differ only in the "
                  "wrong digits, which are highlighted)" if s.task == "arithmetic" else
                  f"styled arithmetic pairs (each side's phrasing, length and extra sentences drawn on their own; "
                  f"with probability {s.confound:g} the correct response is in the worked style and the wrong one "
@@ -394,7 +406,7 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
         "",
         f"Status: {status}. Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
         "",
-        f"Task: {task_line}. {s.n_train} training pairs, {len(grid.val_questions)} validation questions (the "
+        f"Task: {task_line}. {_count(grid.data['train'])} training pairs, {len(grid.val_questions)} validation questions (the "
         f"learning rate of each seed and cell is chosen on them), {len(grid.test_questions)} test questions "
         "(scored once per chosen run; nothing is chosen on them); the three question sets are disjoint. "
         "Task accuracy: greedy generation, exact match of the stated result.",
@@ -464,10 +476,11 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
     path = out / "compare.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     (out / "compare.json").write_text(json.dumps({
-        "status": status, "settings": asdict_settings(s), "sft": {"val": sft_val["accuracy"], "test": sft_test["accuracy"]},
+        "status": status, "settings": asdict_settings(s), "data": {k: str(v) for k, v in grid.data.items()},
+        "sft": {"val": sft_val["accuracy"], "test": sft_test["accuracy"]},
         "arms": {a.name: list(a.overrides) for a in grid.arms.values()},
         "cells": {grid.label(c): {str(k): {key: v[key] for key in v if key != "test"} | {
-            "test_accuracy": v["test"]["accuracy"]} for k, v in by_seed.items()} for c, by_seed in chosen.items()},
+            "test_accuracy": v["test"]["accuracy"], "test_metrics": v["test"].get("metrics")} for k, v in by_seed.items()} for c, by_seed in chosen.items()},
         "paired": paired_rows, "metrics": metric_summary, "sample_efficiency": efficiency}, indent=1))
     return path
 
