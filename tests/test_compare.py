@@ -14,8 +14,14 @@ from tiny import tiny_llama, tiny_tokenizer
 
 from granular_po.apps import compare
 from granular_po.apps.compare import CompareSettings, Run, grid_runs, pick
-from granular_po.apps.compare_metrics import forced_item, forced_margins
-from granular_po.apps.compare_report import bootstrap_paired, mean_ci, paired_questions, paired_seeds, t975
+from granular_po.apps.compare.metrics import forced_item, forced_margins
+from granular_po.apps.compare.statistics import (
+    bootstrap_paired,
+    mean_ci,
+    paired_questions,
+    paired_seeds,
+    t975,
+)
 from granular_po.training.config import compose_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -204,7 +210,7 @@ def test_a_bar_without_an_interval_gets_no_error_bar(tmp_path, monkeypatch):
     """One seed has no interval: its bar must not carry a zero-width cap that reads as a tight interval."""
     from matplotlib.axes import Axes
 
-    from granular_po.apps.compare_report import plot_bars
+    from granular_po.apps.compare.plots import plot_bars
 
     drawn = []
     original = Axes.bar

@@ -19,6 +19,7 @@ Every metric is a list over the test items (pairs or questions) so that arms can
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -170,7 +171,6 @@ class TestScorer:
 
     def reference(self) -> dict:
         """The SFT model's token log-probs of every test pair, cached in `cache` (keyed by weights and data)."""
-        import json
 
         from granular_po.apps.stages import checkpoint_key
 
