@@ -14,8 +14,14 @@ from tiny import tiny_llama, tiny_tokenizer
 
 from granular_po.apps import compare
 from granular_po.apps.compare import CompareSettings, Run, grid_runs, pick
-from granular_po.apps.compare_metrics import forced_item, forced_margins
-from granular_po.apps.compare_report import bootstrap_paired, mean_ci, paired_questions, paired_seeds, t975
+from granular_po.apps.compare.metrics import forced_item, forced_margins
+from granular_po.apps.compare.statistics import (
+    bootstrap_paired,
+    mean_ci,
+    paired_questions,
+    paired_seeds,
+    t975,
+)
 from granular_po.training.config import compose_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -204,7 +210,7 @@ def test_a_bar_without_an_interval_gets_no_error_bar(tmp_path, monkeypatch):
     """One seed has no interval: its bar must not carry a zero-width cap that reads as a tight interval."""
     from matplotlib.axes import Axes
 
-    from granular_po.apps.compare_report import plot_bars
+    from granular_po.apps.compare.plots import plot_bars
 
     drawn = []
     original = Axes.bar
@@ -364,3 +370,84 @@ def test_bootstrap_over_seeds_and_items_on_known_numbers():
     first, again = bootstrap_paired(a, b), bootstrap_paired(a, b)
     assert first == again and first["mean"] == pytest.approx(1.0) and first["low"] < 1.0 < first["high"]
     assert bootstrap_paired({0: [1.0]}, {1: [1.0]})["mean"] is None  # no seed in common
+
+
+# ---------------------------------------------------------------- your own data
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_compare_on_your_own_data_reports_every_metric(workspace):
+    """--train/--val/--test (JSON and JSONL), two arms, a fixed rate, --rouge: every metric per arm and seed,
+    and the reported sequence margin of one run equals a plain forward of each full text."""
+    import torch
+    from rouge_score import rouge_scorer  # noqa: F401 - the declared dependency is importable
+
+    from granular_po.apps.eval import format_prompt
+    from granular_po.data.encode import end_of_turn_id
+    from granular_po.data.synthetic import split_questions, write_json
+    from granular_po.models import load_model, load_tokenizer
+
+    train, val, test = split_questions(16, 4, 4, task="styled", seed=1)
+    for pair in val + test[:2]:  # an answer on every validation record and half the test ones
+        pair["answer"] = str(eval(pair["prompt"][len("What is "):-1]))  # noqa: S307 - "7 * 13"
+    files = workspace / "mine"
+    files.mkdir()
+    paths = [write_json(files / "train.json", train), _write_jsonl(files / "val.jsonl", val),
+             _write_jsonl(files / "test.jsonl", test)]
+    out = workspace / "out-data"
+    assert compare.main(["--quick", "--model", str(workspace / "base"), "--out", str(out),
+                         "--train", str(paths[0]), "--val", str(paths[1]), "--test", str(paths[2]),
+                         "--arm", "response: loss=dpo granular=false", "--arm", "granular: loss=dpo granular=true",
+                         "--adamw", "1", "--sgd", "", "--rouge", "--keep-weights"]) == 0
+    text = (out / "compare.md").read_text()
+    assert "Task: your data:" in text and "Status: complete" in text
+    table = text.split("## Test metrics per arm")[1].split("## Paired differences on every metric")[0]
+    for name in ("greedy accuracy", "preference accuracy", "highlighted log-ratio (rejected)", "ROUGE-L"):
+        assert f" {name} |" in table
+    assert "forced margin" not in table  # synthetic tasks only
+    paired = text.split("## Paired differences on every metric")[1]
+    assert "| granular - response, AdamW | ROUGE-L | 2 |" in paired
+    run = json.loads((out / "runs" / "granular_AdamW_x1_s1" / "compare_result.json").read_text())["test"]
+    assert run["n"] == 2 and len(run["items"]["rouge_l"]) == 4 and run["items"]["accuracy"][2:] == [None, None]
+    # independent: log pi - log ref of every response token (end token included), one forward per text
+    tokenizer = load_tokenizer(str(workspace / "base"))
+    models = {k: load_model(str(d)) for k, d in (("policy", out / "runs" / "granular_AdamW_x1_s1" / "LATEST"),
+                                                 ("ref", out / "runs" / "sft" / "LATEST"))}
+
+    def response_logp(model, prompt: str, response: str) -> float:
+        head = format_prompt(tokenizer, prompt)
+        enc = tokenizer(head + response, add_special_tokens=False, return_offsets_mapping=True)
+        ids = torch.tensor(enc["input_ids"] + [end_of_turn_id(tokenizer)])
+        first = next(i for i, (s, _) in enumerate(enc["offset_mapping"]) if s >= len(head))
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=ids[None]).logits[0, :-1], -1).gather(-1, ids[1:, None])[:, 0]
+        return lp[first - 1:].sum().item()
+
+    margins = [sum(sign * (response_logp(models["policy"], p["prompt"], p[side]) -
+                           response_logp(models["ref"], p["prompt"], p[side]))
+                   for sign, side in ((1, "correct_response"), (-1, "incorrect_response"))) for p in test]
+    assert run["metrics"]["sequence_margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-4)
+    assert run["metrics"]["preference_accuracy"] == sum(m > 0 for m in margins) / len(margins)
+
+
+def test_data_split_is_seeded_and_bad_data_fails_before_training(workspace, tmp_path):
+    from granular_po.data.synthetic import split_questions
+
+    records = split_questions(20, 1, 1, task="styled")[0]
+    path = _write_jsonl(tmp_path / "all.jsonl", records)
+    args = compare.build_parser().parse_args(["--data", str(path), "--split", "0.6,0.2,0.2", "--split-seed", "3"])
+    paths = compare.file_data(tmp_path / "out", args)
+    parts = {k: json.loads(p.read_text()) for k, p in paths.items()}
+    assert [len(parts[k]) for k in ("train", "val", "test")] == [12, 4, 4]
+    assert sorted(json.dumps(r) for part in parts.values() for r in part) == sorted(json.dumps(r) for r in records)
+    assert compare.file_data(tmp_path / "again", args) and \
+        json.loads((tmp_path / "again" / "data" / "test.json").read_text()) == parts["test"]
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "correct_response": "a"}])
+    with pytest.raises(SystemExit, match="bad.jsonl"):
+        compare.main(["--quick", "--model", str(workspace / "base"), "--out", str(tmp_path / "o"),
+                      "--train", str(bad), "--val", str(path), "--test", str(path)])
+    assert not (tmp_path / "o" / "runs").exists()

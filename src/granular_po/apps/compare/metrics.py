@@ -1,0 +1,228 @@
+"""What `granular-po compare` measures on the test pairs, per run: one model load, per-item values.
+
+Every metric is a list over the test items (pairs or questions) so that arms can be paired item by item:
+
+- `preference_accuracy`: the pair's sequence-level log-ratio margin
+  [log pi(y_w) - log ref(y_w)] - [log pi(y_l) - log ref(y_l)] > 0, summed over every response token and
+  the end token, whatever the arm's own token weights (the same definition for every arm; ref = the SFT
+  model every run starts from); `sequence_margin` is that margin itself;
+- `highlight_logratio`: the mean over the rejected response's highlighted tokens (regions flagged -1) of
+  log pi - log ref (None for a pair without one): how far the run pushed the marked error down;
+- synthetic tasks: `forced_margin` = log p(right result) - log p(the generator's wrong result), both
+  teacher-forced after the prompt and the correct response's own text up to its first stated result
+  (`forced_item`), and `forced_accuracy` (margin > 0); `worked_step`: the greedy answer keeps the worked
+  step (`synthetic.keeps_worked_step`);
+- `accuracy`: greedy task accuracy with `eval`'s rules (records that carry an answer; the synthetic
+  tasks read it from the correct response, as today); `rouge_l`: ROUGE-L F1 (the `rouge-score` package)
+  of the greedy answer against the correct response, when asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+_QUESTION = re.compile(r"What is (\d+) ([*+]) (\d+)\?")
+
+
+def forced_item(pair: dict) -> dict | None:
+    """The forced-decoding probe of one synthetic pair: prompt, the correct response's text before its first
+    stated right result (`prefix`), the right and the wrong result (the wrong one as the generator wrote
+    it in the incorrect response), and `end`, the character after the result (so that a shorter number
+    pays for ending there). None when the pair states no right result."""
+    from granular_po.apps.answers import extract_answer
+
+    right, wrong = extract_answer(pair["correct_response"]), extract_answer(pair["incorrect_response"])
+    found = re.search(rf"(?<!\d){right}(?!\d)", pair["correct_response"]) if right is not None else None
+    if found is None or wrong is None or wrong == right:
+        return None
+    text = pair["correct_response"]
+    return {"prompt": pair["prompt"], "prefix": text[:found.start()], "right": str(right), "wrong": str(wrong),
+            "end": text[found.end():found.end() + 1]}
+
+
+def worked_steps(prompts: Sequence[str], completions: Sequence[str]) -> list[bool | None]:
+    """Per greedy answer, whether it keeps the worked step (None where the prompt is no synthetic question)."""
+    from granular_po.data.synthetic import Question, keeps_worked_step
+
+    out: list[bool | None] = []
+    for prompt, completion in zip(prompts, completions):
+        m = _QUESTION.fullmatch(prompt.strip())
+        out.append(keeps_worked_step(completion, Question(int(m[1]), m[2], int(m[3]))) if m else None)
+    return out
+
+
+def response_logps(model: Any, rows: Sequence[tuple[list[int], list[int]]], batch_size: int = 8) -> list[list[float]]:
+    """log p of each response token given the prompt and the tokens before it: rows of (prompt ids,
+    response ids), right-padded in batches (a causal model reads no padding before a real token)."""
+    import torch
+
+    device = next(model.parameters()).device
+    out: list[list[float]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            seqs = [p + r for p, r in batch]
+            width = max(len(s) for s in seqs)
+            ids = torch.zeros(len(seqs), width, dtype=torch.long)
+            mask = torch.zeros(len(seqs), width, dtype=torch.long)
+            for i, s in enumerate(seqs):
+                ids[i, :len(s)] = torch.tensor(s)
+                mask[i, :len(s)] = 1
+            with torch.no_grad():
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # (B, T, V)
+            logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]  # (B, T-1)
+            for i, (p, r) in enumerate(batch):
+                out.append(logps[i, len(p) - 1:len(p) - 1 + len(r)].tolist())
+    finally:
+        model.train(was_training)
+    return out
+
+
+def encode_pairs(records: Sequence, tokenizer: Any, max_length: int, max_prompt_length: int) -> list[dict]:
+    """The training encoding of each pair (prompt format, truncation, end token), granular weights off."""
+    from granular_po.data.encode import EncodeOptions, encode_record, resolve_layout
+    from granular_po.data.masks import GranularOptions
+
+    enc = EncodeOptions(max_length=max_length, max_prompt_length=max_prompt_length)
+    layout = resolve_layout(tokenizer, enc)
+    return [encode_record(r, tokenizer, enc, GranularOptions(), layout) for r in records]
+
+
+def sequence_logps(model: Any, encoded: Sequence[dict], batch_size: int = 8) -> dict[str, list[list[float]]]:
+    """Per pair, the token log-probs of the chosen and the rejected response (end token included)."""
+    return {side: response_logps(model, [(e["prompt_ids"], e[f"{side}_ids"]) for e in encoded], batch_size)
+            for side in ("chosen", "rejected")}
+
+
+def preference_metrics(policy: dict, reference: dict, encoded: Sequence[dict]) -> dict[str, list]:
+    """Per pair: sequence-level log-ratio margin, whether it is > 0, and the highlighted-token log-ratio of
+    the rejected response (mean over its tokens flagged -1; None without one)."""
+    margins, highlight = [], []
+    for i, e in enumerate(encoded):
+        ratio = {side: [a - b for a, b in zip(policy[side][i], reference[side][i])] for side in ("chosen", "rejected")}
+        margins.append(sum(ratio["chosen"]) - sum(ratio["rejected"]))
+        marked = [r for r, flag in zip(ratio["rejected"], e["rejected_flags"]) if flag == -1]
+        highlight.append(sum(marked) / len(marked) if marked else None)
+    return {"sequence_margin": margins, "preference_accuracy": [float(m > 0) for m in margins],
+            "highlight_logratio": highlight}
+
+
+def forced_margins(model: Any, tokenizer: Any, items: Sequence[dict], batch_size: int = 8) -> list[float]:
+    """log p(right + end) - log p(wrong + end) after prompt and prefix, from the first token where the two
+    continuations differ (one forward per side, batched); the end-of-response token is not counted."""
+    from granular_po.data.records import make_record
+
+    records = [make_record(it["prompt"], it["prefix"] + it["right"] + it["end"], it["prefix"] + it["wrong"] + it["end"],
+                           "forced", i) for i, it in enumerate(items)]
+    encoded = encode_pairs(records, tokenizer, max_length=10_000, max_prompt_length=5_000)
+    logps = sequence_logps(model, encoded, batch_size)
+    out = []
+    for i, e in enumerate(encoded):
+        right, wrong = e["chosen_ids"][:-1], e["rejected_ids"][:-1]  # without the end-of-response token
+        k = next(j for j in range(min(len(right), len(wrong)) + 1)
+                 if j == min(len(right), len(wrong)) or right[j] != wrong[j])
+        out.append(sum(logps["chosen"][i][k:len(right)]) - sum(logps["rejected"][i][k:len(wrong)]))
+    return out
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """ROUGE-L F1 of each prediction against its reference (rouge-score, with stemming)."""
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as error:  # pragma: no cover - a declared dependency
+        raise SystemExit("--rouge needs the rouge-score package: pip install 'rouge-score>=0.1.2'") from error
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+
+
+def load_model_pair(model_dir: Path):
+    from granular_po.models import load_model, load_tokenizer
+
+    return load_tokenizer(str(model_dir)), load_model(str(model_dir))
+
+
+def mean_of(values: Sequence) -> float | None:
+    kept = [float(v) for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
+
+
+class TestScorer:
+    """Scores one model directory on the test pairs: the reference (SFT) side computed once and cached,
+    then per run one model load for every metric above (greedy answers passed in or generated here)."""
+
+    def __init__(self, test_path: Path, sft: Path, cache: Path, max_length: int, max_prompt_length: int,
+                 synthetic: bool, rouge: bool, max_new_tokens: int, batch_size: int):
+        from granular_po.apps.eval import read_pairs
+        from granular_po.data.records import load_records
+
+        self.pairs = read_pairs(test_path)
+        self.records, _ = load_records(test_path)  # on_invalid=error: a bad record names itself
+        self.sft, self.cache, self.synthetic, self.rouge = sft, cache, synthetic, rouge
+        self.lengths = (max_length, max_prompt_length)
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.forced = [it for it in (forced_item(p) for p in self.pairs) if it is not None] if synthetic else []
+        self._reference: dict | None = None
+
+    def reference(self) -> dict:
+        """The SFT model's token log-probs of every test pair, cached in `cache` (keyed by weights and data)."""
+
+        from granular_po.apps.stages import checkpoint_key
+
+        key = {"model": checkpoint_key(self.sft), "pairs": len(self.pairs), "lengths": list(self.lengths),
+               "data": [[r.prompt, r.chosen, r.rejected] for r in self.records]}
+        if self._reference is None and self.cache.is_file():
+            stored = json.loads(self.cache.read_text())
+            if stored.get("key") == json.loads(json.dumps(key)):
+                self._reference = stored["logps"]
+        if self._reference is None:
+            tokenizer, model = load_model_pair(self.sft)
+            self._reference = sequence_logps(model, self._encode(tokenizer), self.batch_size)
+            self.cache.parent.mkdir(parents=True, exist_ok=True)
+            self.cache.write_text(json.dumps({"key": key, "logps": self._reference}))
+        return self._reference
+
+    def _encode(self, tokenizer) -> list[dict]:
+        return encode_pairs(self.records, tokenizer, *self.lengths)
+
+    def questions(self) -> list[tuple[int, str, Any]]:
+        """(record position, prompt, answer) of the records that carry an `answer` field (file data)."""
+        return [(i, p["prompt"], p["answer"]) for i, p in enumerate(self.pairs)
+                if isinstance(p, dict) and "answer" in p and isinstance(p.get("prompt"), str)]
+
+    def score(self, model_dir: Path, completions: Sequence[str] | None = None) -> dict[str, list]:
+        """Per-item values of every metric for one run (`completions`: the greedy answers to the synthetic
+        test questions, in order, when already generated)."""
+        from granular_po.apps.answers import is_correct, stated_answer
+        from granular_po.apps.eval import generate
+
+        reference = self.reference()
+        tokenizer, model = load_model_pair(model_dir)
+        items = preference_metrics(sequence_logps(model, self._encode(tokenizer), self.batch_size), reference,
+                                   self._encode(tokenizer))
+        if self.synthetic:
+            margins = forced_margins(model, tokenizer, self.forced, self.batch_size)
+            items["forced_margin"] = margins
+            items["forced_accuracy"] = [float(m > 0) for m in margins]
+            if completions is not None:
+                items["worked_step"] = [None if w is None else float(w) for w in
+                                        worked_steps([p["prompt"] for p in self.pairs], completions)]
+        elif self.rouge or self.questions():
+            prompts = [r.prompt for r in self.records]
+            completions = [c for start in range(0, len(prompts), self.batch_size)
+                           for c in generate(model, tokenizer, prompts[start:start + self.batch_size],
+                                             self.max_new_tokens)]
+            graded = dict((i, a) for i, _, a in self.questions())
+            if graded:
+                items["accuracy"] = [float(is_correct(stated_answer(c, graded[i]), graded[i])) if i in graded else None
+                                     for i, c in enumerate(completions)]
+            items["completions"] = list(completions)
+        if self.rouge and completions is not None:
+            items["rouge_l"] = rouge_l(completions, [r.chosen for r in self.records])
+        del model
+        return items
