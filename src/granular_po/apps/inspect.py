@@ -302,10 +302,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from granular_po.data.formats import load_data
+    from granular_po.data.shape import check_fields, shape_warnings
 
     try:
         records, report = load_data(args.data, on_invalid=args.on_invalid, eos_text=tokenizer.eos_token,
                                     columns=columns)
+        check_fields(report, args.on_invalid)  # a field misspelt in every record: invalid, as at train
     except DataError as e:
         print(f"invalid data: {e}", file=sys.stderr)
         return 1
@@ -318,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"invalid data: {e}", file=sys.stderr)
             return 1
         records, rows = [records[k] for k in keep], [rows[k] for k in keep]
-    summary = summarize(report, records, rows, tokenizer, layout, gran)
+    summary = summarize(report, records, rows, tokenizer, layout, gran) + shape_warnings(report, records, gran)
     print("\n".join(summary))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

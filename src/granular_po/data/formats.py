@@ -244,7 +244,7 @@ def load_data(path: str | os.PathLike[str], on_invalid: str = "error", eos_text:
     _check_on_invalid(on_invalid)
     parser = RowParser(columns)
     src = locate(path)
-    report = LoadReport(src.name)
+    report = LoadReport(src.name, columns_read=tuple(parser.columns.values()))
     region_fields = (*REGION_FIELDS, *([parser.columns["regions"]] if "regions" in parser.columns else []))
     try:
         records = list(parse_rows(iter_rows(src, region_fields, cache_dir), src.name, on_invalid, report,

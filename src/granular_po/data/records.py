@@ -10,6 +10,7 @@ counted by reason in the `LoadReport` (`"skip"`); nothing is dropped silently. R
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -71,6 +72,8 @@ def _get_text(obj: Mapping[str, Any], canonical: str, source: str, index: int, e
     present = [n for n in names if n in obj]
     if not present:
         also = f" (also accepted: {', '.join(names[1:])})" if len(names) > 1 else ""
+        close = difflib.get_close_matches(canonical, [str(k) for k in obj], n=1, cutoff=0.75)
+        also += f"; the record has '{close[0]}': a misspelling?" if close else ""
         raise DataError(source, index, canonical, f"missing{also}", "missing_field")
     if len(present) > 1 and any(obj[n] != obj[present[0]] for n in present[1:]):
         raise DataError(source, index, present[0], f"conflicts with field '{present[1]}' (same meaning, "
@@ -313,6 +316,8 @@ def parse_rows(rows: Iterator[tuple[int, int | None, Any]], source: str, on_inva
     parse = parse or parse_record
     for index, line, item in rows:
         report.n_read += 1
+        if isinstance(item, Mapping):  # the fields as the file spells them, for `shape.unread_fields`
+            report.count_fields(item)
         try:
             if isinstance(item, DataError):
                 raise item

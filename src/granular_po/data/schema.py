@@ -93,6 +93,14 @@ class LoadReport:
     skipped: dict[str, int] = field(default_factory=dict)
     first_errors: list[str] = field(default_factory=list)  # a few full messages, to show the user
     skipped_indices: dict[str, list[int]] = field(default_factory=dict)  # record indices by reason
+    fields: dict[str, int] = field(default_factory=dict)  # raw field name -> records having it (`data.shape`)
+    warnings: list[str] = field(default_factory=list)  # data-shape findings, one line each (`data.shape`)
+    columns_read: tuple[str, ...] = ()  # columns read under another name (`columns.*`): not unread fields
+
+    def count_fields(self, row) -> None:
+        """Count one raw row's field names (readers call this for every row read, of any format)."""
+        for name in row:
+            self.fields[str(name)] = self.fields.get(str(name), 0) + 1
 
     def skip(self, error: DataError, keep_messages: int = 5) -> None:
         self.skipped[error.code] = self.skipped.get(error.code, 0) + 1

@@ -60,8 +60,9 @@ def weighted_tokens(dataset, loss: LossType) -> tuple[int, int]:
 
 
 def data_lines(reports, dataset, loss: LossType) -> str:
-    """The load summary of each file (records, kept, skipped by reason) and the weighted token share."""
-    lines = [report.summary() for report in reports]
+    """The load summary of each file (records, kept, skipped by reason, its data-shape warnings: `data.shape`)
+    and the weighted token share."""
+    lines = [line for report in reports for line in (report.summary(), *report.warnings)]
     if dataset is not None and len(dataset):
         nonzero, total = weighted_tokens(dataset, loss)
         lines.append(f"response tokens carrying weight: {nonzero}/{total} = {nonzero / max(total, 1):.1%}")

@@ -47,14 +47,20 @@ def load_split(cfg: TrainConfig, split: str, tokenizer, enc: EncodeOptions, gran
     prompt for se and shp, as the research code)."""
     from datasets import concatenate_datasets
 
+    from granular_po.data.shape import check_fields, require_regions, shape_warnings
+
     parts, reports = [], []
     for records, report in _split_sources(cfg, split, tokenizer.eos_token, sft):
+        check_fields(report, cfg.on_invalid)  # a field misspelt in every record: refused (on_invalid=error)
+        report.warnings = shape_warnings(report, records, gran, preference=not sft)
         parts.append(build_dataset(records, tokenizer, enc, gran, num_proc=cfg.num_proc, cache_dir=cfg.cache_dir,
                                    on_invalid=cfg.on_invalid, report=report))
         logger.debug(report.summary())
         if report.n_skipped:  # also in the start-up block; a skip is worth a line on stderr too
             print(report.summary(), file=sys.stderr)
         reports.append(report)
+    if split == "train":
+        require_regions(reports, gran)  # granular=true on data without a region would be plain DPO / SFT
     if not parts:
         return None, reports
     return (parts[0] if len(parts) == 1 else concatenate_datasets(parts)), reports
