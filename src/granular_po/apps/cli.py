@@ -1,4 +1,4 @@
-"""`granular-po` command line: train | inspect | annotate | eval | demo | compare | import.
+"""`granular-po` command line: train | inspect | annotate | eval | demo | compare | import | chat.
 
 `granular-po train` takes the research code's Hydra overrides exactly as `python -u train.py` does.
 Each sub-command lives in its own module and exposes `main(argv) -> int`.
@@ -18,6 +18,7 @@ COMMANDS = {
     "demo": "granular_po.apps.demo",
     "compare": "granular_po.apps.compare",
     "import": "granular_po.apps.importers",
+    "chat": "granular_po.apps.chat",
 }
 
 USAGE = """usage: granular-po <command> [args]
@@ -31,6 +32,7 @@ commands:
   demo                 the arithmetic-correction experiment end to end, with a report
   compare ...          {DPO, TDPO2} x {granular, response-level} x lr x seeds from one SFT model
   import SOURCE IN OUT records from QA-FEEDBACK or a Label Studio export (qa-feedback | label-studio)
+  chat --model DIR     talk to a model (a run's LATEST, merged/ or a LoRA adapter), as it was trained
 """
 
 
