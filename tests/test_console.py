@@ -22,8 +22,8 @@ from tiny import tiny_llama, tiny_tokenizer, toy_preference_pairs
 from granular_po.training.console import ConsoleCallback, metric_line, number
 
 NUMBER = r"-?\d+(?:\.\d+)?(?:e[+-]\d+)?"
-STEP_LINE = re.compile(rf"^step\s+(\d+)/4\s+loss ({NUMBER})\s+grad norm ({NUMBER})\s+lr ({NUMBER})\s+({NUMBER}) ex/s$")
-EVAL_LINE = re.compile(rf"^eval\s+(\d+)/4\s+loss ({NUMBER})$")
+STEP_LINE = re.compile(rf"^step\s+(\d+)/4\s+loss ({NUMBER})\s+nll/token {NUMBER}\s+grad norm ({NUMBER})\s+lr ({NUMBER})\s+({NUMBER}) ex/s$")
+EVAL_LINE = re.compile(rf"^eval\s+(\d+)/4\s+loss ({NUMBER})\s+nll/token {NUMBER}$")
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +180,8 @@ def test_end_block_names_checkpoint_and_next_command(sft, workspace):
     assert rows["checkpoint"] == f"{run_dir / 'LATEST'} -> step-4"
     assert (run_dir / "LATEST").resolve().name == "step-4"
     assert rows["all metrics"] == str(run_dir / "metrics.jsonl")
-    assert re.fullmatch(rf"step 4: loss {NUMBER}  grad norm {NUMBER}  lr 0.001", rows["final train"])
-    assert re.fullmatch(rf"step 4: loss {NUMBER}", rows["final eval"])
+    assert re.fullmatch(rf"step 4: loss {NUMBER}  nll/token {NUMBER}  grad norm {NUMBER}  lr 0.001", rows["final train"])
+    assert re.fullmatch(rf"step 4: loss {NUMBER}  nll/token {NUMBER}", rows["final eval"])
     command = shlex.split(rows["next"])
     assert command[:2] == ["granular-po", "train"]
     for item in ("loss=tdpo", "loss.if_tdpo2=true", "granular=true", "exp_name=sft_tdpo",

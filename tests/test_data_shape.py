@@ -91,6 +91,10 @@ def test_one_sided_regions_are_counted_with_the_keys_that_change_them(tmp_path):
     assert "granular.unannotated_weight=0" in line and "granular.unannotated_weight=1" in line
     assert "granular.sides=rejected|chosen" in line
     assert shape_warnings(report, records, GranularOptions(enabled=True, unannotated_weight=1.0)) == []
+    # granular.sides=rejected: the chosen response of a rejected-only pair weighs 1; the chosen-only pair stays
+    line, = shape_warnings(report, records, GranularOptions(enabled=True, sides="rejected"))
+    assert line.startswith("warning: 1 of 4 annotated pairs") and "only in the chosen response (records 2)" in line
+    assert "only in the rejected" not in line
     assert shape_warnings(report, records, GranularOptions(enabled=True), preference=False) == []  # SFT
     assert shape_warnings(report, records, GranularOptions(enabled=False)) == []
 

@@ -34,7 +34,7 @@ from granular_po.data.masks import GranularOptions
 from granular_po.data.records import parse_record
 from granular_po.losses import LossType
 from granular_po.training import callbacks
-from granular_po.training.objectives import LossSettings
+from granular_po.training.objectives import LossSettings, per_token_nll
 from granular_po.training.sampler import examples_after, step_layout
 from granular_po.training.trainer import GranularTrainer
 
@@ -114,7 +114,13 @@ def test_each_metric_has_the_research_codes_value(tmp_path, tok, pair_batch, los
         mean_loss, metrics = trainer.loss_and_metrics(policy, batch, "eval")
     expected = expected_metrics(policy, reference, batch, loss, "eval")
     assert set(expected) <= set(metrics)
-    assert set(metrics) - set(expected) == {"weighted_token_share_eval"}  # ours: highlighted share
+    ours = {"weighted_token_share_eval"}  # the highlighted share; for SFT the per-token NLL's two parts
+    assert set(metrics) - set(expected) == ours | ({"nll_eval/_sum", "nll_eval/_weight"} if loss == "sft" else set())
+    if loss == "sft":  # summed NLL over summed weight: what TRL's SFT loss reports
+        weights = batch["loss_weights"][:, 1:].double()
+        expected_nll = -expected["logps_eval/chosen"].sum() / weights.sum()
+        means = {key: value.double().mean().item() for key, value in metrics.items()}
+        assert per_token_nll(means, "eval")["nll_per_token/eval"] == pytest.approx(expected_nll.item(), rel=1e-5)
     for key, value in expected.items():
         torch.testing.assert_close(metrics[key].double(), value, rtol=1e-4, atol=1e-5, msg=key)
     torch.testing.assert_close(mean_loss.double(), expected["loss/eval"].mean(), rtol=1e-4, atol=1e-6)

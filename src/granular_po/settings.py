@@ -199,6 +199,9 @@ class TrainConfig(EncodeOptions):
     """Evaluation data, the same formats; null: no evaluation."""
     columns: ColumnSettings = field(default_factory=ColumnSettings)
     wandb: WandbSettings = field(default_factory=WandbSettings)
+    report_to: Any = None
+    """Loggers, as Trainer's report_to: none, wandb, tensorboard, mlflow, ... or a list ([tensorboard,wandb]);
+    null: wandb when wandb.enabled=true, else none. wandb in it uses wandb.project / wandb.entity."""
     local_dirs: list[str] = field(default_factory=lambda: [".cache/runs"])
     """Directories to place the run directory under; the first that exists (or can be made) is used."""
     sample_during_eval: bool = False
@@ -244,6 +247,14 @@ class TrainConfig(EncodeOptions):
     """Resume from the newest complete checkpoint in the run directory: auto (when one exists), true, false."""
     save_every: Optional[int] = None
     """Save a checkpoint every this many training examples (null: at evaluation time, as the research code)."""
+    save_total_limit: Optional[int] = 2
+    """Checkpoints kept besides the one LATEST points to (always kept): the newest N others (0: LATEST's
+    only; null: all). A checkpoint being written is never removed; the start-up block says one's size."""
+    push_to_hub: bool = False
+    """At the end, upload the final model (LATEST, or merged/ with lora.merge_on_save) with its model card
+    to the Hugging Face Hub (network; your `huggingface-cli login`). The card is written locally either way."""
+    hub_model_id: Optional[str] = None
+    """Hub repository for push_to_hub (`name` under your account, or `org/name`); null: exp_name."""
     mixed_precision: str = "auto"
     """Autocast over fp32 master weights (new): auto = bf16 on a CUDA GPU with bf16, fp16 with loss scaling
     on one without, none on CPU (bf16 autocast on a CPU without bf16 instructions is over 20x slower);

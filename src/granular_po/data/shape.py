@@ -127,18 +127,23 @@ def shape_warnings(report: LoadReport, records: Sequence[PreferenceRecord], gran
                      f"({' / '.join(REGION_FIELDS)}): every token weighs 1, plain DPO / SFT (an error at train; "
                      "granular=false trains response-level on purpose)")
     sides = region_sides(records)
-    if gran.enabled and preference and sides.one_sided and gran.unannotated_weight != 1.0:
+    # a response without regions weighs unannotated_weight where granular.sides lets regions weigh it (a
+    # side sides leaves out weighs 1): the chosen of a rejected-only pair unless sides=rejected, and back
+    chosen_bare = sides.rejected_only if gran.sides != "rejected" else ()
+    rejected_bare = sides.chosen_only if gran.sides != "chosen" else ()
+    n_bare = len(chosen_bare) + len(rejected_bare)
+    if gran.enabled and preference and n_bare and gran.unannotated_weight != 1.0:
         parts = []
-        if sides.rejected_only:
-            parts.append(f"{len(sides.rejected_only)} only in the rejected response (records "
-                         f"{_few(sides.rejected_only)})")
-        if sides.chosen_only:
-            parts.append(f"{len(sides.chosen_only)} only in the chosen response (records {_few(sides.chosen_only)})")
+        if chosen_bare:
+            parts.append(f"{len(chosen_bare)} only in the rejected response (records {_few(chosen_bare)})")
+        if rejected_bare:
+            parts.append(f"{len(rejected_bare)} only in the chosen response (records {_few(rejected_bare)})")
         annotated = sides.both + sides.one_sided
-        lines.append(f"warning: {sides.one_sided} of {plural(annotated, 'annotated pair')} have regions on one side "
+        lines.append(f"warning: {n_bare} of {plural(annotated, 'annotated pair')} have regions on one side "
                      f"only ({'; '.join(parts)}): the other response weighs granular.unannotated_weight="
-                     f"{gran.unannotated_weight:g} in full (DPO / TDPO). granular.unannotated_weight=1 trains it "
-                     "response-level; granular.sides=rejected|chosen weights one side by regions only")
+                     f"{gran.unannotated_weight:g} in full (DPO / TDPO, granular.sides={gran.sides}). "
+                     "granular.unannotated_weight=1 trains it response-level; granular.sides=rejected|chosen "
+                     "weights one side by its regions and the other by 1")
     return lines
 
 

@@ -120,8 +120,18 @@ def reference_offset_notice(cfg: TrainConfig, precision, offset: tuple[float, fl
             "model.reference_dtype=null gives an exact reference (in the policy's dtype)")
 
 
+def checkpoint_line(cfg: TrainConfig, size: int, how: str) -> str:
+    """One checkpoint's size (`how`: measured or estimated from what) and what `save_total_limit` keeps."""
+    keep = cfg.save_total_limit
+    others = "only LATEST's kept" if keep == 0 else f"LATEST's and the newest {keep} other{'s' if keep != 1 else ''} kept"
+    kept = ("all kept (save_total_limit=null)" if keep is None else
+            f"{others} (save_total_limit={keep}): at most {format_bytes((keep + 1) * size)}")
+    return f"about {format_bytes(size)} each ({how}); {kept}"
+
+
 def start_block(cfg: TrainConfig, settings, *, train_reports, eval_reports, train_ds, route_line: str,
-                memory, reference_loaded: bool, total_steps: int, resume_from: Path | None) -> str:
+                memory, reference_loaded: bool, total_steps: int, resume_from: Path | None,
+                checkpoint_size: tuple[int, str] | None = None) -> str:
     """The start-up block (printed once, by the main process, before the first step)."""
     loss = settings.loss
     what = {LossType.SFT: "SFT", LossType.DPO: "DPO"}.get(loss, "TDPO2" if getattr(cfg.loss, "if_tdpo2", False) else "TDPO1")
@@ -136,6 +146,8 @@ def start_block(cfg: TrainConfig, settings, *, train_reports, eval_reports, trai
     rows.append(("forward", route_line))
     rows.append(("memory", f"about {format_bytes(memory.total)} per step ({memory.describe()})"
                  if memory is not None else "not estimated on this device"))
+    if checkpoint_size is not None:
+        rows.append(("checkpoints", checkpoint_line(cfg, *checkpoint_size)))
     rows.append(("schedule", f"{total_steps} steps of {cfg.batch_size} examples, {cfg.optimizer} lr {number(cfg.lr)}, "
                  f"warmup {cfg.warmup_steps} steps"))
     return block(f"{entry_command()}: {cfg.exp_name} ({what}, {granular})", rows)
@@ -177,8 +189,9 @@ def next_command(cfg: TrainConfig, loss: LossType, run_dir: Path, overrides: lis
 
 
 def end_block(cfg: TrainConfig, loss: LossType, run_dir: Path, console, overrides: list[str] | None,
-              latest: Path | None, global_step: int) -> str:
-    """The closing block: final metrics, the checkpoint `LATEST` points to, the next command."""
+              latest: Path | None, global_step: int, published: list[tuple[str, str]] = ()) -> str:
+    """The closing block: final metrics, the checkpoint `LATEST` points to, the model card (and hub
+    repository: `published`), the next command."""
     summary = console.summary if console is not None else {}
     title = f"done: step {global_step}"
     if summary.get("train_runtime") is not None:
@@ -193,6 +206,7 @@ def end_block(cfg: TrainConfig, loss: LossType, run_dir: Path, console, override
     else:
         rows.append(("checkpoint", f"{run_dir / 'LATEST'} -> {latest.name}" if latest else "none written"))
         rows.append(("all metrics", str(run_dir / "metrics.jsonl")))
+        rows += list(published)
     command = next_command(cfg, loss, run_dir, overrides)
     if command:
         rows.append(("next", command))

@@ -130,13 +130,30 @@ def clear_run(run_dir: Path) -> list[str]:
     return removed
 
 
-def rotate(run_dir: Path, keep: int | None) -> None:
-    """Keep the newest `keep` complete checkpoints (None: keep all); LATEST's target always survives."""
-    if not keep:
-        return
-    found = complete_checkpoints(run_dir)
-    for _step, path in found[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+def latest_target(run_dir: Path) -> str | None:
+    """The name of the checkpoint `LATEST` points to (None without a LATEST link)."""
+    link = run_dir / LATEST
+    return os.readlink(link) if link.is_symlink() else None
+
+
+def rotate(run_dir: Path, keep: int | None) -> list[str]:
+    """Keep the checkpoint LATEST points to and the newest `keep` complete others (None: keep all);
+    returns the names removed. Only complete `step-N` folders are candidates: a checkpoint being written
+    (`.tmp-step-N`, or a `step-N` without its COMPLETE marker) is never touched. Each is renamed to
+    `.old-step-N` before it is deleted, so a kill mid-delete leaves no half-deleted `step-N` that looks
+    complete (resume removes `.old-*` folders)."""
+    if keep is None:
+        return []
+    protected = latest_target(run_dir)
+    others = [path for _step, path in complete_checkpoints(run_dir) if path.name != protected]
+    removed = []
+    for path in others[:max(0, len(others) - keep)]:
+        trash = run_dir / f".old-{path.name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(path.name)
+    return removed
 
 
 def truncate_metrics(path: Path, step: int) -> int:

@@ -71,7 +71,15 @@ RESUME_FREE_KEYS = frozenset({
     # how a run starts, stops and is run, not what it computes (the speed paths give the same numbers)
     "resume", "debug", "skip_nonfinite", "trust_remote_code", "num_proc", "fsdp_port", "lora.merge_on_save",
     "logprobs", "share_prompt", "padding_free", "activation_checkpointing", "precompute_ref_log_probs",
+    # what is logged, kept on disk and published
+    "report_to", "save_total_limit", "push_to_hub", "hub_model_id",
 })
+
+# Trainer's `report_to` integrations and the package each needs (checked here, before torch loads)
+REPORT_TO = {"azure_ml": ("azureml",), "clearml": ("clearml",), "codecarbon": ("codecarbon",),
+             "comet_ml": ("comet_ml",), "dagshub": ("dagshub",), "dvclive": ("dvclive",), "flyte": ("flytekit",),
+             "mlflow": ("mlflow",), "neptune": ("neptune",), "swanlab": ("swanlab",),
+             "tensorboard": ("tensorboard", "tensorboardX"), "trackio": ("trackio",), "wandb": ("wandb",)}
 
 
 class ConfigError(ValueError):
@@ -202,6 +210,7 @@ class RunSettings:
     save_steps: int | None
     max_steps: int  # -1: run n_epochs
     run_dir: Path
+    report_to: tuple[str, ...] = ()  # Trainer's integrations, reconciled with wandb.enabled ("all": all installed)
 
     @property
     def loss(self) -> LossType:
@@ -318,13 +327,15 @@ def validate(config: TrainConfig) -> RunSettings:
         value = OmegaConf.select(OmegaConf.structured(config), key)
         if value is not None and config.trainer != engine:
             logger.warning("notice: %s=%s applies to trainer=%s only; ignored here", key, value, engine)
-    if config.wandb.enabled and importlib.util.find_spec("wandb") is None:
-        raise ConfigError("wandb.enabled=true needs the wandb package: pip install wandb (or wandb.enabled=false)")
+    report_to = reconcile_report_to(config)
+    wandb_on = "wandb" in report_to or (report_to == ("all",) and importlib.util.find_spec("wandb") is not None)
     default_wandb = WandbSettings()
     for key in ("project", "entity"):  # set, but wandb is off: say so rather than drop it silently
         value = getattr(config.wandb, key)
-        if not config.wandb.enabled and value != getattr(default_wandb, key):
-            logger.warning("notice: wandb.%s=%s applies with wandb.enabled=true only; ignored", key, value)
+        if not wandb_on and value != getattr(default_wandb, key):
+            logger.warning("notice: wandb.%s=%s applies with wandb.enabled=true (or wandb in report_to) only; "
+                           "ignored", key, value)
+    _check_checkpoint_keys(config)
     _objective_option_notices(config)
     if config.precompute_ref_log_probs and loss_cfg.name != "dpo":
         logger.warning("notice: precompute_ref_log_probs applies to loss=dpo only (TDPO needs the live reference)")
@@ -363,6 +374,7 @@ def validate(config: TrainConfig) -> RunSettings:
         save_steps=save_steps,
         max_steps=max_steps,
         run_dir=run_dir,
+        report_to=report_to,
     )
 
 
@@ -375,13 +387,54 @@ def _objective_option_notices(config: TrainConfig) -> None:
     elif gran.kl_weights != "highlight" and not gran.enabled:
         logger.warning("notice: granular.kl_weights=%s changes nothing with granular=false (every token "
                        "weighs 1 already)", gran.kl_weights)
-
-
     for key, default in (("sides", "both"), ("after_first_error", "keep")):
         value = getattr(gran, key)
         if value != default and (loss == "sft" or not gran.enabled):
             why = "SFT's weights come from the projected regions" if loss == "sft" else "granular=false"
             logger.warning("notice: granular.%s=%s changes nothing here (%s)", key, value, why)
+
+
+def reconcile_report_to(config: TrainConfig) -> tuple[str, ...]:
+    """`report_to` as a tuple of Trainer's integration names (empty: none), reconciled with `wandb.enabled`
+    (null report_to: wandb when it is on); a contradiction or a missing package is a ConfigError."""
+    given = config.report_to
+    if given is None:
+        names: tuple[str, ...] = ("wandb",) if config.wandb.enabled else ()
+    else:
+        items = [given] if isinstance(given, str) else list(given)
+        names = tuple(str(item).strip() for item in items if str(item).strip())
+        for name in names:
+            choose("report_to", name, ("none", "all", *REPORT_TO))
+        if "none" in names and len(names) > 1:
+            raise ConfigError(f"report_to={list(names)}: 'none' cannot be combined with other loggers")
+        names = () if names == ("none",) else names
+        if len(names) > 1 and "all" in names:
+            raise ConfigError(f"report_to={list(names)}: 'all' already means every installed logger")
+        if config.wandb.enabled and "wandb" not in names and names != ("all",):
+            shown = ",".join(names) or "none"
+            raise ConfigError(f"wandb.enabled=true but report_to={shown} leaves wandb out: add it "
+                              f"(report_to=[{','.join((*names, 'wandb'))}]) or drop wandb.enabled=true")
+    for name in names:
+        if name != "all" and not any(importlib.util.find_spec(module) for module in REPORT_TO[name]):
+            key = "wandb.enabled=true" if name == "wandb" and config.report_to is None else f"report_to={name}"
+            raise ConfigError(f"{key} needs the {REPORT_TO[name][0]} package: pip install {REPORT_TO[name][0]} "
+                              f"(or leave {name} out of report_to)")
+    return names
+
+
+def _check_checkpoint_keys(config: TrainConfig) -> None:
+    """save_total_limit, push_to_hub and hub_model_id: values, and settings that cannot take effect."""
+    if config.save_total_limit is not None and config.save_total_limit < 0:
+        raise ConfigError(f"save_total_limit={config.save_total_limit}: must be >= 0 (checkpoints kept besides "
+                          "LATEST's), or null to keep all")
+    if config.push_to_hub and config.debug:
+        raise ConfigError("push_to_hub=true with debug=true: a debug run saves nothing to push (drop one of them)")
+    if config.hub_model_id is not None:
+        if not config.push_to_hub:
+            logger.warning("notice: hub_model_id=%s applies with push_to_hub=true only; ignored", config.hub_model_id)
+        elif not re.fullmatch(r"([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*", config.hub_model_id):
+            raise ConfigError(f"hub_model_id={config.hub_model_id!r}: expected `name` or `org/name` (letters, digits, "
+                              "'-', '_', '.')")
 
 
 def _flat(node, prefix: str = "") -> dict:

@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 # log (no KL for DPO, no rewards for SFT) are left out of its line.
 LINE_METRICS = (
     ("loss/{split}", "loss"),
+    ("nll_per_token/{split}", "nll/token"),  # SFT: the per-token figure TRL reports as its loss
     ("rewards_{split}/accuracies", "reward acc"),
     ("rewards_{split}/margins", "margin"),
     ("kl_{split}/margin", "kl margin"),

@@ -101,8 +101,22 @@ def _reward_metrics(chosen_r: torch.Tensor, rejected_r: torch.Tensor, stats: Tok
 
 
 def sft_objective(settings: LossSettings, stats: TokenStats, n: int, split: str) -> tuple[torch.Tensor, Metrics]:
-    """Negative weighted log-likelihood of the correct responses. Shape: stats fields (B,)."""
-    return sft_loss(stats.policy_logps), {f"logps_{split}/chosen": stats.policy_logps.detach()}
+    """Negative weighted log-likelihood of the correct responses. Shape: stats fields (B,). Also the two
+    parts of the per-token NLL (`per_token_nll`), the figure TRL's SFT loss reports."""
+    logps = stats.policy_logps.detach()
+    summed = logps * stats.weight_sum if settings.average_log_prob else logps  # (B,) weighted sums
+    return sft_loss(stats.policy_logps), {f"logps_{split}/chosen": logps, f"nll_{split}/_sum": -summed,
+                                          f"nll_{split}/_weight": stats.weight_sum.detach().float()}
+
+
+def per_token_nll(logs: dict[str, float], split: str) -> dict[str, float]:
+    """`nll_per_token/{split}`: the NLL summed over the logged examples' weighted tokens over their weight
+    (TRL's SFT loss: a mean over tokens, not over sequences), from the means of its two parts, which are
+    removed from `logs` (their means are over the same examples, so their ratio is the ratio of sums)."""
+    total, weight = logs.pop(f"nll_{split}/_sum", None), logs.pop(f"nll_{split}/_weight", None)
+    if total is None or weight is None:
+        return {}
+    return {f"nll_per_token/{split}": total / weight if weight > 0 else float("nan")}
 
 
 def _kl_metrics(kl: torch.Tensor | None, n: int, split: str) -> Metrics:

@@ -25,7 +25,7 @@ from granular_po.data.encode import EncodeOptions, build_dataset
 from granular_po.data.masks import GranularOptions
 from granular_po.losses import LossType
 from granular_po.settings import TrainConfig
-from granular_po.training import briefing, checkpoints, console, reference_cache, resources
+from granular_po.training import briefing, checkpoints, console, publish, reference_cache, resources
 from granular_po.training.callbacks import MetricsFileCallback
 from granular_po.training.config import RunSettings, existing_ancestor, redacted_yaml, validate
 from granular_po.training.inputs import check_inputs
@@ -152,7 +152,7 @@ def build_training_arguments(cfg: TrainConfig, settings: RunSettings,
         eval_on_start=bool(cfg.do_first_eval),
         save_strategy="no" if cfg.debug else "steps",
         save_steps=settings.save_steps or 1,
-        report_to=["wandb"] if cfg.wandb.enabled else "none",
+        report_to=list(settings.report_to) or "none",  # reconciled with wandb.enabled by validate
         run_name=cfg.exp_name,
         remove_unused_columns=False,
         activation_checkpointing=bool(cfg.activation_checkpointing) and not fsdp_kwargs,
@@ -179,11 +179,12 @@ def warmup_warning(cfg: TrainConfig, n_examples: int, total_steps: int) -> str |
 
 
 @contextlib.contextmanager
-def wandb_environment(cfg: TrainConfig):
+def wandb_environment(cfg: TrainConfig, report_to: tuple[str, ...] | None = None):
     """`wandb.project` / `wandb.entity` for this run, where transformers' WandbCallback and wandb read
-    them (WANDB_PROJECT, WANDB_ENTITY); the previous environment comes back afterwards."""
+    them (WANDB_PROJECT, WANDB_ENTITY); the previous environment comes back afterwards. `report_to`: the
+    run's loggers (`RunSettings.report_to`); None: wandb as `wandb.enabled` says."""
     wanted = {}
-    if cfg.wandb.enabled:
+    if cfg.wandb.enabled or (report_to is not None and ("wandb" in report_to or "all" in report_to)):
         wanted["WANDB_PROJECT"] = cfg.wandb.project
         if cfg.wandb.entity:
             wanted["WANDB_ENTITY"] = cfg.wandb.entity
@@ -308,7 +309,7 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings,
         optimizer_cls_and_kwargs=(optimizer_cls, opt_kwargs),
         warmup_steps=cfg.warmup_steps, group_by_length=cfg.group_by_length, run_dir=run_dir,
         padding_free=cfg.padding_free, share_prompt=str(cfg.share_prompt),
-        max_length=cfg.max_length,
+        max_length=cfg.max_length, save_total_limit=cfg.save_total_limit,
         callbacks=[MetricsFileCallback(None if cfg.debug else run_dir / "metrics.jsonl")],
     )
     if uses_fsdp(cfg, settings) and not trainer.is_fsdp_enabled:  # Accelerate runs FSDP on GPUs only
@@ -352,8 +353,9 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings,
         print(briefing.start_block(
             cfg, settings, train_reports=train_reports, eval_reports=eval_reports, train_ds=train_ds,
             route_line=trainer.route.describe(), memory=memory, reference_loaded=reference is not None,
-            total_steps=total_steps, resume_from=resume_from), flush=True)
-    with wandb_environment(cfg):
+            total_steps=total_steps, resume_from=resume_from,
+            checkpoint_size=resources.checkpoint_size(cfg, policy, resume_from)), flush=True)
+    with wandb_environment(cfg, settings.report_to):
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if not cfg.debug:
         last = checkpoints.latest_complete_checkpoint(run_dir)
@@ -365,8 +367,12 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings,
         print(f"{trainer.zero_weight_batches} batches had no weighted token", file=sys.stderr)
     if is_main:
         latest = None if cfg.debug else checkpoints.latest_complete_checkpoint(run_dir)
-        print(briefing.end_block(cfg, loss_type, run_dir, screen, overrides, latest, trainer.state.global_step),
-              flush=True)
+        folder, rows = (None, []) if latest is None else publish.write_final_card(
+            cfg, loss_type, run_dir, latest, train_reports, trainer.state.global_step, screen)
+        print(briefing.end_block(cfg, loss_type, run_dir, screen, overrides, latest, trainer.state.global_step,
+                                 rows), flush=True)
+        if cfg.push_to_hub and folder is not None:  # after the closing block: a failed upload loses nothing
+            print(f"pushed to {publish.push(folder, cfg.hub_model_id or cfg.exp_name)}", flush=True)
     return run_dir
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import torch
@@ -123,12 +124,22 @@ def estimate_memory(policy: nn.Module, reference: nn.Module | None, per_device_b
     )
 
 
-def checkpoint_bytes(policy: nn.Module, optimizer: str) -> int:
-    """Bytes of one checkpoint: weights (the adapter only for LoRA) + optimizer state + margin."""
+def checkpoint_bytes(policy: nn.Module, optimizer: str, margin: bool = True) -> int:
+    """Bytes of one checkpoint: weights (the adapter only for LoRA) + optimizer state (+ margin)."""
     params = list(policy.parameters())
     trainable = _bytes(p for p in params if p.requires_grad)
     weights = trainable if hasattr(policy, "peft_config") else _bytes(params)
-    return weights + OPTIMIZER_STATES.get(optimizer, 2) * trainable + CHECKPOINT_MARGIN
+    return weights + OPTIMIZER_STATES.get(optimizer, 2) * trainable + (CHECKPOINT_MARGIN if margin else 0)
+
+
+def checkpoint_size(cfg: TrainConfig, policy: nn.Module, resume_from: Path | None) -> tuple[int, str] | None:
+    """One checkpoint's bytes and how they were found, for the start-up block: measured on the checkpoint
+    resumed from, else estimated (weights + optimizer state); None when nothing is saved (debug)."""
+    if cfg.debug:
+        return None
+    if resume_from is not None:
+        return sum(f.stat().st_size for f in resume_from.rglob("*") if f.is_file()), f"measured on {resume_from.name}"
+    return checkpoint_bytes(policy, cfg.optimizer, margin=False), f"weights + {cfg.optimizer} state"
 
 
 def _on_cpu(policy: nn.Module) -> bool:

@@ -35,7 +35,7 @@ from granular_po.models import reference_context
 from granular_po.stats import compute_token_stats
 from granular_po.training import checkpoints
 from granular_po.training.callbacks import StepTimer
-from granular_po.training.objectives import LossSettings, compute_objective
+from granular_po.training.objectives import LossSettings, compute_objective, per_token_nll
 from granular_po.training.sampler import SeededLengthGroupedSampler, examples_after, step_layout
 from granular_po.training.step_state import MetricBuffer, NonFiniteError, StepGuard
 
@@ -298,6 +298,7 @@ class GranularTrainer(Trainer):
         split = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         reduce = (lambda t: self.accelerator.reduce(t, reduction="sum")) if split == "train" else None
         logs.update(self._metrics[split].means(reduce if self.args.world_size > 1 else None))
+        logs.update(per_token_nll(logs, split))  # SFT: beside the summed loss, the per-token figure TRL logs
         if split == "train" and "loss" in logs:  # a step's log (not the end-of-training summary)
             seconds = self.step_timer.take()
             if seconds > 0:
