@@ -145,3 +145,22 @@ def test_train_start_block_shows_the_one_sided_warning(root, capsys):
     block = out[out.index("train data"):out.index("forward")]
     assert "2 of 4 annotated pairs have regions on one side only" in block
     assert "granular.unannotated_weight=1" in block
+
+
+def test_the_checks_hold_for_other_formats_and_renamed_columns(tmp_path):
+    """Parquet rows go through the same census (`parse_rows`); a column read under another name
+    (`columns.prompt=question`) is read, not reported."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from granular_po.data.formats import load_data
+
+    rows = [{"question": r["prompt"], "correct_response": r["correct_response"],
+             "incorrect_response": r["incorrect_response"], "masked_regons": json.dumps(r["masked_regions"])}
+            for r in mixed_preference_pairs()]
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    _, report = load_data(path, on_invalid="error", columns={"prompt": "question"})
+    assert [f.name for f in unread_fields(report)] == ["masked_regons"]  # 'question' is read
+    with pytest.raises(DataError, match="field 'masked_regons'.*did you mean 'masked_regions'"):
+        check_fields(report, "error")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from granular_po.apps.help import DefaultsFormatter
-from granular_po.data.encode import PROMPT_FORMATS, EncodeOptions, TokenLayout, _prompt_ids, resolve_layout
+from granular_po.data.encode import PROMPT_FORMATS, EncodeOptions, TokenLayout, encode_prompt, resolve_layout
 
 COMMANDS_HELP = "/reset clears the conversation, /quit (or end of input) leaves"
 
@@ -100,10 +100,10 @@ class Chat:
         return cls(model, tokenizer, resolve_layout(tokenizer, EncodeOptions(prompt_format=prompt_format)), **options)
 
     def prompt_ids(self, message: str) -> list[int]:
-        """The ids the model continues for `message`: training's prompt encoding (`encode._prompt_ids`) for
+        """The ids the model continues for `message`: training's prompt encoding (`encode.encode_prompt`) for
         a first turn; in a chat template, the whole conversation so far with the message as the last turn."""
         if not self.layout.chat or not self.messages:
-            return _prompt_ids(message, self.tokenizer, self.layout)
+            return encode_prompt(message, self.tokenizer, self.layout)
         out = self.tokenizer.apply_chat_template([*self.messages, {"role": "user", "content": message}],
                                                  add_generation_prompt=True, tokenize=True, return_dict=False)
         return list(out["input_ids"] if isinstance(out, dict) else out)
