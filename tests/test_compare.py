@@ -451,3 +451,35 @@ def test_data_split_is_seeded_and_bad_data_fails_before_training(workspace, tmp_
         compare.main(["--quick", "--model", str(workspace / "base"), "--out", str(tmp_path / "o"),
                       "--train", str(bad), "--val", str(path), "--test", str(path)])
     assert not (tmp_path / "o" / "runs").exists()
+
+
+def test_own_data_accuracy_grades_each_record_against_its_own_answer(tmp_path):
+    """A test record the loader always skips (identical responses) must not shift the answers: each greedy
+    answer is graded against the `answer` of the record it answers (review: pairs vs records positions)."""
+    import torch
+
+    from granular_po.apps.compare.metrics import TestScorer
+
+    # a model that says "5" whatever the prompt: every layer adds nothing, every embedding is the same
+    # vector, and the head scores only the token "5"
+    tokenizer = tiny_tokenizer("byte_level", chat=True)
+    model = tiny_llama(len(tokenizer), hidden_size=32, layers=1, tie_word_embeddings=False)
+    five = tokenizer.convert_tokens_to_ids("5")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.fill_(1.0 if "embed" in name or "norm" in name else 0.0)
+        model.lm_head.weight[five] = 1.0
+    model.save_pretrained(tmp_path / "five")
+    tokenizer.save_pretrained(tmp_path / "five")
+    skipped = {"prompt": "Same?", "correct_response": "same", "incorrect_response": "same", "answer": "6"}
+    answers = ["5", "6", "5", "6"]
+    pairs = [skipped] + [{"prompt": f"Question {i}?", "correct_response": f"right {i}",
+                          "incorrect_response": f"wrong {i}", "answer": a} for i, a in enumerate(answers)]
+    test = _write_jsonl(tmp_path / "test.jsonl", pairs)
+    scorer = TestScorer(test, tmp_path / "five", tmp_path / "ref.json", 128, 64, synthetic=False, rouge=False,
+                        max_new_tokens=1, batch_size=2)
+    assert len(scorer.records) == 4  # the identical pair is skipped by the loader
+    items = scorer.score(tmp_path / "five")
+    assert items["completions"] == ["5"] * 4
+    assert items["accuracy"] == [1.0, 0.0, 1.0, 0.0]
+    assert len(items["preference_accuracy"]) == len(items["accuracy"])

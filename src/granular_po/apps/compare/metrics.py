@@ -191,7 +191,7 @@ class TestScorer:
         return encode_pairs(self.records, tokenizer, *self.lengths)
 
     def questions(self) -> list[tuple[int, str, Any]]:
-        """(record position, prompt, answer) of the records that carry an `answer` field (file data)."""
+        """(place in the file, as `PreferenceRecord.index`, prompt, answer) of the records that carry an `answer` field."""
         return [(i, p["prompt"], p["answer"]) for i, p in enumerate(self.pairs)
                 if isinstance(p, dict) and "answer" in p and isinstance(p.get("prompt"), str)]
 
@@ -217,10 +217,12 @@ class TestScorer:
             completions = [c for start in range(0, len(prompts), self.batch_size)
                            for c in generate(model, tokenizer, prompts[start:start + self.batch_size],
                                              self.max_new_tokens)]
+            # keyed by the record's place in the file: the loader skips some records (identical responses,
+            # flag 0) that `self.pairs` still holds, so a completion's position is not its pair's
             graded = dict((i, a) for i, _, a in self.questions())
             if graded:
-                items["accuracy"] = [float(is_correct(stated_answer(c, graded[i]), graded[i])) if i in graded else None
-                                     for i, c in enumerate(completions)]
+                items["accuracy"] = [float(is_correct(stated_answer(c, graded[r.index]), graded[r.index]))
+                                     if r.index in graded else None for r, c in zip(self.records, completions)]
             items["completions"] = list(completions)
         if self.rouge and completions is not None:
             items["rouge_l"] = rouge_l(completions, [r.chosen for r in self.records])
