@@ -472,14 +472,14 @@ def test_own_data_accuracy_grades_each_record_against_its_own_answer(tmp_path):
     model.save_pretrained(tmp_path / "five")
     tokenizer.save_pretrained(tmp_path / "five")
     skipped = {"prompt": "Same?", "correct_response": "same", "incorrect_response": "same", "answer": "6"}
-    answers = ["5", "6", "5", "6"]
+    answers = ["5", "6", "5", "6", " "]  # the last: an empty answer, which `eval` does not grade
     pairs = [skipped] + [{"prompt": f"Question {i}?", "correct_response": f"right {i}",
                           "incorrect_response": f"wrong {i}", "answer": a} for i, a in enumerate(answers)]
     test = _write_jsonl(tmp_path / "test.jsonl", pairs)
     scorer = TestScorer(test, tmp_path / "five", tmp_path / "ref.json", 128, 64, synthetic=False, rouge=False,
                         max_new_tokens=1, batch_size=2)
-    assert len(scorer.records) == 4  # the identical pair is skipped by the loader
+    assert len(scorer.records) == 5  # the identical pair is skipped by the loader
     items = scorer.score(tmp_path / "five")
-    assert items["completions"] == ["5"] * 4
-    assert items["accuracy"] == [1.0, 0.0, 1.0, 0.0]
+    assert items["completions"] == ["5"] * 5
+    assert items["accuracy"] == [1.0, 0.0, 1.0, 0.0, None]  # graded as `eval` grades: an empty answer is not
     assert len(items["preference_accuracy"]) == len(items["accuracy"])

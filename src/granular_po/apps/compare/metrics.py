@@ -192,8 +192,11 @@ class TestScorer:
 
     def questions(self) -> list[tuple[int, str, Any]]:
         """(place in the file, as `PreferenceRecord.index`, prompt, answer) of the records that carry an `answer` field."""
-        return [(i, p["prompt"], p["answer"]) for i, p in enumerate(self.pairs)
-                if isinstance(p, dict) and "answer" in p and isinstance(p.get("prompt"), str)]
+        from granular_po.apps.eval import Question, question_of
+
+        # `eval`'s own rules (an empty or non-scalar answer is not gradable), as the validation questions
+        found = ((i, question_of(p, i)) for i, p in enumerate(self.pairs) if isinstance(p, dict) and "answer" in p)
+        return [(i, q.prompt, q.answer) for i, q in found if isinstance(q, Question)]
 
     def score(self, model_dir: Path, completions: Sequence[str] | None = None) -> dict[str, list]:
         """Per-item values of every metric for one run (`completions`: the greedy answers to the synthetic
