@@ -151,7 +151,7 @@ def test_cli_prints_summary_and_exits_zero(tmp_path, capsys):
 def test_cli_input_errors_exit_two_without_traceback(tmp_path, capsys):
     assert main([str(tmp_path / "missing.jsonl"), str(tmp_path / "out.jsonl")]) == 2
     err = capsys.readouterr().err
-    assert "missing.jsonl" in err and "file not found" in err and "Traceback" not in err
+    assert "missing.jsonl" in err and "no such file" in err and "Traceback" not in err
     bad = _write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], {"prompt": "p", "correct_response": "a"}])
     assert main([str(bad), str(tmp_path / "out.jsonl")]) == 2
     err = capsys.readouterr().err
@@ -204,3 +204,33 @@ def test_cli_creates_folders_and_names_what_it_could_not_annotate(tmp_path):
     assert "  not written, the incorrect response only lacks text at its end (nothing to mark): 1 (records 4)" in lines
     assert "  not written, skipped while loading: 1 (invalidated=1: records 5)" in lines
     assert any("record 5, field 'masked_region': flag 0 marks the record invalid" in line for line in lines)
+
+
+def test_cli_reads_parquet_and_csv_as_train_does(tmp_path, capsys):
+    """Issue 23.2: annotate read JSON / JSONL only ("not valid UTF-8 on line 1" for parquet). Every format
+    `load_data` takes is read here too (a CSV region cell holds JSON text; an empty cell: no region), and
+    the output is our JSONL, the same whatever the input's format."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [dict(r, masked_region=r.get("masked_region")) for r in ROWS[:2]]  # a table: every row every column
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    with open(tmp_path / "in.csv", "w", encoding="utf-8", newline="") as f:
+        f.write("prompt,correct_response,incorrect_response,masked_region\n"
+                '2+3?,It is 5.,It is 6.,\n2+3?,It is 5.,It is 7.,"[0, 2, -1]"\n')
+    main([str(_write_jsonl(tmp_path / "in.jsonl", ROWS[:2])), str(tmp_path / "from_jsonl.jsonl")])
+    expected = (tmp_path / "from_jsonl.jsonl").read_text(encoding="utf-8")
+    for name in ("in.parquet", "in.csv"):
+        assert main([str(tmp_path / name), str(tmp_path / "out.jsonl")]) == 0
+        assert f"{name}: read 2 records; annotated 1, already annotated 1; wrote 2" in capsys.readouterr().out
+        assert (tmp_path / "out.jsonl").read_text(encoding="utf-8") == expected
+    with open(tmp_path / "renamed.csv", "w", encoding="utf-8", newline="") as f:
+        f.write('q,good,bad,spans\n2+3?,It is 5.,It is 6.,\n2+3?,It is 5.,It is 7.,"[[0, 2, -1]]"\n')
+    assert main([str(tmp_path / "renamed.csv"), str(tmp_path / "out.jsonl"), "--column", "prompt=q", "--column",
+                 "chosen=good", "--column", "rejected=bad", "--column", "regions=spans"]) == 0
+    assert (tmp_path / "out.jsonl").read_text(encoding="utf-8") == expected
+    with open(tmp_path / "bad.csv", "w", encoding="utf-8", newline="") as f:
+        f.write("prompt,correct_response,incorrect_response\n2+3?,It is 5.,\n")
+    assert main([str(tmp_path / "bad.csv"), str(tmp_path / "o.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.csv" in err and "record 0" in err and "'incorrect_response'" in err and "line 2" in err

@@ -16,9 +16,11 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
-from granular_po.data.records import load_records, write_records
+from granular_po.data.formats import load_data
+from granular_po.data.records import write_records
 from granular_po.data.schema import PreferenceRecord, Region, RegionFlag
 
 # Scripts written without spaces between words (CJK, Thai, Lao, Myanmar, Khmer): each character is a word.
@@ -129,16 +131,19 @@ def annotate_records(records: list[PreferenceRecord], include_correct: bool = Fa
 def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
     try:
         return os.path.samefile(a, b)
-    except OSError:  # the output does not exist yet (or the input does not: load_records says so)
+    except OSError:  # the output does not exist yet (or the input is no file: load_data says what it is)
         return False
 
 
 def annotate_file(in_path: str | os.PathLike[str], out_path: str | os.PathLike[str],
                   include_correct: bool = False, max_edit_ratio: float = 0.5, on_invalid: str = "error",
-                  eos_text: str | None = None, in_place: bool = False) -> dict[str, Any]:
-    """Read pairs with `load_records`, derive regions, write them in the research format; return counts.
+                  eos_text: str | None = None, in_place: bool = False,
+                  columns: Mapping[str, str | None] | None = None) -> dict[str, Any]:
+    """Read pairs with `formats.load_data` (every format `train` reads, `columns` renaming fields as
+    `columns.*` does), derive regions, write them in the research format; return counts.
 
-    Output is JSONL, or a JSON list when `out_path` ends in .json; missing parent folders are created.
+    Only the records are needed (prompt, the two responses, their regions): fields we do not read (an
+    `answer`, an id) are not carried into the output, whatever the input's format. Output is JSONL, or a JSON list when `out_path` ends in .json; missing parent folders are created.
     Pairs with too large a diff, identical responses or no markable span are not written; the summary
     lists their indices, by reason. Writing over the input is refused unless `in_place` (it would drop
     the pairs that are not written).
@@ -146,13 +151,13 @@ def annotate_file(in_path: str | os.PathLike[str], out_path: str | os.PathLike[s
     if not in_place and _same_file(in_path, out_path):
         raise ValueError(f"{out_path} is the input file: writing it would replace the input and drop the pairs "
                          "that cannot be annotated; give another output file, or --in-place to replace it")
-    records, report = load_records(in_path, on_invalid=on_invalid, eos_text=eos_text)
+    records, report = load_data(in_path, on_invalid=on_invalid, eos_text=eos_text, columns=columns)
     kept, summary = annotate_records(records, include_correct, max_edit_ratio)
     write_records(kept, out_path)
     # identical responses are skipped while loading: listed with the pairs left out here
     summary["identical"] = sorted(summary["identical"] + report.skipped_indices.pop("identical_responses", []))
     report.skipped.pop("identical_responses", None)
-    summary.update(source=str(in_path), output=str(out_path), read=report.n_read, written=len(kept),
+    summary.update(source=report.source, output=str(out_path), read=report.n_read, written=len(kept),
                    skipped=dict(report.skipped), skipped_records=dict(report.skipped_indices),
                    skip_messages=list(report.first_errors), max_edit_ratio=max_edit_ratio)
     return summary
