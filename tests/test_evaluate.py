@@ -187,7 +187,7 @@ def test_eval_command_errors_are_one_line(tmp_path):
     truncated.write_text('[{"prompt": "a", "answer": 1}, {"prom')
     cases = [
         (nothing, "nothing to grade (1 record read, none with a prompt and an answer"),
-        (tmp_path / "missing.jsonl", "missing.jsonl: file not found"),
+        (tmp_path / "missing.jsonl", "missing.jsonl: no such file"),
         (truncated, "truncated.json: invalid JSON at line 1"),
     ]
     for data, message in cases:
@@ -277,3 +277,59 @@ def test_a_long_form_correct_response_is_no_answer_key(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nothing to grade" in err and err.count("long-form") == 4  # three records named, one pointer
     assert "3 records" in err and "'answer' field" in err and "rewards_eval/accuracies" in err
+
+
+# records as a table holds them: every row every column, null (parquet) or an empty cell (CSV) where absent
+TABLE = [
+    {"prompt": "What is 7 * 8?", "correct_response": "7 * 8 = 56. The answer is 56.", "incorrect_response": "54",
+     "answer": None},
+    {"prompt": "Capital of France?", "correct_response": None, "incorrect_response": None, "answer": "Paris"},
+    {"prompt": "Say hello", "correct_response": "Hello!", "incorrect_response": "Bye.", "answer": None},
+    {"prompt": "What is 1000 + 234?", "correct_response": None, "incorrect_response": None, "answer": "1234"},
+]
+TABLE_QUESTIONS = [evaluate.Question(0, "What is 7 * 8?", 56), evaluate.Question(1, "Capital of France?", "Paris"),
+                   evaluate.Question(3, "What is 1000 + 234?", "1234")]
+
+
+def test_eval_reads_parquet_csv_and_chat_messages(tmp_path):
+    """Issue 23.2: `eval --data` read JSON / JSONL only (a parquet file: "not valid UTF-8 on line 1"). Every
+    format train reads is graded the same; a table's null or empty cell is the field absent (record 0 is
+    graded by its correct_response, not refused for a null answer); a TRL chat prompt is read as its text."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(TABLE), tmp_path / "q.parquet")
+    with open(tmp_path / "q.csv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(list(TABLE[0]))
+        writer.writerows([list(row.values()) for row in TABLE])  # None is written as an empty cell
+    for name in ("q.parquet", "q.csv"):
+        questions, ungraded, n = evaluate.load_questions(tmp_path / name)
+        assert (questions, n) == (TABLE_QUESTIONS, 4), name
+        assert [i for i, _ in ungraded] == [2] and "states no answer" in ungraded[0][1]
+    chat = [{"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "answer": 4},
+            {"prompt": [{"role": "user", "content": "What is 3 + 3?"}],
+             "chosen": [{"role": "assistant", "content": "The answer is 6."}],
+             "rejected": [{"role": "assistant", "content": "The answer is 7."}]},
+            {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1 + 1?"}],
+             "answer": 2}]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+    questions, ungraded, n = evaluate.load_questions(tmp_path / "chat.jsonl")
+    assert questions == [evaluate.Question(0, "What is 2 + 2?", 4), evaluate.Question(1, "What is 3 + 3?", 6)]
+    assert [i for i, _ in ungraded] == [2] and "only a prompt of one user message is read" in ungraded[0][1]
+
+
+def test_eval_command_on_a_csv_file(tmp_path, capsys):
+    tok = tiny_tokenizer(chat=True)
+    model_dir = save_model_dir(tiny_llama(len(tok)), tok, tmp_path / "model")
+    path = tmp_path / "q.csv"
+    path.write_text("prompt,answer\nWhat is 7 * 8?,56\nCapital of France?,\n", encoding="utf-8")
+    out = tmp_path / "results.json"
+    assert evaluate.main(["--model", str(model_dir), "--data", str(path), "--out", str(out), "--max-new-tokens", "2",
+                          "--device", "cpu"]) == 0
+    assert "/1 graded right; 2 records read)" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert [r["answer"] for r in result["per_question"]] == ["56"]
+    assert result["not_graded"][0]["index"] == 1 and "no 'answer' field" in result["not_graded"][0]["reason"]

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,8 @@ from granular_po.apps.answers import (
     stated_answer,
 )
 
-__all__ = ["Question", "extract_answer", "format_prompt", "generate", "load_questions", "main", "prompt_batch",
-           "questions_from_pairs", "read_pairs", "run_eval", "task_accuracy"]
+__all__ = ["Question", "data_rows", "extract_answer", "format_prompt", "generate", "load_questions", "main",
+           "prompt_batch", "questions_from_pairs", "read_pairs", "run_eval", "task_accuracy"]
 
 # end-of-turn / end-of-text tokens of common models; generation also stops at these when they exist
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
@@ -173,16 +173,28 @@ def question_of(item: Any, index: int) -> Question | str:
     return Question(index, prompt, answer)
 
 
-def load_questions(path: str | os.PathLike) -> tuple[list[Question], list[tuple[int, str]], int]:
-    """(questions, [(index, why not gradable)], records read) of a JSON list or JSONL file.
+def data_rows(path: str | os.PathLike) -> Iterator[tuple[int, int | None, Any]]:
+    """(index, line or None, row or the DataError reading it raised) of a file in any format `train` reads
+    (`formats.iter_data_rows`: chat messages as text, a table's null cell absent). A CSV cell is text, so
+    an empty `answer` cell there means no answer (as a missing field would in JSON)."""
+    from granular_po.data.formats import iter_data_rows, locate
 
-    Raises DataError (naming the file) when the file is missing, unreadable, empty or not JSON.
+    csv = locate(path).kind == "csv"
+    for index, line, item in iter_data_rows(path):
+        if csv and isinstance(item, dict) and isinstance(item.get("answer"), str) and not item["answer"].strip():
+            item = {k: v for k, v in item.items() if k != "answer"}
+        yield index, line, item
+
+
+def load_questions(path: str | os.PathLike) -> tuple[list[Question], list[tuple[int, str]], int]:
+    """(questions, [(index, why not gradable)], records read) of a file in any format `train` reads.
+
+    Raises DataError (naming the file) when the file is missing, unreadable, empty or not of its format.
     """
-    from granular_po.data.records import iter_json_values
     from granular_po.data.schema import DataError
 
     questions, ungraded, n = [], [], 0
-    for index, line, item in iter_json_values(path):
+    for index, line, item in data_rows(path):
         n += 1
         where = f" (line {line})" if line is not None else ""
         if isinstance(item, DataError) and f"line {line}" in item.reason:
@@ -202,12 +214,12 @@ def questions_from_pairs(pairs: Sequence[dict]) -> list[tuple[str, Answer]]:
 
 
 def read_pairs(path: str | Path) -> list[dict]:
-    """A research-format JSON list, or JSONL, of pair dicts (DataError names a file that does not parse)."""
-    from granular_po.data.records import iter_json_values
+    """The rows of a file in any format `train` reads, as dicts of text (`data_rows`); DataError names a
+    file or row that cannot be read."""
     from granular_po.data.schema import DataError
 
     items = []
-    for _, _, item in iter_json_values(path):
+    for _, _, item in data_rows(path):
         if isinstance(item, DataError):
             raise item
         items.append(item)
@@ -232,7 +244,9 @@ def run_eval(
 # ---------------------------------------------------------------- command line
 
 HELP = f"""\
-Task accuracy of a model by greedy generation on the records of a JSON list or JSONL file.
+Task accuracy of a model by greedy generation on the records of a file in any format `train` reads
+(JSON list, JSONL, parquet, CSV, a save_to_disk directory[:split], a hub id org/name:split; TRL's chat
+messages read as their text).
 
 What is graded: each record needs a "prompt" and an expected answer, either its "answer" field (a
 string or a number) or, without one, the answer its "correct_response" states (read as below) when
@@ -260,7 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="required: a Hugging Face directory (e.g. a run's LATEST), a hub id, or smollm2-135m "
                         "(the embedded default model)")
-    p.add_argument("--data", required=True, help="required: JSON list or JSONL file of records with a prompt and an answer")
+    p.add_argument("--data", required=True,
+                   help="required: records with a prompt and an answer, in any format train reads (JSON, JSONL, "
+                        "parquet, CSV, a save_to_disk directory, a hub id org/name:split)")
     p.add_argument("--n", type=int, default=None, help="grade only the first N gradable records (default: all)")
     p.add_argument("--out", default=None, help="also write the accuracy, every graded record and the records "
                                                "not graded here (JSON; default: not written)")

@@ -1,8 +1,10 @@
 """Preference data in the formats people have, each read into the same `PreferenceRecord`s.
 
-`load_data(path)` is what `train` (datasets=[ours]) and `inspect` read through: `locate` tells the
-format, one reader per format yields rows, and `records.parse_rows` validates every row the same way
-(errors name file, record index and field; `on_invalid=skip` counts and names what it leaves out).
+`load_data(path)` is what `train` (datasets=[ours]), `inspect`, `annotate` and `compare` read through:
+`locate` tells the format, one reader per format yields rows, and `records.parse_rows` validates every
+row the same way (errors name file, record index and field; `on_invalid=skip` counts and names what it
+leaves out). `iter_data_rows(path)` gives the rows themselves, for readers of rows that need not be
+pairs or carry more than a pair (`eval`'s questions, `compare`'s answers).
 
 | format | told by | read with |
 |---|---|---|
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from granular_po.data.records import _check_on_invalid, _describe, iter_json_values, parse_rows
-from granular_po.data.rows import REGION_FIELDS, RowParser
+from granular_po.data.rows import REGION_FIELDS, RowParser, text_row
 from granular_po.data.schema import DataError, LoadReport, PreferenceRecord
 
 FORMATS = ("json", "parquet", "csv", "disk", "hub")
@@ -231,6 +233,26 @@ def iter_rows(src: DataSource, region_fields: tuple[str, ...] = REGION_FIELDS,
     if src.kind == "hub":
         return _hub_rows(src, cache_dir)
     raise ValueError(f"unknown data format {src.kind!r}; known: {', '.join(FORMATS)}")
+
+
+def iter_data_rows(path: str | os.PathLike[str], cache_dir: str | None = None) -> Rows:
+    """(index, line or None, row) of any format, each row as a JSON file would hold it: a table's null cell
+    dropped (in a table every row has every column: null is the field absent), TRL's chat messages as text
+    (`rows.text_row`; a row whose messages cannot be read is yielded as its DataError, as a JSONL line that
+    does not parse is). File-level faults raise DataError."""
+    src = locate(path)
+    try:
+        for index, line, row in iter_rows(src, REGION_FIELDS, cache_dir):
+            if isinstance(row, dict):
+                if src.kind != "json":
+                    row = {k: v for k, v in row.items() if v is not None}
+                try:
+                    row = text_row(row, src.name, index)
+                except DataError as e:
+                    row = e
+            yield index, line, row
+    except OSError as e:
+        raise DataError(src.name, None, None, f"cannot read file: {e.strerror or e}", "file_unreadable") from None
 
 
 def load_data(path: str | os.PathLike[str], on_invalid: str = "error", eos_text: str | None = None,

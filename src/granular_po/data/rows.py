@@ -172,3 +172,15 @@ def from_conversation(row: dict, source: str, index: int, spelled: dict[str, str
     spelled.update({pk: prompt_field, ck: f"{name[ck]}[{len(chosen) - 1}].content",
                     rk: f"{name[rk]}[{len(rejected) - 1}].content"})
     return out
+
+
+def text_row(row: dict, source: str, index: int) -> dict:
+    """The row with TRL's chat messages as text, for readers of rows that need not be pairs (eval's
+    questions): `from_conversation`, and a `prompt` of one user message read as its text even when the
+    row has no responses (`{"prompt": [user], "answer": ...}`)."""
+    row = from_conversation(row, source, index)
+    key = _present(row, "prompt")
+    if key is not None and isinstance(row[key], (list, tuple)):
+        row = dict(row)
+        row[key] = _prompt_text(_messages(row[key], key, source, index), key, source, index)
+    return row
