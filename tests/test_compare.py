@@ -483,3 +483,46 @@ def test_own_data_accuracy_grades_each_record_against_its_own_answer(tmp_path):
     assert items["completions"] == ["5"] * 5
     assert items["accuracy"] == [1.0, 0.0, 1.0, 0.0, None]  # graded as `eval` grades: an empty answer is not
     assert len(items["preference_accuracy"]) == len(items["accuracy"])
+
+
+def test_own_data_in_parquet_and_csv_is_read_as_train_reads_it(tmp_path):
+    """Issue 23.2: compare's data step read JSON / JSONL only. --train / --val / --test / --data in any format
+    train reads are validated by `load_data` (an error names the user's file), and a file that is not JSON is
+    written once as <out>/data/<split>.json (its rows, `answer` kept) that every run and score reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from granular_po.apps.eval import read_pairs
+    from granular_po.data.formats import load_data
+    from granular_po.data.records import load_records
+
+    rows = [{"prompt": f"What is {i} + 1?", "correct_response": f"It is {i + 1}.", "incorrect_response": f"It is {i}.",
+             "masked_regions": [[6, 6 + len(str(i)), -1]] if i % 2 else None, "answer": str(i + 1) if i < 3 else None}
+            for i in range(10)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train.parquet")
+    with open(tmp_path / "val.csv", "w", encoding="utf-8", newline="") as f:
+        f.write("prompt,correct_response,incorrect_response,masked_regions,answer\n")
+        f.write('What is 2 + 2?,It is 4.,It is 5.,"[[6, 7, -1]]",4\nWhat is 3 + 3?,It is 6.,It is 7.,,\n')
+    test = _write_jsonl(tmp_path / "test.jsonl", rows[:2])
+    args = compare.build_parser().parse_args(["--train", str(tmp_path / "train.parquet"), "--val",
+                                              str(tmp_path / "val.csv"), "--test", str(test)])
+    paths = compare.file_data(tmp_path / "out", args)
+    assert paths == {"train": tmp_path / "out" / "data" / "train.json", "val": tmp_path / "out" / "data" / "val.json",
+                     "test": test.resolve()}  # JSON as given; the others read once, written as JSON
+    for name, original in (("train", "train.parquet"), ("val", "val.csv")):
+        strip = [(r.prompt, r.chosen, r.rejected, r.regions) for r in load_data(tmp_path / original)[0]]
+        assert [(r.prompt, r.chosen, r.rejected, r.regions) for r in load_records(paths[name])[0]] == strip
+    assert [p.get("answer") for p in read_pairs(paths["train"])] == ["1", "2", "3"] + [None] * 7
+    assert [p.get("answer") for p in read_pairs(paths["val"])] == ["4", None]  # an empty cell: no answer
+    # --data in CSV, split here into JSON files holding every row once
+    with open(tmp_path / "all.csv", "w", encoding="utf-8", newline="") as f:
+        f.write("prompt,correct_response,incorrect_response\n")
+        f.writelines(f"p{i},It is {i}.,It is {i + 1}.\n" for i in range(10))
+    args = compare.build_parser().parse_args(["--data", str(tmp_path / "all.csv"), "--split", "0.6,0.2,0.2"])
+    parts = {k: read_pairs(p) for k, p in compare.file_data(tmp_path / "split", args).items()}
+    assert sorted(r["prompt"] for part in parts.values() for r in part) == sorted(f"p{i}" for i in range(10))
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist([dict(rows[0], incorrect_response="")]), bad)
+    args = compare.build_parser().parse_args(["--train", str(bad), "--val", str(test), "--test", str(test)])
+    with pytest.raises(SystemExit, match=r"bad\.parquet, record 0.*incorrect_response"):
+        compare.file_data(tmp_path / "o", args)

@@ -89,10 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "built-in {DPO, TDPO2} x {granular, response-level}")
     data = p.add_argument_group("your own data (instead of --task)")
     for name in ("train", "val", "test"):
-        data.add_argument(f"--{name}", metavar="FILE", help=f"{name} pairs, JSON list or JSONL in our format"
+        data.add_argument(f"--{name}", metavar="FILE", help=f"{name} pairs, in any format train reads (JSON, JSONL, "
+                          "parquet, CSV, save_to_disk directory, hub id org/name:split; not JSON: written to "
+                          "<out>/data as JSON)"
                           + (" (the learning rate is chosen on its records that carry an `answer`)" if name == "val"
                              else " (scored once per chosen run)" if name == "test" else ""))
-    data.add_argument("--data", metavar="FILE", help="one file split here by --split and --split-seed")
+    data.add_argument("--data", metavar="FILE", help="one file (any format train reads) split here by --split and "
+                      "--split-seed")
     data.add_argument("--split", default="0.8,0.1,0.1", help="train, val, test fractions of --data")
     data.add_argument("--split-seed", type=int, default=0, help="the shuffle before --data is split")
     p.add_argument("--arms", metavar="FILE.yaml", help="arms from a YAML file: name -> list of overrides "
@@ -161,10 +164,13 @@ def arms_from_args(args: argparse.Namespace, s: CompareSettings) -> list[Arm]:
 
 
 def file_data(out: Path, args: argparse.Namespace) -> dict[str, Path] | None:
-    """The user's data: --train/--val/--test as they are, or --data split by --split with --split-seed
-    into <out>/data/{train,val,test}.json; None for a synthetic task. Every file is read as training
-    reads it (an invalid record fails here, naming file, record and field), before any training."""
-    from granular_po.data.records import load_records
+    """The user's data: --train/--val/--test, or --data split by --split with --split-seed into
+    <out>/data/{train,val,test}.json; None for a synthetic task. Each is read as training reads it
+    (`formats.load_data`, any format: an invalid record fails here, naming file, record and field, before
+    any training). A JSON or JSONL file is used as it is; one in another format is read once and written as
+    <out>/data/<split>.json (its rows as `eval.read_pairs` gives them, `answer` kept), which every run,
+    score and fingerprint then reads."""
+    from granular_po.data.formats import load_data
     from granular_po.data.schema import DataError
 
     given = {name: getattr(args, name) for name in ("train", "val", "test") if getattr(args, name)}
@@ -177,12 +183,35 @@ def file_data(out: Path, args: argparse.Namespace) -> dict[str, Path] | None:
     if given and len(given) < 3:
         raise SystemExit(f"--train, --val and --test go together; missing {sorted({'train', 'val', 'test'} - set(given))}")
     try:
-        paths = {k: Path(v).expanduser().resolve() for k, v in given.items()} or split_file(out, args)
+        for path in list(given.values()) or [args.data]:  # errors name the user's own file
+            load_data(path)
+        paths = {k: _as_json(out, k, v) for k, v in given.items()} or split_file(out, args)
         for path in paths.values():
-            load_records(path)
+            load_data(path)
     except DataError as error:
         raise SystemExit(f"invalid data: {error}") from None
     return paths
+
+
+def _as_json(out: Path, name: str, given: str) -> Path:
+    """`given` itself when it is a JSON list or JSONL file, else its rows written as <out>/data/<name>.json."""
+    from granular_po.apps.eval import read_pairs
+    from granular_po.data.formats import locate
+
+    if locate(given).kind == "json":
+        return Path(given).expanduser().resolve()
+    return _write_rows(out / "data" / f"{name}.json", read_pairs(given))
+
+
+def _write_rows(path: Path, rows: list[dict]) -> Path:
+    """`rows` as a JSON list at `path`, rewritten only when they change (a value JSON has no type for, such
+    as a parquet timestamp in a field we do not read, is written as its text)."""
+    from granular_po.data.synthetic import write_json
+
+    rows = json.loads(json.dumps(rows, default=str))
+    if not path.is_file() or json.loads(path.read_text()) != rows:
+        write_json(path, rows)
+    return path
 
 
 def split_file(out: Path, args: argparse.Namespace) -> dict[str, Path]:
@@ -190,7 +219,6 @@ def split_file(out: Path, args: argparse.Namespace) -> dict[str, Path]:
     import random
 
     from granular_po.apps.eval import read_pairs
-    from granular_po.data.synthetic import write_json
 
     fractions = _floats(args.split)
     if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
@@ -203,13 +231,8 @@ def split_file(out: Path, args: argparse.Namespace) -> dict[str, Path]:
     cuts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
     if any(not idx for idx in cuts.values()):
         raise SystemExit(f"--data {args.data}: {len(order)} records leave a split empty at --split {args.split}")
-    paths = {}
-    for name, idx in cuts.items():
-        paths[name] = out / "data" / f"{name}.json"
-        pairs = [records[i] for i in sorted(idx)]
-        if not paths[name].is_file() or json.loads(paths[name].read_text()) != pairs:
-            write_json(paths[name], pairs)
-    return paths
+    return {name: _write_rows(out / "data" / f"{name}.json", [records[i] for i in sorted(idx)])
+            for name, idx in cuts.items()}
 
 
 def make_data(out: Path, s: CompareSettings) -> dict[str, Path]:

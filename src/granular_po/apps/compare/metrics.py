@@ -159,10 +159,10 @@ class TestScorer:
     def __init__(self, test_path: Path, sft: Path, cache: Path, max_length: int, max_prompt_length: int,
                  synthetic: bool, rouge: bool, max_new_tokens: int, batch_size: int):
         from granular_po.apps.eval import read_pairs
-        from granular_po.data.records import load_records
+        from granular_po.data.formats import load_data
 
         self.pairs = read_pairs(test_path)
-        self.records, _ = load_records(test_path)  # on_invalid=error: a bad record names itself
+        self.records, _ = load_data(test_path)  # as training reads it; on_invalid=error: a bad record names itself
         self.sft, self.cache, self.synthetic, self.rouge = sft, cache, synthetic, rouge
         self.lengths = (max_length, max_prompt_length)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
