@@ -246,7 +246,7 @@ def run_eval(
 HELP = f"""\
 Task accuracy of a model by greedy generation on the records of a file in any format `train` reads
 (JSON list, JSONL, parquet, CSV, a save_to_disk directory[:split], a hub id org/name:split; TRL's chat
-messages read as their text).
+messages read as their text; a table's null or empty "answer" cell is no "answer").
 
 What is graded: each record needs a "prompt" and an expected answer, either its "answer" field (a
 string or a number) or, without one, the answer its "correct_response" states (read as below) when
