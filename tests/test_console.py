@@ -222,3 +222,32 @@ def test_stage_two_overrides_replace_only_the_stage_keys():
         "loss.beta=0.1", "loss.alpha=0.5", "loss.if_tdpo2=true", "granular=true", "lr=5e-06", "exp_name=a_tdpo",
         "model.archive=/r/LATEST"]
     assert PREFERENCE_LR == DemoSettings().tdpo_lr == 5e-6
+
+
+def test_forward_line_says_where_the_head_runs(workspace):
+    """With the KL over every response token (`granular.kl_weights=all`) and the chosen response's NLL
+    (`loss.nll_alpha`), the chunked lm_head runs on every response position, not only the margin's
+    weighted ones: the start-up block says so and names the keys (issue 21)."""
+    result = train(overrides(workspace, "klall", "loss=tdpo", "loss.if_tdpo2=true", "granular=true",
+                             "granular.kl_weights=all", "loss.nll_alpha=1", "n_examples=4", "debug=true"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = block_rows(result.stdout, "granular-po train: klall (TDPO2, granular)")
+    assert rows["forward"] == ("shared prompt, chunked lm_head on every response position "
+                               "(granular.kl_weights=all, loss.nll_alpha=1)")
+
+
+def test_forward_line_keeps_weighted_positions_where_the_options_do_not_apply():
+    """The defaults, and `kl_weights=all` under DPO (whose KL is only logged, on the margin's weights), keep
+    the head on the weighted positions; a run on full logits says so whatever the options."""
+    from granular_po.forward.routes import ForwardRoute
+    from granular_po.losses import LossType
+    from granular_po.training.briefing import forward_line
+    from granular_po.training.objectives import LossSettings
+
+    chunked, full = ForwardRoute(use_hidden_path=True), ForwardRoute(use_hidden_path=False)
+    tdpo = LossSettings(loss=LossType.TDPO, if_tdpo2=True)
+    assert forward_line(chunked, tdpo) == "padded rows, chunked lm_head on weighted positions"
+    assert forward_line(chunked, LossSettings(loss=LossType.DPO, kl_weights="all")).endswith("on weighted positions")
+    assert forward_line(chunked, LossSettings(loss=LossType.DPO, nll_alpha=0.5)) == (
+        "padded rows, chunked lm_head on every response position (loss.nll_alpha=0.5)")
+    assert forward_line(full, LossSettings(loss=LossType.TDPO, kl_weights="all")) == "padded rows, full logits"

@@ -39,11 +39,12 @@ class ForwardRoute:
     attention_cost: float | None = None  # packing's cost model for sdpa / eager (None: one row)
     pad_token_id: int = 0
 
-    def describe(self) -> str:
-        """One line for the start-up block: which route and which statistics path."""
+    def describe(self, head_positions: str = "weighted positions") -> str:
+        """One line for the start-up block: which route and which statistics path; `head_positions` says
+        where the chunked lm_head runs (the loss's options decide: `briefing.forward_line`)."""
         body = "shared prompt" if self.share_prompt else ("packed (padding-free)" if self.padding_free
                                                             else "padded rows")
-        head = "chunked lm_head on weighted positions" if self.use_hidden_path else "full logits"
+        head = f"chunked lm_head on {head_positions}" if self.use_hidden_path else "full logits"
         return f"{body}, {head}"
 
     def outputs(self, model: nn.Module, batch: dict, layouts: dict | None = None):

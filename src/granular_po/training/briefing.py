@@ -69,6 +69,18 @@ def data_lines(reports, dataset, loss: LossType) -> str:
     return "\n".join(lines)
 
 
+def forward_line(route, loss_settings) -> str:
+    """The forward route and where the chunked lm_head runs: on the margin's weighted positions, or on
+    every response position where the KL over all tokens (`granular.kl_weights=all`) or the chosen
+    response's NLL (`loss.nll_alpha` > 0) needs them (the statistics then read `response_positions`, so
+    granular weighting no longer saves the head's work: `make bench` measures the cost)."""
+    keys = (["granular.kl_weights=all"] if loss_settings.kl_over_all_tokens else []) + (
+        [f"loss.nll_alpha={number(loss_settings.nll_alpha)}"] if loss_settings.adds_nll else [])
+    if not keys:
+        return route.describe()
+    return route.describe(head_positions=f"every response position ({', '.join(keys)})")
+
+
 def _checkpoint_name(path: str) -> str:
     """A checkpoint path with what a `LATEST` link points to, e.g. `runs/sft/LATEST (-> step-16)`."""
     resolved = Path(path).resolve()

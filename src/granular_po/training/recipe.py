@@ -352,7 +352,7 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings,
     if is_main:
         print(briefing.start_block(
             cfg, settings, train_reports=train_reports, eval_reports=eval_reports, train_ds=train_ds,
-            route_line=trainer.route.describe(), memory=memory, reference_loaded=reference is not None,
+            route_line=briefing.forward_line(trainer.route, loss_settings), memory=memory, reference_loaded=reference is not None,
             total_steps=total_steps, resume_from=resume_from,
             checkpoint_size=resources.checkpoint_size(cfg, policy, resume_from)), flush=True)
     with wandb_environment(cfg, settings.report_to):
