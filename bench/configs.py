@@ -20,13 +20,24 @@ CONFIGS = {
                 "granular": False, "chunk_size": 1024},
     "tdpo-1024": {"label": "TDPO chunked, chunk_size=1024", "kind": "ours", "loss": "tdpo", "impl": "chunked",
                  "granular": False, "chunk_size": 1024},
-    # issue 21: what the KL over every response token costs against today's granular TDPO2
+    # issue 21: what each objective option costs against today's granular TDPO2
     "tdpo2-gran": {"label": "TDPO2 chunked, granular", "kind": "ours", "loss": "tdpo", "impl": "chunked",
                    "granular": True, "overrides": ["loss.if_tdpo2=true"]},
     "tdpo-klall": {"label": "TDPO2 chunked, granular, kl_weights=all", "kind": "ours", "loss": "tdpo",
                    "impl": "chunked", "granular": True,
                    "overrides": ["loss.if_tdpo2=true", "granular.kl_weights=all"]},
+    "tdpo-nll": {"label": "TDPO2 chunked, granular, nll_alpha=1", "kind": "ours", "loss": "tdpo",
+                 "impl": "chunked", "granular": True, "overrides": ["loss.if_tdpo2=true", "loss.nll_alpha=1"]},
+    "tdpo-rejected": {"label": "TDPO2 chunked, granular, sides=rejected", "kind": "ours", "loss": "tdpo",
+                      "impl": "chunked", "granular": True,
+                      "overrides": ["loss.if_tdpo2=true", "granular.sides=rejected"]},
+    "tdpo-drop": {"label": "TDPO2 chunked, granular, after_first_error=drop", "kind": "ours", "loss": "tdpo",
+                  "impl": "chunked", "granular": True,
+                  "overrides": ["loss.if_tdpo2=true", "granular.after_first_error=drop"]},
 }  # fmt: skip
+# issue 21's objective options, each timed against "tdpo2-gran" (today's granular TDPO2): config -> the key
+OPTION_CONFIGS = {"tdpo-klall": "granular.kl_weights=all", "tdpo-nll": "loss.nll_alpha=1",
+                  "tdpo-rejected": "granular.sides=rejected", "tdpo-drop": "granular.after_first_error=drop"}
 
 # The processes of a group run side by side, taking turns step by step, so a burst of load from
 # elsewhere lands on all of them alike; groups run one after another, and a configuration that runs in
@@ -36,7 +47,10 @@ CONFIGS = {
 # (TDPO naive runs alone: its time is compared with nothing the targets name, its memory needs no pairing.)
 DEFAULT_GROUPS = [["trl-dpo", "dpo", "tdpo"], ["tdpo", "tdpo-gran", "sft"], ["tdpo-naive"]]
 # run last, and only while the projected end stays inside --budget-min
-OPTIONAL_GROUPS = [["dpo-1024", "tdpo-1024"], ["tdpo2-gran", "tdpo-klall"]]
+# (the objective options: at most three a group, each group with its own tdpo2-gran, so every ratio to it is
+# taken side by side)
+OPTIONAL_GROUPS = [["dpo-1024", "tdpo-1024"], ["tdpo2-gran", "tdpo-klall", "tdpo-nll"],
+                   ["tdpo2-gran", "tdpo-rejected", "tdpo-drop"]]
 QUICK_GROUPS = [["trl-dpo", "dpo", "tdpo"], ["tdpo", "tdpo-gran", "sft"]]
 MICRO_CHUNK = 1024  # the logits micro-benchmark also runs at this chunk size (the tradeoff)
 

@@ -246,7 +246,6 @@ def run_ours(spec: dict) -> dict:
     """One configuration through `run_training`, as `granular-po train <overrides>` runs it."""
     import granular_po.training.recipe as run
     from granular_po.data.encode import build_dataset, response_token_share
-    from granular_po.data.masks import GranularOptions
     from granular_po.data.records import load_records
     from granular_po.models import load_tokenizer, resolve_model_path
     from granular_po.training.config import compose_config
@@ -279,9 +278,9 @@ def run_ours(spec: dict) -> dict:
         # the weighted share and row lengths of exactly what was trained on
         tokenizer = load_tokenizer(resolve_model_path(spec["model"]))
         records, _ = load_records(data)
-        gran = GranularOptions(enabled=spec["granular"])
+        # the run's own weighting keys (granular.sides, after_first_error: configs.py's overrides)
         encoded = build_dataset(records, tokenizer, encode_options(spec["seq_len"], spec.get("workload", "full")),
-                                gran)
+                                cfg.granular)
     losses = [h["loss/train"] for h in trainer.state.log_history if "loss/train" in h]
     return {
         **_common_result(spec, timer, trainer.model, encoded, pairs=spec["loss"] != "sft"),

@@ -6,6 +6,7 @@ TRL's DPOTrainer, the micro-benchmarks, the report) still work with the code the
 """
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -32,8 +33,9 @@ def tiny_model_dir(tmp_path_factory):
     return root
 
 
-def weighted_share(model_dir: Path, n_pairs: int, seq_len: int) -> float:
-    """Share of response tokens with a non-zero weight in the bench's granular data, counted here."""
+def weighted_share(model_dir: Path, n_pairs: int, seq_len: int, **granular) -> float:
+    """Share of response tokens with a non-zero weight in the bench's granular data, counted here
+    (`granular`: GranularOptions keys beyond enabled=True)."""
     import workloads  # bench/, on sys.path after load_step
 
     from granular_po.data.encode import build_dataset
@@ -44,7 +46,7 @@ def weighted_share(model_dir: Path, n_pairs: int, seq_len: int) -> float:
     pairs = workloads.make_pairs(n_pairs, words_per_response=2 * seq_len)
     records = [parse_record(p, "bench", i) for i, p in enumerate(pairs)]
     rows = build_dataset(records, load_tokenizer(str(model_dir)), workloads.encode_options(seq_len),
-                         GranularOptions(enabled=True)).to_list()
+                         GranularOptions(enabled=True, **granular)).to_list()
     weights = [w for r in rows for k in ("chosen_weights", "rejected_weights") for w in r[k]]
     return sum(w != 0 for w in weights) / len(weights)
 
@@ -75,6 +77,35 @@ def test_bench_runs_one_step_per_configuration(tiny_model_dir, tmp_path, one_thr
     share = int(row.split("|")[3].strip().rstrip("%"))
     expected = weighted_share(tiny_model_dir, n_pairs=2 * 2, seq_len=48)  # batch 2 x (warmup 1 + 1 step)
     assert share == round(100 * expected) and expected < 0.5
+
+
+def test_objective_option_rows(tiny_model_dir, tmp_path, one_thread):
+    """issue 21's options, each beside today's granular TDPO2: every configuration trains, its weighted share
+    is that of its own keys (sides=rejected weighs the whole chosen response, drop cuts the rejected one after
+    its first error), and the report gives each option's time and CPU time against tdpo2-gran."""
+    step = load_step()
+    out = tmp_path / "results.md"
+    argv = ["--model", str(tiny_model_dir), "--steps", "1", "--warmup", "0", "--batch", "2", "--seq-len", "48",
+            "--configs", "tdpo2-gran+tdpo-klall+tdpo-nll+tdpo-rejected+tdpo-drop", "--in-process", "--no-micro",
+            "--out", str(out)]
+    assert step.main(argv) == 0
+    text = out.read_text()
+    shares = {}
+    for label in ("granular", "granular, kl_weights=all", "granular, nll_alpha=1", "granular, sides=rejected",
+                  "granular, after_first_error=drop"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| TDPO2 chunked, {label} |"))
+        shares[label] = int(row.split("|")[3].strip().rstrip("%"))
+    today = weighted_share(tiny_model_dir, n_pairs=2, seq_len=48)
+    rejected = weighted_share(tiny_model_dir, n_pairs=2, seq_len=48, sides="rejected")
+    drop = weighted_share(tiny_model_dir, n_pairs=2, seq_len=48, after_first_error="drop")
+    assert drop < today < rejected
+    assert shares == {"granular": round(100 * today), "granular, kl_weights=all": round(100 * today),
+                      "granular, nll_alpha=1": round(100 * today), "granular, sides=rejected": round(100 * rejected),
+                      "granular, after_first_error=drop": round(100 * drop)}
+    for key in ("granular.kl_weights=all", "loss.nll_alpha=1", "granular.sides=rejected",
+                "granular.after_first_error=drop"):
+        assert re.search(rf"\| granular TDPO2 with `{re.escape(key)}` .* \| [\d.]+x time \(CPU time [\d.]+x\) \| n/a \|",
+                         text), key
 
 
 def test_interleaved_processes_take_turns(tiny_model_dir, tmp_path, monkeypatch):
