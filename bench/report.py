@@ -245,7 +245,8 @@ def anchor_lines(results: dict[str, dict]) -> list[str]:
     for config in dict.fromkeys(r["config"] for r in results.values()):
         runs = runs_of(results, config)
         if len(runs) > 1:
-            times = ", ".join(f"group {r['group'] + 1}: {r['median_s']:.2f} s" for r in runs)
+            times = ", ".join(f"group {r['group'] + 1}: {r['median_s']:.2f} s ({r['median_cpu_s']:.1f} s CPU)"
+                              for r in runs)
             out.append(f"- {CONFIGS[config]['label']} ran in several groups (the anchor between them): {times}")
     return out
 
