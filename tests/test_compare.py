@@ -383,13 +383,9 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
 def test_compare_on_your_own_data_reports_every_metric(workspace):
     """--train/--val/--test (JSON and JSONL), two arms, a fixed rate, --rouge: every metric per arm and seed,
     and the reported sequence margin of one run equals a plain forward of each full text."""
-    import torch
     from rouge_score import rouge_scorer  # noqa: F401 - the declared dependency is importable
 
-    from granular_po.apps.eval import format_prompt
-    from granular_po.data.encode import end_of_turn_id
     from granular_po.data.synthetic import split_questions, write_json
-    from granular_po.models import load_model, load_tokenizer
 
     train, val, test = split_questions(16, 4, 4, task="styled", seed=1)
     for pair in val + test[:2]:  # an answer on every validation record and half the test ones
@@ -413,10 +409,23 @@ def test_compare_on_your_own_data_reports_every_metric(workspace):
     assert "| granular - response, AdamW | ROUGE-L | 2 |" in paired
     run = json.loads((out / "runs" / "granular_AdamW_x1_s1" / "compare_result.json").read_text())["test"]
     assert run["n"] == 2 and len(run["items"]["rouge_l"]) == 4 and run["items"]["accuracy"][2:] == [None, None]
-    # independent: log pi - log ref of every response token (end token included), one forward per text
-    tokenizer = load_tokenizer(str(workspace / "base"))
-    models = {k: load_model(str(d)) for k, d in (("policy", out / "runs" / "granular_AdamW_x1_s1" / "LATEST"),
-                                                 ("ref", out / "runs" / "sft" / "LATEST"))}
+    margins = plain_margins(workspace / "base", out / "runs" / "granular_AdamW_x1_s1" / "LATEST",
+                            out / "runs" / "sft" / "LATEST", test)
+    assert run["metrics"]["sequence_margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-4)
+    assert run["metrics"]["preference_accuracy"] == sum(m > 0 for m in margins) / len(margins)
+
+
+def plain_margins(tokenizer_dir: Path, policy_dir: Path, ref_dir: Path, pairs: list[dict]) -> list[float]:
+    """Independent of compare's batching and encoding: per pair, [log pi - log ref](correct) - [log pi -
+    log ref](incorrect), each the sum over every response token and the end token, one forward per text."""
+    import torch
+
+    from granular_po.apps.eval import format_prompt
+    from granular_po.data.encode import end_of_turn_id
+    from granular_po.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    policy, ref = load_model(str(policy_dir)), load_model(str(ref_dir))
 
     def response_logp(model, prompt: str, response: str) -> float:
         head = format_prompt(tokenizer, prompt)
@@ -427,11 +436,57 @@ def test_compare_on_your_own_data_reports_every_metric(workspace):
             lp = torch.log_softmax(model(input_ids=ids[None]).logits[0, :-1], -1).gather(-1, ids[1:, None])[:, 0]
         return lp[first - 1:].sum().item()
 
-    margins = [sum(sign * (response_logp(models["policy"], p["prompt"], p[side]) -
-                           response_logp(models["ref"], p["prompt"], p[side]))
-                   for sign, side in ((1, "correct_response"), (-1, "incorrect_response"))) for p in test]
-    assert run["metrics"]["sequence_margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-4)
-    assert run["metrics"]["preference_accuracy"] == sum(m > 0 for m in margins) / len(margins)
+    return [sum(sign * (response_logp(policy, p["prompt"], p[side]) - response_logp(ref, p["prompt"], p[side]))
+                for sign, side in ((1, "correct_response"), (-1, "incorrect_response"))) for p in pairs]
+
+
+def test_own_data_without_answers_chooses_the_rate_on_validation_preference_accuracy(workspace):
+    """No record carries an answer, two rates: each seed's rate is the one whose validation pairs have the
+    higher preference accuracy (margin > 0 against the SFT model; ties: the lower rate), each equal to a plain
+    forward of each text; the report names the metric; the test pairs play no part in the choice.
+
+    x1e-7 (lr 5e-13) leaves every float32 weight where SFT put it, so its margins are exactly 0 and its
+    accuracy 0: the choice must then be the higher rate, against the tie rule's lower one."""
+    from granular_po.data.synthetic import split_questions, write_json
+
+    train, val, test = split_questions(16, 8, 4, task="styled", seed=2)
+    files = workspace / "no-answers"
+    files.mkdir()
+    paths = {k: write_json(files / f"{k}.json", v) for k, v in (("train", train), ("val", val), ("test", test))}
+    out = workspace / "out-pref"
+    common = ["--quick", "--model", str(workspace / "base"), "--out", str(out), "--train", str(paths["train"]),
+              "--val", str(paths["val"]), "--test", str(paths["test"]), "--arm", "dpo: loss=dpo granular=false",
+              "--adamw", "1e-7,1", "--sgd", ""]
+    assert compare.main([*common, "--keep-weights"]) == 0
+    accuracy: dict[float, list[float]] = {1e-7: [], 1: []}  # rate -> per seed, computed here
+    for seed in range(2):
+        for m in accuracy:
+            run = Run("dpo", "AdamW", m, seed)
+            margins = plain_margins(workspace / "base", out / "runs" / run.name / "LATEST",
+                                    out / "runs" / "sft" / "LATEST", val)
+            accuracy[m].append(sum(x > 0 for x in margins) / len(margins))
+            result = _result(out, run)
+            assert (result["val_metric"], result["val_n"]) == ("preference", 8)  # the 8 validation pairs, not test's 4
+            assert result["val_accuracy"] == pytest.approx(accuracy[m][-1])
+        assert accuracy[1e-7][-1] == 0 < accuracy[1][-1]
+        assert _result(out, Run("dpo", "AdamW", 1, seed))["test"] is not None  # chosen: scored on test
+        assert _result(out, Run("dpo", "AdamW", 1e-7, seed))["test"] is None
+    text = (out / "compare.md").read_text()
+    assert "8 validation pairs (the learning rate of each seed and cell is chosen on their held-out preference " \
+           "accuracy" in text
+    assert "| validation preference accuracy | lr chosen (x 5e-6), per seed |" in text
+    sweep = text.split("## Validation preference accuracy by learning rate")[1].split("\n## ")[0]
+    assert f"| dpo, AdamW | {sum(accuracy[1e-7]) / 2:.3f} (2) | {sum(accuracy[1]) / 2:.3f} (2) |" in sweep
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["settings"]["choose_on"] == "preference"
+    assert [summary["cells"]["dpo, AdamW"][str(seed)]["run"]["multiplier"] for seed in (0, 1)] == [1, 1]
+    # asked to choose on answers that are not there: refused, naming the way out
+    with pytest.raises(SystemExit, match="--choose-on preference"):
+        compare.main([*common, "--sft", str(out / "runs" / "sft"), "--choose-on", "accuracy"])
+    # runs scored on preference are not mixed with runs scored on accuracy in one --out
+    write_json(paths["val"], [p | {"answer": "1"} for p in val])
+    with pytest.raises(SystemExit, match="scored on validation by preference"):
+        compare.main([*common, "--sft", str(out / "runs" / "sft")])
 
 
 def test_data_split_is_seeded_and_bad_data_fails_before_training(workspace, tmp_path):

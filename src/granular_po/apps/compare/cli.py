@@ -15,9 +15,10 @@
 3. per seed, optimizer and learning rate, every arm (`--arm` / `--arms`: named override lists) trained one after another in this process with
    the same config composition and entry point as `granular-po train` (each run's command in
    <out>/commands.txt); only the loss, `granular`, optimizer, lr and seed differ between runs;
-4. each run is scored by greedy task accuracy on the validation questions; per seed, cell and optimizer
-   the learning rate with the best validation accuracy (ties: the lower rate) is then scored on the test
-   questions. Test questions are used for nothing else: no choice depends on them;
+4. each run is scored by greedy task accuracy on the validation questions (or, `--choose-on preference`
+   and on your data without answers, by held-out preference accuracy on the validation pairs); per seed,
+   cell and optimizer the learning rate with the best validation score (ties: the lower rate) is then
+   scored on the test questions. Test questions are used for nothing else: no choice depends on them;
 5. <out>/compare.md: test accuracy (mean and 95% interval over seeds), the paired granular -
    response-level differences, eval reward accuracy, the validation sweep, and plots with error bars;
 6. with `--pairs 32,128` (sample efficiency): the granular and the response-level cell with the best
@@ -45,6 +46,7 @@ from pathlib import Path
 from granular_po.apps.compare.grid import Grid, data_test_result, test_metrics
 from granular_po.apps.compare.runs import check_arms, sft_model_dir, sft_overrides, train_in_process
 from granular_po.apps.compare.settings import (
+    CHOOSE_ON,
     LOSSES,
     QUICK,
     Arm,
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         data.add_argument(f"--{name}", metavar="FILE", help=f"{name} pairs, in any format train reads (JSON, JSONL, "
                           "parquet, CSV, save_to_disk directory, hub id org/name:split; not JSON: written to "
                           "<out>/data as JSON)"
-                          + (" (the learning rate is chosen on its records that carry an `answer`)" if name == "val"
+                          + (" (the learning rate is chosen on it: see --choose-on)" if name == "val"
                              else " (scored once per chosen run)" if name == "test" else ""))
     data.add_argument("--data", metavar="FILE", help="one file (any format train reads) split here by --split and "
                       "--split-seed")
@@ -106,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         quick = f" ({QUICK[f.name]} with --quick)" if f.name in QUICK else ""
         if f.name == "task":
             p.add_argument(flag, choices=("arithmetic", "styled"), default=None, help=f"default {value}")
+        elif f.name == "choose_on":
+            p.add_argument(flag, choices=CHOOSE_ON, default=None, help=(
+                "what each seed's and arm's learning rate is chosen on among several: accuracy (greedy task "
+                "accuracy on the validation questions: a synthetic task's, or your records that carry an "
+                "`answer`), preference (held-out preference accuracy of the validation pairs: sequence-level "
+                "log-ratio margin against the SFT model > 0, as reported on test; any data), or auto: accuracy "
+                f"where there are validation questions, else preference (default {value})"))
         elif f.name == "highlight":
             p.add_argument(flag, choices=("number", "digits"), default=None, help=(
                 f"styled task: what is highlighted in the wrong response, the whole wrong number ({value}, the "
@@ -286,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     from granular_po.apps.compare.report import write_report
 
     grid = Grid(s, out, args.model, data, sft, args.keep_weights, arms)
+    if len(s.adamw) > 1 or len(s.sgd) > 1 or s.pairs:
+        print(f"validation: {grid.choice_basis()}", flush=True)
     invocation = "granular-po compare " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     # the starting point of every run, on both splits (the test score is reported, never used to choose)
     baseline = {split: evaluate_model(sft, questions, out / "eval" / f"sft_{split}.json", s.max_new_tokens,

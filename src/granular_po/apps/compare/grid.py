@@ -13,7 +13,15 @@ from pathlib import Path
 
 from granular_po.apps.compare.metrics import TestScorer, mean_of
 from granular_po.apps.compare.runs import drop_optimizer_state, drop_weights, run_overrides, train_in_process
-from granular_po.apps.compare.settings import Arm, CompareSettings, Run, cell_label, default_arms, grid_runs
+from granular_po.apps.compare.settings import (
+    VAL_METRICS,
+    Arm,
+    CompareSettings,
+    Run,
+    cell_label,
+    default_arms,
+    grid_runs,
+)
 from granular_po.apps.stages import checkpoint_key, data_fingerprint, evaluate_model, finished, shown_command
 from granular_po.training import checkpoints
 
@@ -43,7 +51,8 @@ def test_metrics(items: dict[str, list], correct: list[bool] | None = None) -> d
 
 
 def pick(scored: list[tuple[Run, dict]]) -> Run:
-    """The run with the best validation accuracy; ties go to the lower learning rate (the safer one).
+    """The run with the best validation score (`val_accuracy`: task or preference accuracy, as the grid
+    chooses on); ties go to the lower learning rate (the safer one).
 
     A cell trained at one rate only is not scored on validation (accuracy None): that run is the choice."""
     if len(scored) == 1:
@@ -63,17 +72,48 @@ class Grid:
         self.fingerprint = f"{data_fingerprint(data['train'], data['val'])}|{checkpoint_key(sft)}"
         self.synthetic = s.task != "data"
         self.val_questions, self.test_questions = (questions(read_pairs(data[k]), self.synthetic) for k in ("val", "test"))
-        if not self.synthetic and not self.val_questions and (len(s.adamw) > 1 or len(s.sgd) > 1 or s.pairs):
-            raise SystemExit(f"--val {data['val']}: no record carries an `answer`, so there is nothing to choose a "
-                             "learning rate or a cell on: give one rate per optimizer (e.g. --adamw 2 --sgd '')")
+        self.choose_on = s.choose_on if s.choose_on != "auto" else "accuracy" if self.val_questions else "preference"
+        if self.choose_on == "accuracy" and not self.val_questions and (len(s.adamw) > 1 or len(s.sgd) > 1 or s.pairs):
+            raise SystemExit(f"--val {data['val']}: no record carries an `answer`, so there is no validation accuracy "
+                             "to choose a learning rate or a cell on: give --choose-on preference (held-out preference "
+                             "accuracy of the validation pairs), or one rate per optimizer (e.g. --adamw 2 --sgd '')")
+        s = self.s = replace(s, choose_on=self.choose_on)  # the report's settings say what was chosen on
+        self.val_metric = VAL_METRICS[self.choose_on]
         self.scorer = TestScorer(data["test"], sft, out / "eval" / "reference_logps.json", s.max_length,
                                  s.max_prompt_length, synthetic=self.synthetic, rouge=s.rouge, max_new_tokens=s.max_new_tokens,
                                  batch_size=s.eval_batch_size)
+        # the validation pairs, scored apart from the test pairs (their own SFT cache): only for the choice
+        self.val_scorer = TestScorer(data["val"], sft, out / "eval" / "val_reference_logps.json", s.max_length,
+                                     s.max_prompt_length, synthetic=False, rouge=False, max_new_tokens=s.max_new_tokens,
+                                     batch_size=s.eval_batch_size) if self.choose_on == "preference" else None
         self.arms = {a.name: a for a in (default_arms(s.losses) if arms is None else arms)}
         self.runs = grid_runs(s, list(self.arms.values()))
         self.seconds: dict[str, list[float]] = {"run": [], "test": []}
         self.test_seconds_hint: float | None = None  # seconds the SFT model's test scoring took
         self.started = time.monotonic()
+        self._check_scored_on()
+
+    def _check_scored_on(self) -> None:
+        """Runs of an earlier invocation scored on the other validation metric cannot be compared with new ones."""
+        for run in self.runs:
+            found = self.result(run)
+            if found is not None and found["val_accuracy"] is not None and \
+                    found.get("val_metric", "accuracy") != self.choose_on:
+                raise SystemExit(f"{self.out}: {run.name} was scored on validation by {found.get('val_metric', 'accuracy')}"
+                                 f", this invocation chooses on {self.choose_on}: give --choose-on "
+                                 f"{found.get('val_metric', 'accuracy')}, or --fresh, or another --out")
+
+    def val_set(self) -> str:
+        """'4 validation pairs' (--choose-on preference) or '4 validation questions': what is scored."""
+        if self.choose_on == "preference":
+            return f"{len(self.val_scorer.records)} validation pairs"
+        return f"{len(self.val_questions)} validation questions"
+
+    def choice_basis(self) -> str:
+        """What each seed's and cell's learning rate is chosen on, as the report says it."""
+        return (f"{self.val_set()} (the learning rate of each seed and cell is chosen on their "
+                + ("held-out preference accuracy: sequence-level log-ratio margin against the SFT model > 0, as on "
+                   "test)" if self.choose_on == "preference" else "greedy task accuracy)"))
 
     def result_path(self, run: Run) -> Path:
         return self.runs_dir / run.name / "compare_result.json"
@@ -122,20 +162,28 @@ class Grid:
         # scored on validation where a rate is chosen among several, or where the sample-efficiency stage
         # will choose the best cell; a sample-efficiency run itself is chosen by nothing
         if not run.pairs and (len(self._groups()[(run.seed, run.cell)]) > 1 or self.s.pairs):
-            val = evaluate_model(run_dir / checkpoints.LATEST, self.val_questions, self.out / "eval" / "val" /
-                                 f"{run.name}.json", self.s.max_new_tokens, f"{run.name} (validation)",
-                                 batch_size=self.s.eval_batch_size)
+            val = self._validate(run)
         else:  # one rate for this cell: nothing to choose, so the validation questions are not scored
             val = {"accuracy": None, "n": 0}
         records = read_metrics(run_dir)
         result = {"run": asdict(run), "lr": run.multiplier * self.s.base_lr, "val_accuracy": val["accuracy"],
-                  "val_n": val["n"], "train_seconds": train_seconds,
+                  "val_metric": self.choose_on, "val_n": val["n"], "train_seconds": train_seconds,
                   "eval_reward_accuracy": last_value(records, "rewards_eval/accuracies", "eval"),
                   "eval_margin": last_value(records, "rewards_eval/margins", "eval"),
                   "eval_kl_margin": last_value(records, "kl_eval/margin", "eval"), "test": None}
         self._write_result(run, result)
         self.seconds["run"].append(time.monotonic() - start)
         return result
+
+    def _validate(self, run: Run) -> dict:
+        """{"accuracy", "n"}: the run's validation score, greedy task accuracy on the validation questions or
+        (--choose-on preference) the share of validation pairs whose sequence-level margin is > 0."""
+        model_dir = self.runs_dir / run.name / checkpoints.LATEST
+        if self.choose_on == "preference":
+            won = self.val_scorer.preference(model_dir)["preference_accuracy"]
+            return {"accuracy": mean_of(won), "n": len(won)}
+        return evaluate_model(model_dir, self.val_questions, self.out / "eval" / "val" / f"{run.name}.json",
+                              self.s.max_new_tokens, f"{run.name} (validation)", batch_size=self.s.eval_batch_size)
 
     def _record_command(self, overrides: list[str]) -> None:
         path = self.out / "commands.txt"
@@ -190,7 +238,7 @@ class Grid:
             self.result_path(run).unlink()
             again = self.train_and_validate(run)
             if again["val_accuracy"] != result["val_accuracy"]:
-                print(f"{run.name}: note, validation accuracy {again['val_accuracy']:.3f} on retraining, "
+                print(f"{run.name}: note, {self.val_metric} {again['val_accuracy']:.3f} on retraining, "
                       f"{result['val_accuracy']:.3f} before", flush=True)
         self._score_test(run)
         self.prune(key)
@@ -223,8 +271,8 @@ class Grid:
 
     # ---- sample efficiency (--pairs)
     def best_cells(self) -> dict[bool, tuple] | None:
-        """granular -> the (arm, optimizer) cell of that granularity whose validation-chosen runs
-        have the best mean validation accuracy over seeds (ties: the earlier cell of the grid); None until
+        """granular -> the (arm, optimizer) cell of that granularity whose validation-chosen runs have the best
+        mean validation score (`val_accuracy`) over seeds (ties: the earlier cell of the grid); None until
         every (seed, cell) has its choice. Test results play no part."""
         groups = self._groups()
         if any(self.chosen(key) is None for key in groups):
@@ -293,7 +341,7 @@ class Grid:
                 if self.result(run) is None:
                     self._progress(f"{run.name}: training")
                     result = self.train_and_validate(run)
-                    self._progress(f"{run.name}: trained" + (f", validation accuracy {result['val_accuracy']:.3f}"
+                    self._progress(f"{run.name}: trained" + (f", {self.val_metric} {result['val_accuracy']:.3f}"
                                                       if result["val_accuracy"] is not None else ""))
                 self.prune((seed, run.cell))
             for key in (k for k in groups if k[0] == seed):

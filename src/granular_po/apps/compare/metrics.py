@@ -154,7 +154,10 @@ def mean_of(values: Sequence) -> float | None:
 
 class TestScorer:
     """Scores one model directory on the test pairs: the reference (SFT) side computed once and cached,
-    then per run one model load for every metric above (greedy answers passed in or generated here)."""
+    then per run one model load for every metric above (greedy answers passed in or generated here).
+
+    Built on the validation pairs too (`--choose-on preference`), where only `preference` is called: the
+    learning rate is then chosen on the same preference accuracy that is reported on test."""
 
     def __init__(self, test_path: Path, sft: Path, cache: Path, max_length: int, max_prompt_length: int,
                  synthetic: bool, rouge: bool, max_new_tokens: int, batch_size: int):
@@ -204,10 +207,9 @@ class TestScorer:
         from granular_po.apps.answers import is_correct, stated_answer
         from granular_po.apps.eval import generate
 
-        reference = self.reference()
+        reference = self.reference()  # before the run's model loads: one model in memory at a time
         tokenizer, model = load_model_pair(model_dir)
-        items = preference_metrics(sequence_logps(model, self._encode(tokenizer), self.batch_size), reference,
-                                   self._encode(tokenizer))
+        items = self._preference(tokenizer, model, reference)
         if self.synthetic:
             margins = forced_margins(model, tokenizer, self.forced, self.batch_size)
             items["forced_margin"] = margins
@@ -231,3 +233,15 @@ class TestScorer:
             items["rouge_l"] = rouge_l(completions, [r.chosen for r in self.records])
         del model
         return items
+
+    def preference(self, model_dir: Path) -> dict[str, list]:
+        """Per pair, the preference metrics alone (`preference_metrics`) of one model directory: no generation."""
+        reference = self.reference()
+        tokenizer, model = load_model_pair(model_dir)
+        items = self._preference(tokenizer, model, reference)
+        del model
+        return items
+
+    def _preference(self, tokenizer, model, reference: dict) -> dict[str, list]:
+        encoded = self._encode(tokenizer)
+        return preference_metrics(sequence_logps(model, encoded, self.batch_size), reference, encoded)

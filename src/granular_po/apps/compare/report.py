@@ -133,7 +133,7 @@ def sample_efficiency(grid, sft_test_accuracy: float) -> tuple[list[str], dict]:
                 baseline=sft_test_accuracy, baseline_label="SFT")
     return [
         *head,
-        "The best granular and the best response-level cell (highest mean validation accuracy of their "
+        f"The best granular and the best response-level cell (highest mean {grid.val_metric} of their "
         "validation-chosen runs; test results play no part), trained again on fewer or more pairs: one pass "
         f"over the first n pairs of the seed's data order (n / {s.batch_size} steps), each seed at the learning "
         f"rate chosen for it at {grid_pairs} pairs, scored on the same test questions. The {grid_pairs}-pair "
@@ -238,7 +238,7 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
 
     rows = [{"cell": "SFT (the start of every run)", "seeds": "-", "test accuracy, mean [95% CI]":
              _number(sft_test["accuracy"]), "per seed": f"{sft_test['correct']}/{sft_test['n']}",
-             "validation accuracy": sft_val["accuracy"]}]
+             grid.val_metric: "-" if grid.choose_on == "preference" else sft_val["accuracy"]}]
     bars: dict[str, dict[str, tuple]] = {}
     for cell, by_seed in chosen.items():
         arm, optimizer = cell
@@ -250,7 +250,7 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
                 ", ".join(f"{by_seed[k]['run']['multiplier']:g}" for k in sorted(by_seed)) or "n/a",
             "test accuracy, mean [95% CI]": format_ci(*stats),
             "per seed": ", ".join(f"{a:.3f}" for a in accs) or "n/a",
-            "validation accuracy": _mean([by_seed[k]["val_accuracy"] for k in by_seed]),
+            grid.val_metric: _mean([by_seed[k]["val_accuracy"] for k in by_seed]),
             "eval reward accuracy": _mean([by_seed[k]["eval_reward_accuracy"] for k in by_seed]),
             "eval margin": _mean([by_seed[k]["eval_margin"] for k in by_seed]),
         })
@@ -295,8 +295,8 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
     subtitle = "mean and 95% CI over seeds" if any_interval else "one seed: no interval"
     plot_bars(bars, out / "test_accuracy.png", title=f"{s.task}: test accuracy\n({subtitle})", ylabel="accuracy",
               baseline=sft_test["accuracy"], baseline_label="SFT")
-    plot_panels(sweep_panels, out / "val_sweep.png", ylabel="validation accuracy (mean over seeds)",
-                xlabel=f"log10(lr / {base:g})", title="validation accuracy by learning rate")
+    plot_panels(sweep_panels, out / "val_sweep.png", ylabel=f"{grid.val_metric} (mean over seeds)",
+                xlabel=f"log10(lr / {base:g})", title=f"{grid.val_metric} by learning rate")
 
     efficiency_lines, efficiency = sample_efficiency(grid, sft_test["accuracy"])
     metric_lines, metric_summary = metric_sections(grid, chosen, baseline)
@@ -326,8 +326,8 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
         "",
         f"Status: {status}. Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
         "",
-        f"Task: {task_line}. {_count(grid.data['train'])} training pairs, {len(grid.val_questions)} validation questions (the "
-        f"learning rate of each seed and cell is chosen on them), {len(grid.test_questions)} test questions "
+        f"Task: {task_line}. {_count(grid.data['train'])} training pairs, "
+        f"{grid.choice_basis()}, {len(grid.test_questions)} test questions "
         "(scored once per chosen run; nothing is chosen on them); the three question sets are disjoint. "
         "Task accuracy: greedy generation, exact match of the stated result.",
         "",
@@ -356,11 +356,12 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
         "only).",
         "",
         *metric_lines,
-        "## Validation accuracy by learning rate",
+        f"## {grid.val_metric.capitalize()} by learning rate",
         "",
         *([f"One learning rate per cell ({', '.join(f'{m:g}' for m in rates)} x {base:g}): nothing is chosen, so "
            "the validation questions were not scored.", ""] if one_rate else [
-            f"Mean over the seeds scored (count in brackets); columns are multiples of {base:g}.", "",
+            f"{grid.val_metric.capitalize()} on {grid.val_set()}: mean over the seeds scored "
+            f"(count in brackets); columns are multiples of {base:g}.", "",
             markdown_table(sweep_rows), "![validation sweep](val_sweep.png)", ""]),
         *efficiency_lines,
         "## How it ran",

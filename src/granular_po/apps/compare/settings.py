@@ -14,6 +14,12 @@ LOSSES = ("dpo", "tdpo")
 LOSS_LABELS = {"dpo": "DPO", "tdpo": "TDPO2"}
 
 
+CHOOSE_ON = ("auto", "accuracy", "preference")  # --choose-on
+
+
+VAL_METRICS = {"accuracy": "validation accuracy", "preference": "validation preference accuracy"}  # shown names
+
+
 OPTIMIZERS = ("AdamW", "SGD")
 
 
@@ -27,6 +33,9 @@ class CompareSettings:
     highlight: str = "number"  # styled: the whole wrong number (the default grid) | digits: only the differing digits
     n_train: int = 512  # training pairs (questions repeat with other phrasings and errors)
     n_val: int = 32  # validation questions: the learning rate is chosen on them
+    # what the rate is chosen on: accuracy (greedy, on validation records with an answer), preference (held-out
+    # preference accuracy of the validation pairs), auto (accuracy where the validation records carry answers)
+    choose_on: str = "auto"
     n_test: int = 200  # test questions: scored once per chosen run
     data_seed: int = 0  # the data and the SFT run
     sft_steps: int = 24
