@@ -480,6 +480,21 @@ def test_own_data_without_answers_chooses_the_rate_on_validation_preference_accu
     summary = json.loads((out / "compare.json").read_text())
     assert summary["settings"]["choose_on"] == "preference"
     assert [summary["cells"]["dpo, AdamW"][str(seed)]["run"]["multiplier"] for seed in (0, 1)] == [1, 1]
+    # no test record carries an answer: the report leads with the pair metrics, not an empty accuracy table
+    assert "| SFT (the start of every run) | - |" in text and "| dpo, AdamW | 0 |" not in text
+    assert "## Test accuracy" not in text and "test questions" not in text and "question sets" not in text
+    assert "4 test pairs" in text
+    assert "Task accuracy needs an `answer` field on the test records; none of the 4 test pairs carries one" in text
+    assert text.index("## Test metrics per arm") < text.index("## Validation preference accuracy by learning rate")
+    table = text.split("## Test metrics per arm")[1].split("## Paired differences on every metric")[0]
+    assert " preference accuracy |" in table and " highlighted log-ratio (rejected) |" in table
+    assert "greedy accuracy" not in table
+    # one rate (the x1 runs reused): nothing chosen, and the report says so in terms of pairs
+    assert compare.main([*common[:-4], "--adamw", "1", "--sgd", "", "--sft", str(out / "runs" / "sft")]) == 0
+    fixed = (out / "compare.md").read_text()
+    assert "nothing is chosen, so the validation pairs were not scored" in fixed
+    assert "8 validation pairs (one learning rate per cell: nothing is chosen on them)" in fixed
+    assert "validation questions" not in fixed and "test questions" not in fixed
     # asked to choose on answers that are not there: refused, naming the way out
     with pytest.raises(SystemExit, match="--choose-on preference"):
         compare.main([*common, "--sft", str(out / "runs" / "sft"), "--choose-on", "accuracy"])

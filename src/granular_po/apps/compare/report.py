@@ -235,6 +235,10 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
     n_done = sum(grid.result(r) is not None for r in grid.runs)
     complete_seeds = sorted({seed for cell in chosen.values() for seed in cell})
     sft_test, sft_val = baseline["test"], baseline["val"]
+    # own data: what the test file holds are pairs; task accuracy only where a record carries an `answer`
+    own, graded = s.task == "data", bool(grid.test_questions)
+    n_test = _count(grid.data["test"]) if own else len(grid.test_questions)
+    tested = f"{n_test} test pairs" if own else f"{n_test} test questions"
 
     rows = [{"cell": "SFT (the start of every run)", "seeds": "-", "test accuracy, mean [95% CI]":
              _number(sft_test["accuracy"]), "per seed": f"{sft_test['correct']}/{sft_test['n']}",
@@ -245,7 +249,7 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
         accs = [by_seed[k]["test"]["accuracy"] for k in sorted(by_seed) if by_seed[k]["test"]["accuracy"] is not None]
         stats = mean_ci(accs)
         rows.append({
-            "cell": grid.label(cell), "seeds": len(accs),
+            "cell": grid.label(cell), "seeds": len(accs) if graded else len(by_seed),
             "lr chosen (x 5e-6), per seed" if base == 5e-6 else f"lr chosen (x {base:g}), per seed":
                 ", ".join(f"{by_seed[k]['run']['multiplier']:g}" for k in sorted(by_seed)) or "n/a",
             "test accuracy, mean [95% CI]": format_ci(*stats),
@@ -255,6 +259,8 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
             "eval margin": _mean([by_seed[k]["eval_margin"] for k in by_seed]),
         })
         bars.setdefault(optimizer, {})[grid.label(arm)] = stats
+    if not graded:  # no answers on test: the chosen runs' rates and validation scores, no accuracy columns
+        rows = [{k: v for k, v in r.items() if k not in ("test accuracy, mean [95% CI]", "per seed")} for r in rows]
 
     paired_rows = []
     optimizers = dict.fromkeys(r.optimizer for r in grid.runs)
@@ -293,8 +299,9 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
 
     any_interval = any(low is not None for group in bars.values() for _, low, _ in group.values())
     subtitle = "mean and 95% CI over seeds" if any_interval else "one seed: no interval"
-    plot_bars(bars, out / "test_accuracy.png", title=f"{s.task}: test accuracy\n({subtitle})", ylabel="accuracy",
-              baseline=sft_test["accuracy"], baseline_label="SFT")
+    if graded:
+        plot_bars(bars, out / "test_accuracy.png", title=f"{s.task}: test accuracy\n({subtitle})", ylabel="accuracy",
+                  baseline=sft_test["accuracy"], baseline_label="SFT")
     plot_panels(sweep_panels, out / "val_sweep.png", ylabel=f"{grid.val_metric} (mean over seeds)",
                 xlabel=f"log10(lr / {base:g})", title=f"{grid.val_metric} by learning rate")
 
@@ -321,24 +328,17 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
                  f"styled arithmetic pairs (each side's phrasing, length and extra sentences drawn on their own; "
                  f"with probability {s.confound:g} the correct response is in the worked style and the wrong one "
                  "terse; only the results are highlighted)")
-    lines = [
-        f"# granular-po compare, task `{s.task}`: " + ", ".join(a.shown for a in grid.arms.values()),
-        "",
-        f"Status: {status}. Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
-        "",
-        f"Task: {task_line}. {_count(grid.data['train'])} training pairs, "
-        f"{grid.choice_basis()}, {len(grid.test_questions)} test questions "
-        "(scored once per chosen run; nothing is chosen on them); the three question sets are disjoint. "
-        "Task accuracy: greedy generation, exact match of the stated result.",
-        "",
+    basis = (f"{_count(grid.data['val'])} validation pairs (one learning rate per cell: nothing is chosen on them)"
+             if own and one_rate else grid.choice_basis())
+    eval_note = (f"Eval reward accuracy and margin: the trainer's last evaluation on {s.n_eval_pairs} validation "
+                 "pairs under the run's own token weights (granular: highlighted tokens and end-of-response token; "
+                 "response-level: every response token), so they compare within a granularity, not across it.")
+    accuracy_lines = [
         "## Test accuracy",
         "",
         markdown_table(rows),
         "95% CI: Student-t over seeds (the training seed: preference data order; data and SFT model shared). "
-        "Eval reward accuracy and margin: the trainer's last evaluation on "
-        f"{s.n_eval_pairs} validation pairs under the run's own token weights (granular: highlighted tokens and "
-        "end-of-response token; response-level: every response token), so they compare within a granularity, "
-        "not across it.",
+        + eval_note,
         "",
         "![test accuracy](test_accuracy.png)",
         "",
@@ -355,11 +355,27 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
         "question's correctness averaged over the seeds, normal interval over questions (question sampling "
         "only).",
         "",
-        *metric_lines,
+    ]
+    lines = [
+        f"# granular-po compare, task `{s.task}`: " + ", ".join(a.shown for a in grid.arms.values()),
+        "",
+        f"Status: {status}. Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC.",
+        "",
+        f"Task: {task_line}. {_count(grid.data['train'])} training pairs, {basis}, {tested} "
+        + (f"({len(grid.test_questions)} with an `answer`, " if own and graded else "(")
+        + "scored once per chosen run; nothing is chosen on them)"
+        + ("." if own else "; the three question sets are disjoint.")
+        + (" Task accuracy: greedy generation, exact match of the stated result." if graded else ""),
+        "",
+        *(accuracy_lines if graded else [
+            f"Task accuracy needs an `answer` field on the test records; none of the {n_test} test pairs carries "
+            "one, so this report gives the pair metrics only.", "", *metric_lines, "## Chosen runs", "",
+            markdown_table(rows), eval_note, ""]),
+        *(metric_lines if graded else []),
         f"## {grid.val_metric.capitalize()} by learning rate",
         "",
         *([f"One learning rate per cell ({', '.join(f'{m:g}' for m in rates)} x {base:g}): nothing is chosen, so "
-           "the validation questions were not scored.", ""] if one_rate else [
+           f"the validation {'pairs' if own else 'questions'} were not scored.", ""] if one_rate else [
             f"{grid.val_metric.capitalize()} on {grid.val_set()}: mean over the seeds scored "
             f"(count in brackets); columns are multiples of {base:g}.", "",
             markdown_table(sweep_rows), "![validation sweep](val_sweep.png)", ""]),
@@ -385,7 +401,7 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
         + (f"training {_mean(train_seconds):.0f} s per run (mean of {len(train_seconds)}: model loading, "
            f"{s.steps} steps x {s.batch_size} pairs, the trainer's evaluation, saving)" if train_seconds else
            "no training time recorded")
-        + (f", test scoring {_mean(test_seconds):.0f} s per chosen run ({len(grid.test_questions)} questions, "
+        + (f", test scoring {_mean(test_seconds):.0f} s per chosen run ({tested}, "
            f"greedy, batches of {s.eval_batch_size})." if test_seconds else "."),
         "",
         f"Machine: {_machine()}; {_versions()}. Time this invocation: {seconds / 60:.1f} min"
