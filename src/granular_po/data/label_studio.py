@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from granular_po.data.annotate import _merge
-from granular_po.data.records import _admit, _check_on_invalid, _describe, make_record
+from granular_po.data.records import _check_on_invalid, _describe, make_record, parse_rows
 from granular_po.data.schema import DataError, LoadReport, PreferenceRecord, Region, RegionFlag
 
 ANNOTATOR_MODES = ("merge", "latest")
@@ -190,20 +190,10 @@ def load_label_studio(path: str | os.PathLike[str], annotators: str = "merge", o
     if tasks and all(isinstance(t, Mapping) and "data" not in t and "annotations" not in t for t in tasks):
         raise DataError(source, None, None, "tasks have no 'data' and no 'annotations': this looks like the "
                         "JSON-MIN export (flat rows without to_name or was_cancelled); export the project as JSON", "not_label_studio")
-    report, notes, records = LoadReport(source), {}, []
-    for index, task in enumerate(tasks):
-        report.n_read += 1
-        try:
-            record = convert_task(task, index, source, annotators, notes)
-        except DataError as e:
-            if e.code in LABEL_STUDIO_FILTERS:
-                report.skip(e)
-            else:
-                _admit(e, on_invalid, report)
-            continue
-        report.n_kept += 1
-        report.n_regions += len(record.regions)
-        records.append(record)
+    report, notes = LoadReport(source), {}
+    records = list(parse_rows(((i, None, task) for i, task in enumerate(tasks)), source, on_invalid, report,
+                              parse=lambda task, src, i, _eos: convert_task(task, i, src, annotators, notes),
+                              skip_codes=LABEL_STUDIO_FILTERS))
     return records, report, [_note(what, ids) for what, ids in sorted(notes.items())]
 
 

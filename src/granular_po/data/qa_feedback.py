@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from granular_po.data.records import _admit, _check_on_invalid, _describe, _region, make_record
+from granular_po.data.records import _check_on_invalid, _describe, _region, make_record, parse_rows
 from granular_po.data.schema import DataError, LoadReport, PreferenceRecord
 
 ERROR_TYPES = ("Irrelevant", "Wrong-Grounding", "Unverifiable", "Redundant", "Incoherent")
@@ -135,18 +135,9 @@ def load_qa_feedback(path: str | os.PathLike[str], with_passages: bool = False, 
     if not isinstance(rows, list):
         raise DataError(source, None, None, f"expected a JSON list of QA-FEEDBACK rows, got {_describe(rows)}",
                         "not_a_list")
-    report, dropped, records = LoadReport(source), Counter(), []
-    for index, row in enumerate(rows):
-        report.n_read += 1
-        try:
-            record = convert_qa_feedback_row(row, index, source, with_passages, error_types, dropped)
-        except DataError as e:
-            if e.code in QA_FEEDBACK_FILTERS:
-                report.skip(e)
-            else:
-                _admit(e, on_invalid, report)
-            continue
-        report.n_kept += 1
-        report.n_regions += len(record.regions)
-        records.append(record)
+    report, dropped = LoadReport(source), Counter()
+    records = list(parse_rows(((i, None, row) for i, row in enumerate(rows)), source, on_invalid, report,
+                              parse=lambda row, src, i, _eos: convert_qa_feedback_row(row, i, src, with_passages,
+                                                                                      error_types, dropped),
+                              skip_codes=QA_FEEDBACK_FILTERS))
     return records, report, dropped

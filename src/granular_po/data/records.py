@@ -308,11 +308,13 @@ def _records(f, source: str, on_invalid: str, report: LoadReport, eos_text: str 
 
 
 def parse_rows(rows: Iterator[tuple[int, int | None, Any]], source: str, on_invalid: str, report: LoadReport,
-               eos_text: str | None = None, parse: Callable[..., PreferenceRecord] | None = None
-               ) -> Iterator[PreferenceRecord]:
+               eos_text: str | None = None, parse: Callable[..., PreferenceRecord] | None = None,
+               skip_codes: frozenset[str] = frozenset()) -> Iterator[PreferenceRecord]:
     """Validate (index, line or None, decoded row or the DataError decoding it raised) into records: the one
-    loop every format goes through (`formats`), counting into `report`. `parse(row, source, index, eos_text)`
-    defaults to `parse_record` (`rows.RowParser` reads renamed columns and chat messages first)."""
+    loop every format and importer goes through (`formats`, `qa_feedback`, `label_studio`), counting into
+    `report`. `parse(row, source, index, eos_text)` defaults to `parse_record` (`rows.RowParser` reads
+    renamed columns and chat messages first). Errors whose code is in `skip_codes` are the source's own
+    filters (a cancelled annotation, a row without a correction): skipped and counted whatever `on_invalid`."""
     parse = parse or parse_record
     for index, line, item in rows:
         report.n_read += 1
@@ -323,7 +325,10 @@ def parse_rows(rows: Iterator[tuple[int, int | None, Any]], source: str, on_inva
                 raise item
             record = parse(item, source, index, eos_text)
         except DataError as e:
-            _admit(_with_line(e, line), on_invalid, report)
+            if e.code in skip_codes:
+                report.skip(e)
+            else:
+                _admit(_with_line(e, line), on_invalid, report)
             continue
         except Exception as e:  # never a bare traceback: name the record that caused it
             err = DataError(source, index, None, f"unexpected {type(e).__name__}: {e}", "unexpected")
