@@ -1,0 +1,113 @@
+"""The decisive experiment's decision rule (`docs/results/decisive/decide.py`, PLAN.md Part A) on
+hand-made per-seed numbers, and the exact Student-t quantiles it rests on."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from granular_po.apps.compare.statistics import t_cdf, t_quantile
+
+SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "results" / "decisive" / "decide.py"
+
+
+@pytest.fixture(scope="module")
+def rule():
+    spec = importlib.util.spec_from_file_location("decide", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["decide"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_t_quantiles_match_the_tables():
+    # two-sided 95% (NIST/SEMATECH), one-sided 80%, and the plan's Bonferroni level for 3 comparisons
+    assert {df: round(t_quantile(0.975, df), 3) for df in (1, 2, 3, 7, 30)} == \
+        {1: 12.706, 2: 4.303, 3: 3.182, 7: 2.365, 30: 2.042}
+    assert round(t_quantile(0.80, 7), 3) == 0.896
+    assert round(t_quantile(1 - 0.05 / 6, 7), 3) == 3.128
+    assert t_quantile(0.025, 7) == pytest.approx(-t_quantile(0.975, 7))
+    # df 1 is Cauchy: closed form; df 2 too: F(x) = 1/2 + x / (2 sqrt(2 + x^2))
+    for x in (-3.0, -0.4, 0.0, 0.7, 5.0):
+        assert t_cdf(x, 1) == pytest.approx(0.5 + math.atan(x) / math.pi, abs=1e-14)
+        assert t_cdf(x, 2) == pytest.approx(0.5 + x / (2 * math.sqrt(2 + x * x)), abs=1e-14)
+    with pytest.raises(ValueError):
+        t_quantile(1.0, 7)
+
+
+def seeds(*values):
+    return dict(enumerate(values))
+
+
+def base(response, granular, klall, nll):
+    return {"response": seeds(*response), "granular": seeds(*granular), "granular-klall": seeds(*klall),
+            "granular-klall-nll": seeds(*nll)}
+
+
+ZERO = [0.0] * 8
+NOISE = [0.3, -0.2, 0.1, -0.4, 0.2, 0.0, -0.1, 0.1]  # mean 0, sd 0.23
+
+
+def test_corrected_interval_is_3_128_standard_errors(rule):
+    diffs = [1.0, 0.5, 1.5, 0.8, 1.2, 0.9, 1.1, 1.0]
+    result = rule.decide(base(ZERO, diffs, ZERO, ZERO))
+    p = result["vs_response"]["granular"]
+    mean = sum(diffs) / 8
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 7) / math.sqrt(8)
+    assert p.mean == pytest.approx(mean)
+    assert p.corrected == pytest.approx((mean - 3.1276 * se, mean + 3.1276 * se), abs=1e-4)
+    assert p.uncorrected == pytest.approx((mean - 2.3646 * se, mean + 2.3646 * se), abs=1e-4)
+    assert p.detectable(0.05 / 3) == pytest.approx((3.1276 + 0.8960) * se, abs=1e-4)
+
+
+def test_an_anchored_arm_above_response_confirms(rule):
+    result = rule.decide(base(ZERO, NOISE, [0.9 + n for n in NOISE], NOISE))
+    assert result["applied"] and result["conditions"]["confirmed"] == ["granular-klall"]
+    assert result["verdict"].startswith("CONFIRMED: granular-klall")
+
+
+def test_todays_recipe_above_response_confirms_without_the_anchor(rule):
+    result = rule.decide(base(ZERO, [0.9 + n for n in NOISE], NOISE, NOISE))
+    assert result["verdict"].startswith("CONFIRMED WITHOUT THE ANCHOR")
+
+
+def test_anchor_repairing_granular_without_beating_response(rule):
+    below = [-1.0 + n for n in NOISE]  # today's granular clearly below response
+    result = rule.decide(base(ZERO, below, NOISE, NOISE))
+    assert result["conditions"]["anchor_mattered"] and result["conditions"]["refuted"]
+    assert "THE ANCHOR MATTERED" in result["verdict"] and "REFUTED" in result["verdict"]
+
+
+def test_small_differences_everywhere_refute(rule):
+    result = rule.decide(base(ZERO, NOISE, NOISE, NOISE))
+    assert result["verdict"].startswith("REFUTED")
+
+
+def test_wide_intervals_are_inconclusive(rule):
+    wide = [2.0, -2.0, 1.5, -1.5, 2.5, -1.0, 1.0, -2.5]  # mean 0, but +0.5 not excluded
+    result = rule.decide(base(ZERO, wide, wide, wide))
+    assert not result["conditions"]["refuted"] and result["verdict"] == "INCONCLUSIVE"
+
+
+def test_fewer_than_eight_seeds_is_not_read_against_the_rule(rule):
+    strong = [5.0, 5.1, 4.9]
+    result = rule.decide({"response": seeds(0, 0, 0), "granular": seeds(*strong),
+                          "granular-klall": seeds(*strong), "granular-klall-nll": seeds(*strong)})
+    assert not result["applied"] and result["verdict"].startswith("NOT APPLIED: 3 of 8 seeds")
+    assert result["conditions"]["confirmed"]  # what would hold is still shown, but no verdict is drawn
+
+
+def test_reads_compare_json_and_renders(rule, tmp_path):
+    cells = {f"{arm}, AdamW": {str(s): {"forced_margin": v} for s, v in values.items()}
+             for arm, values in base(ZERO, NOISE, [0.9 + n for n in NOISE], NOISE).items()}
+    (tmp_path / "compare.json").write_text(__import__("json").dumps({"metrics": {"per_seed": cells}}))
+    out = tmp_path / "decision.md"
+    assert rule.main([str(tmp_path), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Seeds: 8 of 8" in text and "**Verdict: CONFIRMED: granular-klall" in text
+    assert "| granular-klall - granular |" in text
+    (tmp_path / "compare.json").write_text('{"metrics": {"per_seed": {"response, AdamW": {}}}}')
+    with pytest.raises(SystemExit, match="no arm"):
+        rule.main([str(tmp_path)])
