@@ -211,3 +211,28 @@ def test_the_start_block_says_where_the_adapters_base_is(workspace):
     rows = dict(model_rows(cfg, LossType.SFT, reference_loaded=False, precomputed=False))
     assert rows["policy"].endswith("+ LoRA (r=16); the adapters name the run's base/ (these starting weights, "
                                    "written once)")
+
+
+def test_a_restart_from_the_untouched_archive_file_skips_hashing(tmp_path):
+    """The size and modification time of the archive file recorded at the write stand for its weights (a
+    restart hashes nothing); a touched file is hashed again: same weights reused and re-stamped, other ones
+    refused when resuming."""
+    import os
+
+    from granular_po.training.adapter_base import stored_info, write_base
+
+    tokenizer = tiny_tokenizer("byte_level")
+    model, other = tiny_llama(len(tokenizer), seed=4), tiny_llama(len(tokenizer), seed=5)
+    archive = tmp_path / "policy.pt"
+    torch.save({"state": model.state_dict()}, archive)
+    run = tmp_path / "run"
+    base = write_base(run, model, source=str(archive), resuming=False)
+    stamp = stored_info(base)["archive_stamp"]
+    assert stamp == [archive.stat().st_size, archive.stat().st_mtime_ns]
+    assert write_base(run, other, source=str(archive), resuming=True) == base  # trusted: not hashed
+    os.utime(archive, ns=(archive.stat().st_atime_ns, archive.stat().st_mtime_ns + 10**9))
+    assert write_base(run, model, source=str(archive), resuming=True) == base
+    assert stored_info(base)["archive_stamp"] == [archive.stat().st_size, archive.stat().st_mtime_ns] != stamp
+    os.utime(archive, ns=(archive.stat().st_atime_ns, archive.stat().st_mtime_ns + 10**9))
+    with pytest.raises(Exception, match="now gives other weights"):
+        write_base(run, other, source=str(archive), resuming=True)

@@ -11,7 +11,8 @@ Written as checkpoints are (`checkpoints.py`): into `.tmp-base` beside it, a COM
 renamed into place, so `base/` exists only complete. `BASE.json` records the sha256 of its weights: a
 restart that resumes a checkpoint refuses when the archive now gives other weights (the checkpoints'
 adapters were trained on the stored ones); a fresh start (resume=false, or no checkpoint yet) replaces a
-base that differs, and reuses one that matches.
+base that differs, and reuses one that matches. Hashing costs about 3 s per GiB of weights on one CPU
+core, so a restart whose archive file has the size and modification time recorded at the write skips it.
 """
 
 from __future__ import annotations
@@ -48,14 +49,29 @@ def base_writer(cfg: TrainConfig, run_dir: Path, tokenizer: Any, is_main: bool) 
                              resuming=resuming, write=is_main and not cfg.debug)
 
 
+def stored_info(path: Path) -> dict:
+    """What a complete base directory records (`sha256`, `archive_stamp`); {} when `path` is no complete base."""
+    if not (path / checkpoints.COMPLETE_MARKER).is_file():
+        return {}
+    try:
+        info = json.loads((path / INFO_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) and isinstance(info.get("sha256"), str) else {}
+
+
 def stored_fingerprint(path: Path) -> str | None:
     """The sha256 a complete base directory records; None when `path` is no complete base."""
-    if not (path / checkpoints.COMPLETE_MARKER).is_file():
-        return None
+    return stored_info(path).get("sha256")
+
+
+def archive_stamp(source: str) -> list[int] | None:
+    """[size, mtime_ns] of an archive file; None for a directory (or anything unreadable): always hashed."""
     try:
-        return json.loads((path / INFO_FILE).read_text(encoding="utf-8"))["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+        stat = os.stat(os.path.expanduser(source))
+    except OSError:
         return None
+    return [stat.st_size, stat.st_mtime_ns] if os.path.isfile(os.path.expanduser(source)) else None
 
 
 def write_base(run_dir: Path, model: nn.Module, tokenizer: Any = None, *, source: str, resuming: bool,
@@ -69,9 +85,16 @@ def write_base(run_dir: Path, model: nn.Module, tokenizer: Any = None, *, source
     if not final.exists() and stored_fingerprint(old):  # killed between the two renames of a replacement
         os.replace(old, final)
     shutil.rmtree(old, ignore_errors=True)
+    stamp, info = archive_stamp(source), stored_info(final)
+    if stamp is not None and info.get("archive_stamp") == stamp:  # the very file the base was written from
+        return final
     fingerprint = weights_fingerprint(model)
-    stored = stored_fingerprint(final)
+    stored = info.get("sha256")
     if stored == fingerprint:
+        if stamp is not None:  # the same weights from a touched or copied file: stamp it, hash no more
+            tmp = final / f".{INFO_FILE}.tmp"
+            tmp.write_text(json.dumps({**info, "archive_stamp": stamp}, indent=1) + "\n", encoding="utf-8")
+            os.replace(tmp, final / INFO_FILE)
         return final
     if stored is not None and resuming:
         raise ModelLoadError(
@@ -82,7 +105,7 @@ def write_base(run_dir: Path, model: nn.Module, tokenizer: Any = None, *, source
     model.save_pretrained(staged)  # safetensors; tied weights once
     if tokenizer is not None:
         tokenizer.save_pretrained(staged)
-    info = {"sha256": fingerprint, "model.archive": source,
+    info = {"sha256": fingerprint, "model.archive": source, "archive_stamp": stamp,
             "what": "the policy's starting weights (model.archive applied); this run's LoRA adapters name it"}
     (staged / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     (staged / checkpoints.COMPLETE_MARKER).write_text(f"{BASE_DIR}\n")
