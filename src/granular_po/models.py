@@ -11,7 +11,7 @@ import copy
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +190,18 @@ def _load_adapter_dir(path, dtype, trust_remote_code, device, cache_dir) -> nn.M
         return PeftModel.from_pretrained(base, path).merge_and_unload()
 
 
+def archive_applied_in_memory(archive: str | os.PathLike | None) -> bool:
+    """Whether `model.archive` gives weights that no model directory on disk holds: a weights file
+    (research-code policy.pt, .safetensors) applied on top of `model.name_or_path`, or a LoRA adapter
+    directory merged into its base on load. A LoRA adapter trained on such weights cannot name them."""
+    if not archive:
+        return False
+    path = Path(os.path.expanduser(str(archive)))
+    if not path.is_dir():
+        return True
+    return not (path / "config.json").is_file() and not (path / "merged" / "config.json").is_file()
+
+
 def load_policy_and_reference(
     model_cfg: ModelSettings,
     loss_needs_reference: bool,
@@ -200,6 +212,7 @@ def load_policy_and_reference(
     policy_dtype: str | torch.dtype | None = None,
     reference_dtype: str | torch.dtype | None = None,
     seed: int | None = None,
+    lora_base: Callable[[nn.Module], str | os.PathLike] | None = None,
 ) -> tuple[nn.Module, nn.Module | None]:
     """(policy, reference or None); both start from `model_cfg.archive` when one is given.
 
@@ -210,7 +223,10 @@ def load_policy_and_reference(
     `reference_dtype` given here win over `model_cfg`'s (the run's precision decision,
     `training.precision.choose_precision`). `seed`: whatever is drawn while building (the LoRA matrices)
     comes from it, so the same seed gives the same adapters bit for bit; the global generators are left as
-    they were.
+    they were. `lora_base`: with LoRA on an archive applied in memory (`archive_applied_in_memory`), called
+    with the loaded policy before it is wrapped; it writes those weights as a model directory and returns
+    it, and saved adapters name it as their base. Without it such a load is refused: an adapter naming
+    `model.name_or_path` would load on a different model than the one trained, without an error.
     """
     name, archive = model_cfg.name_or_path, model_cfg.archive
     policy_dtype = policy_dtype or model_cfg.policy_dtype
@@ -226,6 +242,13 @@ def load_policy_and_reference(
             state = load_archive_state(archive)
         else:
             raise ModelLoadError(f"archive {archive} does not exist")
+    in_memory = use_lora and archive_applied_in_memory(archive)
+    if in_memory and lora_base is None:
+        raise ModelLoadError(
+            f"model.archive={archive} with LoRA: the archive's weights exist only in memory, and a saved adapter "
+            f"would name {name} as its base (a different model, loaded without an error). Pass lora_base (a "
+            "function that writes the policy as a model directory and returns it), or give model.archive as "
+            "a model directory (save_model_dir)")
     common = dict(trust_remote_code=trust_remote_code, device=device, cache_dir=cache_dir,
                   archive_state=state, archive_source=str(archive))
     with seeded(seed, device):
@@ -235,7 +258,8 @@ def load_policy_and_reference(
             reference = load_model(source, reference_dtype, role="reference", **common).eval()
             reference.requires_grad_(False)
         if use_lora:
-            policy = wrap_lora(policy, lora_cfg)
+            base_name = str(lora_base(policy)) if in_memory else None  # before wrapping: the plain model
+            policy = wrap_lora(policy, lora_cfg, base_name)
     return policy, reference
 
 
@@ -263,12 +287,13 @@ def _peft_wrapping() -> Iterator[None]:
         yield
 
 
-def wrap_lora(model: nn.Module, lora_cfg: LoraSettings) -> nn.Module:
+def wrap_lora(model: nn.Module, lora_cfg: LoraSettings, base_name: str | None = None) -> nn.Module:
     """Wrap `model` in a peft LoRA PeftModel (r, alpha, dropout, target_modules).
 
     A base loaded from a local directory is recorded (`base_model_name_or_path` of the saved adapter) as
     its absolute path with links resolved (`runs/sft/LATEST` -> `/abs/runs/sft/step-16`), so the adapter
-    loads from anywhere while that directory exists; a hub id is kept as named."""
+    loads from anywhere while that directory exists; a hub id is kept as named. `base_name`: the directory
+    holding exactly `model`'s weights when it is not the one it was loaded from (an archive applied)."""
     from peft import LoraConfig, get_peft_model
 
     targets = lora_cfg.target_modules
@@ -283,8 +308,8 @@ def wrap_lora(model: nn.Module, lora_cfg: LoraSettings) -> nn.Module:
     )
     with _peft_wrapping():
         wrapped = get_peft_model(model, config)
-    base = wrapped.peft_config["default"].base_model_name_or_path
-    if base and os.path.isdir(base):
+    base = base_name or wrapped.peft_config["default"].base_model_name_or_path
+    if base and (base_name or os.path.isdir(base)):  # base_name may be written after this (another rank)
         wrapped.peft_config["default"].base_model_name_or_path = str(Path(base).resolve())
     return wrapped
 

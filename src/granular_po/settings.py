@@ -143,7 +143,8 @@ class LoraSettings:
     """LoRA through peft (new); the reference is the base model with the adapters disabled."""
 
     enabled: bool = False
-    """Train LoRA adapters instead of all weights."""
+    """Train LoRA adapters instead of all weights. Checkpoints hold the adapter, which names its base; with
+    a model.archive applied in memory (policy.pt) that base is written once as <run>/base/."""
     r: int = 16
     """Adapter rank."""
     alpha: int = 32

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from granular_po.losses import LossType
+from granular_po.models import archive_applied_in_memory
 from granular_po.settings import TrainConfig
 from granular_po.training.console import metric_line, number
 from granular_po.training.resources import format_bytes
@@ -94,6 +95,8 @@ def model_rows(cfg: TrainConfig, loss: LossType, reference_loaded: bool, precomp
     policy = f"{name}, weights from model.archive={_checkpoint_name(str(archive))}" if archive else name
     if cfg.lora.enabled:
         policy += f" + LoRA (r={cfg.lora.r})"
+        if archive_applied_in_memory(archive):  # adapter_base.py
+            policy += "; the adapters name the run's base/ (these starting weights, written once)"
     if loss is LossType.SFT:
         reference = "none (SFT trains without one)"
     elif getattr(cfg.loss, "reference_free", False):

@@ -28,15 +28,15 @@ def staging_dir(run_dir: Path, step: int) -> Path:
     return run_dir / f".tmp-{step_dir_name(step)}"
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
     for root, _dirs, files in os.walk(path):
         for name in files:
             with open(os.path.join(root, name), "rb") as handle:
                 os.fsync(handle.fileno())
-    _fsync_dir(path)
+    fsync_dir(path)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -51,7 +51,7 @@ def commit_staged(run_dir: Path, step: int) -> Path:
     """Mark the staged checkpoint complete, rename it into place and point LATEST at it."""
     staged = staging_dir(run_dir, step)
     (staged / COMPLETE_MARKER).write_text(f"{step}\n")
-    _fsync_tree(staged)
+    fsync_tree(staged)
     final = run_dir / step_dir_name(step)
     if final.exists():  # a re-run reaching the same step: move the old one away first, atomically
         trash = run_dir / f".old-{step_dir_name(step)}"
@@ -62,7 +62,7 @@ def commit_staged(run_dir: Path, step: int) -> Path:
     else:
         os.replace(staged, final)
     point_latest(run_dir, final.name)
-    _fsync_dir(run_dir)
+    fsync_dir(run_dir)
     return final
 
 

@@ -26,6 +26,7 @@ from granular_po.data.masks import GranularOptions
 from granular_po.losses import LossType
 from granular_po.settings import TrainConfig
 from granular_po.training import briefing, checkpoints, console, publish, reference_cache, resources
+from granular_po.training.adapter_base import base_writer
 from granular_po.training.callbacks import MetricsFileCallback
 from granular_po.training.config import RunSettings, existing_ancestor, redacted_yaml, validate
 from granular_po.training.inputs import check_inputs
@@ -288,6 +289,7 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings,
         lora_cfg=cfg.lora if cfg.lora.enabled else None, trust_remote_code=cfg.trust_remote_code,
         cache_dir=cfg.cache_dir, policy_dtype=precision.policy_dtype, reference_dtype=precision.reference_dtype,
         seed=cfg.seed,  # the LoRA matrices: drawn before Trainer seeds
+        lora_base=base_writer(cfg, run_dir, tokenizer, is_main),  # LoRA on a policy.pt: run/base/
     )
     memory = resources.preflight(cfg, policy, reference, settings)  # memory (CPU) and checkpoint disk space
     collator_cls = SFTCollator if loss_type is LossType.SFT else PreferenceCollator
