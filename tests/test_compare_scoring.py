@@ -194,3 +194,19 @@ def test_start_line_counts_pairs_of_your_data_and_questions_of_a_task(tiny, tmp_
                       *bad_arm])
     line = capsys.readouterr().out.splitlines()[0]
     assert line == f"compare: task arithmetic, 16 training pairs, 4 validation and 4 test questions -> {tmp_path / 't'}"
+
+
+def test_scoring_bench_prints_its_ratios(capsys):
+    """`bench/scoring.py` on the tiny model: both paths timed, a ratio and the paths' largest difference."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.spec_from_file_location("bench_scoring", Path(__file__).resolve().parents[1] / "bench" / "scoring.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--models", "tiny", "--pairs", "5", "--repeats", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
+    assert [row.split("|")[2].strip() for row in rows[-3:]] == ["pair metrics", "forced probes", "both"]
+    for row in rows[-3:-1]:
+        assert re.search(r"\| [0-9.]+x \| [0-9.]+x \| ([0-9.]+e[-+][0-9]+) \|$", row)
+        assert float(row.split("|")[-2]) < 1e-4
