@@ -8,6 +8,11 @@ cached keys; gradients flow back through them into the single prompt forward). T
 states are then laid out as the padded batch would have produced them, so the token statistics and
 losses downstream are unchanged.
 
+`tail_logps` does the same for scoring without gradients (`granular-po compare`): the token log-probs
+of two continuations of one shared prefix (a prompt and its two responses, or a prompt + prefix and a
+right and a wrong result), the prefix read once and the lm_head run only where a continuation's token
+is predicted.
+
 Needs a model whose cache holds the whole prompt (no sliding window shorter than the batch) and a
 forward without gradient checkpointing (which drops the cache); `check_prompt_sharing` runs both
 ways at start-up and refuses a model whose outputs differ.
@@ -22,7 +27,12 @@ import torch
 from torch import nn
 
 from granular_po.forward.exactness import materialised, require_same_outputs
-from granular_po.forward.hidden import capture_backbone_output, forward_hidden, unwrap_model
+from granular_po.forward.hidden import (
+    capture_backbone_output,
+    forward_hidden,
+    supports_hidden_path,
+    unwrap_model,
+)
 
 
 @dataclass(frozen=True)
@@ -209,3 +219,69 @@ def check_prompt_sharing(model: nn.Module, what: str = "model") -> None:
 
     require_same_outputs(model, run_two_ways, key="share_prompt", what=what,
                          route="responses on a cached prompt", cannot=(TypeError, RuntimeError, AttributeError))
+
+
+def shared_prefix_conflict(model: nn.Module, longest: int | None = None) -> str | None:
+    """Why `tail_logps` cannot give `model`'s own padded-forward log-probs on rows of up to `longest`
+    tokens (logits that are not the lm_head's output, a short sliding window, a cache that differs), or None."""
+    if not supports_hidden_path(model):
+        return "its logits are not its lm_head's output"
+    if conflict := sliding_window_conflict(model, longest):
+        return conflict
+    try:
+        check_prompt_sharing(model)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@torch.no_grad()
+def tail_logps(model: nn.Module, rows: list[tuple[list[int], list[int], list[int]]], batch_size: int = 8,
+               head_chunk: int = 1024) -> list[tuple[list[float], list[float]]]:
+    """log p of each token of two continuations of one shared prefix, the prefix read once.
+
+    `rows`: (shared ids, tail a ids, tail b ids). Per row, the log-probs of tail a's tokens given the
+    shared ids and the tail tokens before it, and the same for tail b: what a right-padded forward of
+    shared + a and one of shared + b give (`apps.compare.metrics.response_logps`), from one forward of
+    the shared ids (cached keys and values, `forward_hidden_shared`) and one of both tails on top of it.
+    The lm_head runs only where a tail token is predicted, `head_chunk` positions at a time. A caller
+    checks the model once with `shared_prefix_conflict`. Eval mode (restored after).
+    """
+    device = next(model.parameters()).device
+    head = unwrap_model(model).get_output_embeddings()
+    out: list[tuple[list[float], list[float]]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            if empty := [start + i for i, (shared, _, _) in enumerate(batch) if not shared]:
+                raise ValueError(f"tail_logps: row {empty[0]} has no shared token to predict its tails from")
+            seqs = [s + a for s, a, _ in batch] + [s + b for s, _, b in batch]  # [0:n] a rows, [n:2n] b rows
+            prompt_lengths = [len(s) for s, _, _ in batch] * 2
+            lengths = [len(x) for x in seqs]
+            ids = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
+            mask, response_mask = torch.zeros_like(ids), torch.zeros_like(ids)
+            for i, (seq, p) in enumerate(zip(seqs, prompt_lengths)):
+                ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+                mask[i, :len(seq)] = 1
+                response_mask[i, p:len(seq)] = 1
+            split = split_prompts(ids.to(device), mask.to(device), response_mask.to(device),
+                                  lengths=lengths, prompt_lengths=prompt_lengths)
+            hidden = forward_hidden_shared(model, split)  # (2n, T, H), the padded forward's layout
+            # token j of a row is predicted at position j - 1
+            where = [(i, j - 1, seq[j]) for i, (seq, p) in enumerate(zip(seqs, prompt_lengths)) for j in range(p, len(seq))]
+            row, pos, target = torch.tensor(where, dtype=torch.long, device=device).reshape(-1, 3).T  # (M,) each
+            logps = torch.cat([torch.zeros(0, device=device)] + [
+                torch.log_softmax(head(hidden[row[c:c + head_chunk], pos[c:c + head_chunk]]).float(), dim=-1)
+                .gather(-1, target[c:c + head_chunk, None])[:, 0] for c in range(0, len(where), head_chunk)
+            ]).tolist()  # (M,)
+            per_row, k = [], 0
+            for seq, p in zip(seqs, prompt_lengths):
+                per_row.append(logps[k:k + len(seq) - p])
+                k += len(seq) - p
+            n = len(batch)
+            out.extend(zip(per_row[:n], per_row[n:]))
+    finally:
+        model.train(was_training)
+    return out

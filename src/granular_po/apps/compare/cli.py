@@ -259,6 +259,18 @@ def make_data(out: Path, s: CompareSettings) -> dict[str, Path]:
     return paths
 
 
+def start_line(s: CompareSettings, data: dict[str, Path], out: Path) -> str:
+    """The first line of a comparison: a synthetic task's question counts (its settings), or your data's pair
+    counts (its files, as the report counts them)."""
+    if s.task != "data":
+        return (f"compare: task {s.task}, {s.n_train} training pairs, {s.n_val} validation and {s.n_test} test "
+                f"questions -> {out}")
+    from granular_po.apps.eval import read_pairs
+
+    n = {name: len(read_pairs(path)) for name, path in data.items()}
+    return f"compare: your data, {n['train']} training, {n['val']} validation and {n['test']} test pairs -> {out}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     passive_openmp()
@@ -274,8 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if data is not None:
         s = replace(s, task="data")
     data = data or make_data(out, s)
-    print(f"compare: task {s.task}, {s.n_train} training pairs, {s.n_val} validation and {s.n_test} test "
-          f"questions -> {out}", flush=True)
+    print(start_line(s, data, out), flush=True)
     check_arms(arms, args.model, data, runs, s)  # an unknown key fails here, before any training
     for arm in arms:
         print(f"arm {arm.name}: {' '.join(arm.overrides)}", flush=True)
@@ -302,11 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     baseline = {split: evaluate_model(sft, questions, out / "eval" / f"sft_{split}.json", s.max_new_tokens,
                                       f"SFT ({split})", batch_size=s.eval_batch_size)
                 for split, questions in (("val", grid.val_questions), ("test", grid.test_questions))}
+    scores = out / "eval" / "sft_test_scores.json"  # beside the reference log-probs: a resume does not rescore
     if grid.synthetic:
-        baseline["test"] |= test_metrics(grid.scorer.score(sft, [r["completion"] for r in baseline["test"]["rows"]]),
+        baseline["test"] |= test_metrics(grid.scorer.baseline([r["completion"] for r in baseline["test"]["rows"]], scores),
                                          [r["correct"] for r in baseline["test"]["rows"]])
     else:
-        baseline["test"] |= data_test_result(grid.scorer.score(sft), grid.scorer)
+        baseline["test"] |= data_test_result(grid.scorer.baseline(None, scores), grid.scorer)
     grid.test_seconds_hint = baseline["test"].get("seconds")
 
     def report(seed: int | None) -> Path:

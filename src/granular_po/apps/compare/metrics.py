@@ -20,10 +20,13 @@ Every metric is a list over the test items (pairs or questions) so that arms can
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 _QUESTION = re.compile(r"What is (\d+) ([*+]) (\d+)\?")
 
@@ -94,10 +97,41 @@ def encode_pairs(records: Sequence, tokenizer: Any, max_length: int, max_prompt_
     return [encode_record(r, tokenizer, enc, GranularOptions(), layout) for r in records]
 
 
-def sequence_logps(model: Any, encoded: Sequence[dict], batch_size: int = 8) -> dict[str, list[list[float]]]:
-    """Per pair, the token log-probs of the chosen and the rejected response (end token included)."""
-    return {side: response_logps(model, [(e["prompt_ids"], e[f"{side}_ids"]) for e in encoded], batch_size)
-            for side in ("chosen", "rejected")}
+def shares_prefix(model: Any, rows: Sequence[tuple[list[int], list[int], list[int]]]) -> bool:
+    """Whether `model` scores (shared ids, tail, tail) rows exactly with the prefix read once
+    (`forward.prompt_sharing.shared_prefix_conflict`, checked on the model); else say why, once per call."""
+    from granular_po.forward.prompt_sharing import shared_prefix_conflict
+
+    longest = max((len(s) + max(len(a), len(b)) for s, a, b in rows), default=0)
+    why_not = shared_prefix_conflict(model, longest)
+    if why_not is not None:
+        logger.info("scoring: one forward per side (%s)", why_not)
+    return why_not is None
+
+
+def paired_tail_logps(model: Any, rows: Sequence[tuple[list[int], list[int], list[int]]], batch_size: int = 8,
+                      shared: bool | None = None) -> tuple[list[list[float]], list[list[float]]]:
+    """log p of each token of both continuations of (shared ids, tail a, tail b) rows: the shared ids read once
+    (`shared`: True, the default where `shares_prefix`), or one padded forward per side (`response_logps`, the
+    reference path). Both give the same numbers (tests/test_compare_scoring.py)."""
+    from granular_po.forward.prompt_sharing import tail_logps
+
+    if shared is None:
+        shared = shares_prefix(model, rows)
+    if shared:
+        pairs = tail_logps(model, list(rows), batch_size)
+        return [a for a, _ in pairs], [b for _, b in pairs]
+    return (response_logps(model, [(s, a) for s, a, _ in rows], batch_size),
+            response_logps(model, [(s, b) for s, _, b in rows], batch_size))
+
+
+def sequence_logps(model: Any, encoded: Sequence[dict], batch_size: int = 8,
+                   shared: bool | None = None) -> dict[str, list[list[float]]]:
+    """Per pair, the token log-probs of the chosen and the rejected response (end token included), the prompt
+    read once where exact (`paired_tail_logps`)."""
+    chosen, rejected = paired_tail_logps(model, [(e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]) for e in encoded],
+                                         batch_size, shared)
+    return {"chosen": chosen, "rejected": rejected}
 
 
 def preference_metrics(policy: dict, reference: dict, encoded: Sequence[dict]) -> dict[str, list]:
@@ -113,22 +147,24 @@ def preference_metrics(policy: dict, reference: dict, encoded: Sequence[dict]) -
             "highlight_logratio": highlight}
 
 
-def forced_margins(model: Any, tokenizer: Any, items: Sequence[dict], batch_size: int = 8) -> list[float]:
+def forced_margins(model: Any, tokenizer: Any, items: Sequence[dict], batch_size: int = 8,
+                   shared: bool | None = None) -> list[float]:
     """log p(right + end) - log p(wrong + end) after prompt and prefix, from the first token where the two
-    continuations differ (one forward per side, batched); the end-of-response token is not counted."""
+    continuations differ; the end-of-response token is not counted. The prompt and the prefix's tokens before
+    that first difference are read once for both sides (`paired_tail_logps`; `shared=False`: one forward per
+    side, the reference path)."""
     from granular_po.data.records import make_record
 
     records = [make_record(it["prompt"], it["prefix"] + it["right"] + it["end"], it["prefix"] + it["wrong"] + it["end"],
                            "forced", i) for i, it in enumerate(items)]
-    encoded = encode_pairs(records, tokenizer, max_length=10_000, max_prompt_length=5_000)
-    logps = sequence_logps(model, encoded, batch_size)
-    out = []
-    for i, e in enumerate(encoded):
+    rows = []
+    for e in encode_pairs(records, tokenizer, max_length=10_000, max_prompt_length=5_000):
         right, wrong = e["chosen_ids"][:-1], e["rejected_ids"][:-1]  # without the end-of-response token
         k = next(j for j in range(min(len(right), len(wrong)) + 1)
                  if j == min(len(right), len(wrong)) or right[j] != wrong[j])
-        out.append(sum(logps["chosen"][i][k:len(right)]) - sum(logps["rejected"][i][k:len(wrong)]))
-    return out
+        rows.append((e["prompt_ids"] + right[:k], right[k:], wrong[k:]))
+    right_logps, wrong_logps = paired_tail_logps(model, rows, batch_size, shared)
+    return [sum(r) - sum(w) for r, w in zip(right_logps, wrong_logps)]
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
@@ -152,6 +188,9 @@ def mean_of(values: Sequence) -> float | None:
     return sum(kept) / len(kept) if kept else None
 
 
+SCORES_VERSION = 1  # raise when a metric's definition changes: cached SFT test scores are then recomputed
+
+
 class TestScorer:
     """Scores one model directory on the test pairs: the reference (SFT) side computed once and cached,
     then per run one model load for every metric above (greedy answers passed in or generated here).
@@ -171,6 +210,7 @@ class TestScorer:
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.forced = [it for it in (forced_item(p) for p in self.pairs) if it is not None] if synthetic else []
         self._reference: dict | None = None
+        self.scorings = 0  # model directories scored by this scorer (`score`), cached baselines not counted
 
     def reference(self) -> dict:
         """The SFT model's token log-probs of every test pair, cached in `cache` (keyed by weights and data)."""
@@ -190,6 +230,33 @@ class TestScorer:
             self.cache.write_text(json.dumps({"key": key, "logps": self._reference}))
         return self._reference
 
+    def baseline(self, completions: Sequence[str] | None, cache: Path) -> dict[str, list]:
+        """`score(self.sft, completions)`, cached in `cache` (JSON) so that a resumed comparison does not score
+        the SFT model again. Keyed by the SFT weights (`checkpoint_key`), the test data, every scoring
+        setting, the completions and `SCORES_VERSION`: a cache whose key differs is said and recomputed."""
+        import hashlib
+
+        from granular_po.apps.stages import checkpoint_key
+
+        def digest(value) -> str:
+            return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+        key = {"version": SCORES_VERSION, "model": checkpoint_key(self.sft),
+               "data": digest([self.pairs, [repr(r) for r in self.records]]), "lengths": list(self.lengths),
+               "synthetic": self.synthetic, "rouge": self.rouge, "max_new_tokens": self.max_new_tokens,
+               "batch_size": self.batch_size, "completions": None if completions is None else digest(list(completions))}
+        if cache.is_file():
+            stored = json.loads(cache.read_text())
+            if stored.get("key") == key:
+                print(f"test scores of the SFT model: cached in {cache}", flush=True)
+                return stored["items"]
+            changed = sorted(k for k in key if stored.get("key", {}).get(k) != key[k])
+            print(f"test scores of the SFT model: recomputed ({', '.join(changed)} changed since {cache})", flush=True)
+        items = self.score(self.sft, completions)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"key": key, "items": items}))
+        return items
+
     def _encode(self, tokenizer) -> list[dict]:
         return encode_pairs(self.records, tokenizer, *self.lengths)
 
@@ -208,6 +275,7 @@ class TestScorer:
         from granular_po.apps.eval import generate
 
         reference = self.reference()  # before the run's model loads: one model in memory at a time
+        self.scorings += 1
         tokenizer, model = load_model_pair(model_dir)
         items = self._preference(tokenizer, model, reference)
         if self.synthetic:
