@@ -65,6 +65,36 @@ class PreferenceRecord:
         return bool(self.regions)
 
 
+@dataclass(frozen=True)
+class SFTRecord:
+    """One supervised example in one of TRL's SFT dataset types, for `loss=sft` (stage 1) only.
+
+    `kind`: "text" (language modeling: every token of `completion` trains), "prompt_completion"
+    (`prompt` is context, `completion` trains) or "conversation" (`messages`, dicts with at least
+    "role" and "content": each assistant message at or after `n_context` trains, every other message is
+    context; the chat template lays them out). `names` spell each message's field as the file does
+    ('messages[3]', 'completion[0]'), for errors. It has no rejected response and no regions: DPO /
+    TDPO refuse it and `granular=true` does not apply to it.
+    """
+
+    kind: str
+    prompt: str = ""
+    completion: str = ""
+    messages: tuple[dict, ...] = ()
+    n_context: int = 0
+    names: tuple[str, ...] = ()
+    source: str = "<memory>"
+    index: int = 0
+
+    regions = chosen_regions = rejected_regions = ()  # class constants: read as a record's by reports
+    is_annotated = False
+
+    @property
+    def trained_messages(self) -> tuple[int, ...]:
+        """Positions of the messages whose tokens train: the assistant messages after the context."""
+        return tuple(k for k, m in enumerate(self.messages) if k >= self.n_context and m["role"] == "assistant")
+
+
 class DataError(ValueError):
     """Bad input, always naming the file, the record index and the field at fault."""
 
