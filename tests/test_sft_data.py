@@ -206,7 +206,8 @@ def test_a_malformed_sft_row_is_named_or_skipped_and_counted(tmp_path, row, fiel
 
 def test_a_conversation_the_layout_cannot_hold_is_named_or_skipped(tmp_path):
     """A multi-turn conversation under prompt_format=raw, and under a template that rewrites a message's
-    content (a trim), are named before anything is encoded; under on_invalid=skip, counted."""
+    content, are named before anything is encoded; under on_invalid=skip, counted. A template that trims
+    the content (Llama-3's, Gemma's) trains the content as it writes it."""
     tokenizer = tiny_tokenizer("byte_level", chat=True)
     rows = [ROWS["messages"][0], ROWS["prompt_completion"][0]]
     path = write(rows, tmp_path / "sft", "jsonl")
@@ -218,12 +219,17 @@ def test_a_conversation_the_layout_cannot_hold_is_named_or_skipped(tmp_path):
                             on_invalid="skip", report=report)
     assert dataset["index"] == [1] and report.skipped == {"needs_chat_template": 1} and report.n_kept == 1
 
+    spaced = {"messages": [*TURNS[:3], {"role": "assistant", "content": "56 \n"}]}
     trimming = tiny_tokenizer("byte_level", chat=True)
     trimming.chat_template = trimming.chat_template.replace("message['content']", "message['content'] | trim")
-    spaced = {"messages": [*TURNS[:3], {"role": "assistant", "content": "56 "}]}
+    batch = encoded_batch([spaced], tmp_path, trimming)
+    assert trained_ids(batch, 0) == [*ids_of(trimming, "Hello world!"), trimming.convert_tokens_to_ids("<|im_end|>"),
+                                     *ids_of(trimming, "56"), trimming.convert_tokens_to_ids("<|im_end|>")]
+    shouting = tiny_tokenizer("byte_level", chat=True)
+    shouting.chat_template = shouting.chat_template.replace("message['content']", "message['content'] | upper")
     records, _ = load_data(write([spaced], tmp_path / "spaced", "jsonl"), sft=True)
-    with pytest.raises(DataError, match=r"record 0, field 'messages\[3\]': the chat template does not write"):
-        build_dataset(records, trimming, EncodeOptions(), GranularOptions())
+    with pytest.raises(DataError, match=r"record 0, field 'messages\[1\]': the chat template does not write"):
+        build_dataset(records, shouting, EncodeOptions(), GranularOptions())
 
 
 def test_readers_of_pairs_refuse_an_sft_row_naming_it(tmp_path):

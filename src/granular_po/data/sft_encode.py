@@ -34,8 +34,9 @@ def _render(tokenizer, messages: Sequence[dict], generation: bool) -> str:
 def conversation_turns(record: SFTRecord, tokenizer, end_token_id: int) -> list[tuple[str, str]]:
     """(template text before, content) of each trained message, in order: the template's text up to and
     including the message's generation prompt (from the previous trained message's end-of-turn token on),
-    and the message's content. Raises a DataError naming the message when the template does not write the
-    conversation as (conversation so far, generation prompt, content verbatim)."""
+    and the message's content as the template writes it (verbatim, or without edge whitespace where the
+    template trims it, as Llama-3's and Gemma's do). Raises a DataError naming the message when the
+    template does not write the conversation as (conversation so far, generation prompt, content)."""
     messages = [dict(m) for m in record.messages]
     try:
         full = _render(tokenizer, messages, False)
@@ -46,7 +47,9 @@ def conversation_turns(record: SFTRecord, tokenizer, end_token_id: int) -> list[
     turns, cursor = [], 0
     for k in record.trained_messages:
         head, content = _render(tokenizer, messages[:k], True), messages[k]["content"]
-        if len(head) < cursor or not full.startswith(head) or not full.startswith(content, len(head)):
+        if not full.startswith(content, len(head)):
+            content = content.strip()
+        if len(head) < cursor or not full.startswith(head) or not content or not full.startswith(content, len(head)):
             raise DataError(record.source, record.index, record.names[k], "the chat template does not write this "
                             "conversation as the messages before this one, the generation prompt, then this "
                             "message's content verbatim (it rewrites earlier turns or the content), so which "
