@@ -217,7 +217,8 @@ def test_a_conversation_the_layout_cannot_hold_is_named_or_skipped(tmp_path):
         build_dataset(records, tokenizer, EncodeOptions(prompt_format="raw"), GranularOptions())
     dataset = build_dataset(records, tokenizer, EncodeOptions(prompt_format="raw"), GranularOptions(),
                             on_invalid="skip", report=report)
-    assert dataset["index"] == [1] and report.skipped == {"needs_chat_template": 1} and report.n_kept == 1
+    assert dataset["index"] == [1] and report.skipped == {"needs_chat_template": 1}
+    assert (report.n_kept, report.n_sft) == (1, 1)
 
     spaced = {"messages": [*TURNS[:3], {"role": "assistant", "content": "56 \n"}]}
     trimming = tiny_tokenizer("byte_level", chat=True)
@@ -252,17 +253,20 @@ def chat_model(tmp_path_factory):
     return root
 
 
-def argv(root, data, exp: str, *more: str) -> list[str]:
+def argv(root, data, exp: str, *more: str, eval_data=None) -> list[str]:
+    evaluation = [f"custom_eval_path={eval_data}", "do_first_eval=true"] if eval_data else [
+        "custom_eval_path=null", "do_first_eval=false"]
     return [f"model.name_or_path={root / 'tiny'}", "datasets=[ours]", f"custom_train_path={data}",
-            "custom_eval_path=null", f"exp_name={exp}", f"local_dirs=[{root / 'runs'}]", "optimizer=AdamW",
-            "lr=1e-3", "warmup_steps=0", "batch_size=2", "n_examples=4", "max_length=96", "max_prompt_length=64",
-            "trainer=BasicTrainer", "do_first_eval=false", "sample_during_eval=false", *more]
+            f"exp_name={exp}", f"local_dirs=[{root / 'runs'}]", "optimizer=AdamW", "lr=1e-3", "warmup_steps=0",
+            "batch_size=2", "eval_batch_size=2", "n_examples=4", "max_length=96", "max_prompt_length=64",
+            "trainer=BasicTrainer", "sample_during_eval=false", *evaluation, *more]
 
 
 @pytest.mark.parametrize("kind", list(ROWS))
-def test_train_sft_on_each_type_collates_the_assistant_labels(chat_model, tmp_path, monkeypatch, kind):
-    """`train loss=sft` on a file of each type: two steps, a finite loss each, and every collated batch's
-    trained labels are exactly its rows' trained texts and end tokens."""
+def test_train_sft_on_each_type_collates_the_assistant_labels(chat_model, tmp_path, monkeypatch, capsys, kind):
+    """`train loss=sft` on a file of each type (and the same type as its eval file): two steps, a finite
+    loss each, and every collated batch's (training and evaluation) trained labels are exactly its rows'
+    trained texts and end tokens."""
     from granular_po.training import recipe
 
     batches = []
@@ -276,19 +280,26 @@ def test_train_sft_on_each_type_collates_the_assistant_labels(chat_model, tmp_pa
     monkeypatch.setattr(recipe, "SFTCollator", Recording)
     row, trained = ROWS[kind]
     data = write([row] * 4, tmp_path / kind, "parquet" if kind != "text" else "csv")
-    assert train_main(argv(chat_model, data, f"sft_{kind}", "loss=sft", "granular=false")) == 0
+    assert train_main(argv(chat_model, data, f"sft_{kind}", "loss=sft", "granular=false", eval_data=data)) == 0
     tokenizer = tiny_tokenizer("byte_level", chat=True)
     end = tokenizer.eos_token_id if kind == "text" else tokenizer.convert_tokens_to_ids("<|im_end|>")
     expected = [t for text in trained for t in (*ids_of(tokenizer, text), end)]
     if kind == "text":
         expected = expected[1:]  # no BOS: the first token is context
-    assert len(batches) >= 2
+    assert len(batches) >= 3  # the first evaluation's, then the two steps'
     for batch in batches:
         for i in range(batch["input_ids"].shape[0]):
             assert trained_ids(batch, i) == expected
     metrics = [json.loads(line) for line in (chat_model / "runs" / f"sft_{kind}" / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert math.isfinite(metrics[0]["eval_loss"]) and metrics[0]["step"] == 0
+    out = capsys.readouterr().out
+    assert f"{data}: read 4 records, kept 4 (4 SFT), 0 regions" in out
+    # stage 2 cannot train on the SFT file: the closing block's next command names pairs instead
+    next_line = next(line for line in out.splitlines() if line.strip().startswith("next "))
+    assert "custom_train_path=PAIRS.jsonl" in next_line and "custom_eval_path=PAIRS_EVAL.jsonl" in next_line
+    assert str(data) not in next_line
 
 
 @pytest.mark.parametrize("loss", ["dpo", "tdpo"])

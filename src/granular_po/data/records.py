@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from granular_po.data.schema import DataError, LoadReport, PreferenceRecord, Region, RegionFlag
+from granular_po.data.schema import DataError, LoadReport, PreferenceRecord, Region, RegionFlag, SFTRecord
 
 # Accepted spellings of each text field, canonical (research-code) name first.
 TEXT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -338,6 +338,7 @@ def parse_rows(rows: Iterator[tuple[int, int | None, Any]], source: str, on_inva
             continue
         report.n_kept += 1
         report.n_regions += len(record.regions)
+        report.n_sft += isinstance(record, SFTRecord)
         yield record
 
 

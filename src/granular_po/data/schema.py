@@ -120,6 +120,7 @@ class LoadReport:
     n_read: int = 0
     n_kept: int = 0
     n_regions: int = 0
+    n_sft: int = 0  # records of TRL's SFT types (`SFTRecord`) among those kept
     skipped: dict[str, int] = field(default_factory=dict)
     first_errors: list[str] = field(default_factory=list)  # a few full messages, to show the user
     skipped_indices: dict[str, list[int]] = field(default_factory=dict)  # record indices by reason
@@ -145,7 +146,8 @@ class LoadReport:
 
     def summary(self, show_indices: int = 10) -> str:
         """One line: counts, then each skip reason with the indices of (up to `show_indices` of) its records."""
-        line = (f"{self.source}: read {plural(self.n_read, 'record')}, kept {self.n_kept}, "
+        sft = f" ({self.n_sft} SFT)" if self.n_sft else ""
+        line = (f"{self.source}: read {plural(self.n_read, 'record')}, kept {self.n_kept}{sft}, "
                 f"{plural(self.n_regions, 'region')}")
         if self.skipped:
             reasons = "; ".join(f"{k}={v}" + (f": {_records(self.skipped_indices[k], show_indices)}"

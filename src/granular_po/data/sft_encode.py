@@ -87,6 +87,7 @@ def admit_sft(records: Sequence[PreferenceRecord | SFTRecord], tokenizer, layout
                 if report is not None:
                     report.skip(error)
                     report.n_kept -= 1
+                    report.n_sft -= 1
                 continue
         keep.append(record)
     return keep

@@ -357,7 +357,8 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings,
         print(f"run already complete at {resume_from.name} of {total_steps} steps", flush=True)
         if is_main:
             print(briefing.end_block(cfg, loss_type, run_dir, None, overrides, resume_from,
-                                     int(resume_from.name.removeprefix("step-"))), flush=True)
+                                     int(resume_from.name.removeprefix("step-")),
+                                     sft_data=any(r.n_sft for r in train_reports)), flush=True)
         return run_dir
     if is_main:
         print(briefing.start_block(
@@ -380,7 +381,7 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings,
         folder, rows = (None, []) if latest is None else publish.write_final_card(
             cfg, loss_type, run_dir, latest, train_reports, trainer.state.global_step, screen)
         print(briefing.end_block(cfg, loss_type, run_dir, screen, overrides, latest, trainer.state.global_step,
-                                 rows), flush=True)
+                                 rows, sft_data=any(r.n_sft for r in train_reports)), flush=True)
         if cfg.push_to_hub and folder is not None:  # after the closing block: a failed upload loses nothing
             print(f"pushed to {publish.push(folder, cfg.hub_model_id or cfg.exp_name)}", flush=True)
     return run_dir
