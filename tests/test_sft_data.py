@@ -231,6 +231,12 @@ def test_a_conversation_the_layout_cannot_hold_is_named_or_skipped(tmp_path):
     records, _ = load_data(write([spaced], tmp_path / "spaced", "jsonl"), sft=True)
     with pytest.raises(DataError, match=r"record 0, field 'messages\[1\]': the chat template does not write"):
         build_dataset(records, shouting, EncodeOptions(), GranularOptions())
+    calling = tiny_tokenizer("byte_level", chat=True)
+    calling.chat_template = calling.chat_template.replace(
+        "{{ message['content'] }}", "{{ message['content'] }}{% if message['role'] == 'assistant' %} [call]{% endif %}")
+    with pytest.raises(DataError, match=r"record 0, field 'messages\[1\]': the chat template writes ' \[call\]' "
+                       "between this message's content and its end-of-turn token"):
+        build_dataset(records, calling, EncodeOptions(), GranularOptions())
 
 
 def test_readers_of_pairs_refuse_an_sft_row_naming_it(tmp_path):
@@ -320,3 +326,13 @@ def test_granular_on_sft_records_is_refused(chat_model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert (f"{data}: granular=true weights tokens by the highlighted regions of preference pairs, but 2 records "
             "of 2 (records 0, 1) are SFT records") in err and "set granular=false" in err
+
+
+def test_a_renamed_prompt_column_reads_sft_rows_and_errors_name_it(tmp_path):
+    path = write([{"question": "Hi", "completion": "Hello"}, {"question": "Hi", "completion": [TURNS[1]]}],
+                 tmp_path / "renamed", "jsonl")
+    records, report = load_data(path, on_invalid="skip", columns={"prompt": "question"}, sft=True)
+    assert (records[0].kind, records[0].prompt, records[0].completion) == ("prompt_completion", "Hi", "Hello")
+    assert report.first_errors == [f"{path}, record 1, field 'question': is a string but 'completion' a list of "
+                                   "messages: give both as text or both as message lists (TRL's conversational "
+                                   "prompt-completion) (line 2)"]

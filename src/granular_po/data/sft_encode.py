@@ -57,8 +57,13 @@ def conversation_turns(record: SFTRecord, tokenizer, end_token_id: int) -> list[
         turns.append((full[cursor:len(head)], content))
         after = len(head) + len(content)
         stop = full.find(end_text, after) if end_text else -1
+        if stop >= 0 and full[after:stop].strip():
+            raise DataError(record.source, record.index, record.names[k], f"the chat template writes "
+                            f"{full[after:stop][:40]!r} between this message's content and its end-of-turn token "
+                            "(tool calls?): training the content then the end token would not be what the "
+                            "template writes", "chat_template")
         # the context goes on after the end-of-turn token (which the content's tokens are followed by)
-        cursor = stop + len(end_text) if stop >= 0 and not full[after:stop].strip() else after
+        cursor = stop + len(end_text) if stop >= 0 else after
     return turns
 
 
