@@ -28,7 +28,7 @@ from granular_po.data.masks import (
     trim_region,
     trim_regions,
 )
-from granular_po.data.schema import DataError, LoadReport, PreferenceRecord, Region, RegionFlag
+from granular_po.data.schema import DataError, LoadReport, PreferenceRecord, Region, RegionFlag, SFTRecord
 
 logger = logging.getLogger("granular_po")
 
@@ -287,13 +287,23 @@ def admit_reached(records: Sequence[PreferenceRecord], unreached: Sequence[Seque
     return keep
 
 
-def _row(record: PreferenceRecord) -> dict[str, Any]:
+def _row(record: PreferenceRecord | SFTRecord) -> dict[str, Any]:
+    if isinstance(record, SFTRecord):  # (the SFT types: `sft_encode`, from the record in `sft`)
+        from granular_po.data.sft_rows import sft_record_dict
+
+        return {"index": record.index, "prompt": "", "chosen": "", "rejected": "", "regions": [],
+                "sft": json.dumps(sft_record_dict(record), ensure_ascii=False)}
     regions = [[r.start, r.end, int(r.flag)] for r in record.regions]
     return {"index": record.index, "prompt": record.prompt, "chosen": record.chosen,
-            "rejected": record.rejected, "regions": regions}
+            "rejected": record.rejected, "regions": regions, "sft": ""}
 
 
 def _encode_row(row: dict, tokenizer, enc: EncodeOptions, gran: GranularOptions, layout: TokenLayout) -> dict:
+    if row["sft"]:
+        from granular_po.data.sft_encode import encode_sft_record
+        from granular_po.data.sft_rows import sft_record_from_dict
+
+        return encode_sft_record(sft_record_from_dict(json.loads(row["sft"]), row["index"]), tokenizer, enc, layout)
     regions = tuple(Region(s, e, RegionFlag(f)) for s, e, f in row["regions"])
     record = PreferenceRecord(row["prompt"], row["chosen"], row["rejected"], regions, index=row["index"])
     return encode_record(record, tokenizer, enc, gran, layout)
@@ -316,7 +326,7 @@ def encoding_fingerprint(rows: Sequence[dict], tokenizer, enc: EncodeOptions, gr
 
 
 def build_dataset(
-    records: Sequence[PreferenceRecord],
+    records: Sequence[PreferenceRecord | SFTRecord],
     tokenizer,
     enc: EncodeOptions,
     gran: GranularOptions,
@@ -325,7 +335,8 @@ def build_dataset(
     on_invalid: str = "error",
     report: LoadReport | None = None,
 ):
-    """Encode `records` into an Arrow `datasets.Dataset` (one row per record, columns of encode_record).
+    """Encode `records` into an Arrow `datasets.Dataset` (one row per record, columns of encode_record; an
+    `SFTRecord` through `sft_encode`, after `admit_sft` checked its conversation against the chat template).
 
     With `cache_dir` the encoded table is written there under a fingerprint of data, tokenizer and
     options, and reused by a later identical call. With `gran.enabled`, a record with a region that
@@ -334,11 +345,14 @@ def build_dataset(
     from datasets import Dataset, Features, Value
     from datasets import Sequence as ListOf
 
+    from granular_po.data.sft_encode import admit_sft
+
     layout = resolve_layout(tokenizer, enc)
+    records = admit_sft(records, tokenizer, layout, on_invalid, report)  # conversations the template lays out
     rows = [_row(r) for r in records]
     text_features = Features({
         "index": Value("int64"), "prompt": Value("string"), "chosen": Value("string"),
-        "rejected": Value("string"), "regions": ListOf(ListOf(Value("int64"))),
+        "rejected": Value("string"), "regions": ListOf(ListOf(Value("int64"))), "sft": Value("string"),
     })
     ids, weights, flags = ListOf(Value("int32")), ListOf(Value("float32")), ListOf(Value("int8"))
     out_features = Features({
@@ -358,7 +372,7 @@ def build_dataset(
     encoded = source.map(
         _encode_row,
         fn_kwargs={"tokenizer": tokenizer, "enc": enc, "gran": gran, "layout": layout},
-        remove_columns=["prompt", "chosen", "rejected", "regions"],
+        remove_columns=["prompt", "chosen", "rejected", "regions", "sft"],
         features=out_features,
         num_proc=num_proc if num_proc and num_proc > 1 and len(rows) > 1 else None,
         new_fingerprint=fingerprint,

@@ -17,9 +17,10 @@ pairs or carry more than a pair (`eval`'s questions, `compare`'s answers).
 Parquet is read with pyarrow directly (what `datasets` reads it with) so no cached Arrow copy is
 written; CSV with the standard library because pandas' type inference (what `datasets` reads CSV with)
 would turn an answer "56" into an integer and an empty cell into NaN. A CSV region column holds JSON
-text (`[[8, 10, -1]]`; an empty cell: no region). The network is reached only for a hub id, i.e. a path
-that does not exist here and has the form org/name: anything that looks local (a data file's
-extension, ./, /, ~, more than one /) is reported missing instead.
+text (`[[8, 10, -1]]`; an empty cell: no region), and so does a `messages` column (an SFT conversation).
+The network is reached only for a hub id, i.e. a path that does not exist here and has the form
+org/name: anything that looks local (a data file's extension, ./, /, ~, more than one /) is reported
+missing instead.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from granular_po.data.records import _check_on_invalid, _describe, iter_json_values, parse_rows
+from granular_po.data.records import SFT_FIELDS, _check_on_invalid, _describe, iter_json_values, parse_rows
 from granular_po.data.rows import REGION_FIELDS, RowParser, text_row
-from granular_po.data.schema import DataError, LoadReport, PreferenceRecord
+from granular_po.data.schema import DataError, LoadReport, PreferenceRecord, SFTRecord
 
 FORMATS = ("json", "parquet", "csv", "disk", "hub")
 _DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".pq", ".csv", ".tsv", ".arrow", ".txt", ".gz", ".zip")
@@ -171,6 +172,15 @@ def _csv_row(header: list[str], cells: list[str], region_fields: tuple[str, ...]
         except ValueError:
             return DataError(name, index, field, "must be JSON text like [[8, 10, -1]] (or an empty cell), got "
                              f"{_describe(row[field])}", "bad_region")
+    for field in SFT_FIELDS:  # an empty cell is no text of an SFT record (a file may mix the types)
+        if row.get(field) == "":
+            row[field] = None
+    if row.get("messages") is not None:  # an SFT conversation (`sft_rows`): JSON text, as regions are
+        try:
+            row["messages"] = json.loads(row["messages"])
+        except ValueError:
+            return DataError(name, index, "messages", 'must be JSON text of a list of messages like [{"role": '
+                             f'"user", "content": "..."}}, ...], got {_describe(row["messages"])}', "bad_message")
     return row
 
 
@@ -256,15 +266,17 @@ def iter_data_rows(path: str | os.PathLike[str], cache_dir: str | None = None) -
 
 
 def load_data(path: str | os.PathLike[str], on_invalid: str = "error", eos_text: str | None = None,
-              columns: Mapping[str, str | None] | None = None, cache_dir: str | None = None
-              ) -> tuple[list[PreferenceRecord], LoadReport]:
+              columns: Mapping[str, str | None] | None = None, cache_dir: str | None = None, sft: bool = False
+              ) -> tuple[list[PreferenceRecord | SFTRecord], LoadReport]:
     """Every valid record of `path` in any format (see the module docstring), with the load report.
 
     `columns` renames fields ({"prompt": "question", "chosen": ..., "rejected": ..., "regions": ...});
     rows in TRL's conversational format are read as text (`rows`). `cache_dir`: for hub datasets.
+    `sft`: rows of TRL's SFT types (text, prompt-completion, messages) are read as `SFTRecord`s
+    (`sft_rows`), for `loss=sft`; without it such a row is refused, naming its field (`sft_record`).
     """
     _check_on_invalid(on_invalid)
-    parser = RowParser(columns)
+    parser = RowParser(columns, sft=sft)
     src = locate(path)
     report = LoadReport(src.name, columns_read=tuple(parser.columns.values()))
     region_fields = (*REGION_FIELDS, *([parser.columns["regions"]] if "regions" in parser.columns else []))

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from granular_po.data.schema import DataError, LoadReport, PreferenceRecord, Region, RegionFlag
+from granular_po.data.schema import DataError, LoadReport, PreferenceRecord, Region, RegionFlag, SFTRecord
 
 # Accepted spellings of each text field, canonical (research-code) name first.
 TEXT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -25,6 +25,8 @@ TEXT_FIELDS: dict[str, tuple[str, ...]] = {
     "correct_response": ("correct_response", "correct", "chosen"),
     "incorrect_response": ("incorrect_response", "incorrect", "rejected"),
 }
+# The fields of TRL's SFT types (`sft_rows`): language modeling, prompt-completion, conversational.
+SFT_FIELDS = ("text", "completion", "messages")
 ON_INVALID = ("error", "skip")
 # Markers and filters, not errors: always skipped and counted, even with on_invalid="error".
 FILTER_CODES = frozenset({"invalidated", "identical_responses", "shp_low_ratio", "se_empty_answer"})
@@ -255,7 +257,7 @@ def _iter_raw(f, source: str) -> Iterator[tuple[int, int | None, Any]]:
 
 def _wraps_records(obj: Any) -> bool:
     """A JSON object that holds a list of records instead of being one: {"data": [{...}, ...]}."""
-    if not isinstance(obj, dict) or any(name in obj for names in TEXT_FIELDS.values() for name in names):
+    if not isinstance(obj, dict) or any(name in obj for names in (*TEXT_FIELDS.values(), SFT_FIELDS) for name in names):
         return False
     return any(isinstance(v, list) and v and all(isinstance(x, dict) and not {"role", "content"} <= x.keys() for x in v)
                for v in obj.values())  # (a list of chat messages is a record's field, under a renamed column)
@@ -336,6 +338,7 @@ def parse_rows(rows: Iterator[tuple[int, int | None, Any]], source: str, on_inva
             continue
         report.n_kept += 1
         report.n_regions += len(record.regions)
+        report.n_sft += isinstance(record, SFTRecord)
         yield record
 
 

@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from granular_po.data.records import TEXT_FIELDS, _describe, parse_record
-from granular_po.data.schema import DataError, PreferenceRecord
+from granular_po.data.schema import DataError, PreferenceRecord, SFTRecord
+from granular_po.data.sft_rows import is_sft_row, not_a_pair, parse_sft_row
 
 # columns.<key> -> the field parse_record reads it as
 COLUMN_KEYS: dict[str, str] = {
@@ -47,15 +48,24 @@ def check_columns(columns: Mapping[str, str | None] | None) -> dict[str, str]:
 
 
 class RowParser:
-    """`parse(row, source, index, eos_text) -> PreferenceRecord` for `records.parse_rows`."""
+    """`parse(row, source, index, eos_text) -> PreferenceRecord` for `records.parse_rows`; with `sft`, a row
+    of one of TRL's SFT types (`sft_rows`) gives an `SFTRecord`; without, it is refused (`sft_record`)."""
 
-    def __init__(self, columns: Mapping[str, str | None] | None = None):
+    def __init__(self, columns: Mapping[str, str | None] | None = None, sft: bool = False):
         self.columns = check_columns(columns)
+        self.sft = sft
 
-    def __call__(self, row: Any, source: str, index: int, eos_text: str | None = None) -> PreferenceRecord:
+    def __call__(self, row: Any, source: str, index: int, eos_text: str | None = None) -> PreferenceRecord | SFTRecord:
         spelled: dict[str, str] = {}  # field parse_record names -> the field as the file spells it
         if isinstance(row, dict):
             row = self._rename(row, source, index, spelled)
+            if is_sft_row(row):
+                try:
+                    if not self.sft:
+                        raise not_a_pair(row, source, index)
+                    return parse_sft_row(row, source, index, eos_text)
+                except DataError as e:
+                    raise _respelled(e, spelled) from None
             row = from_conversation(row, source, index, spelled)
         try:
             return parse_record(row, source, index, eos_text)

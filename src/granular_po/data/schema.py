@@ -65,6 +65,36 @@ class PreferenceRecord:
         return bool(self.regions)
 
 
+@dataclass(frozen=True)
+class SFTRecord:
+    """One supervised example in one of TRL's SFT dataset types, for `loss=sft` (stage 1) only.
+
+    `kind`: "text" (language modeling: every token of `completion` trains), "prompt_completion"
+    (`prompt` is context, `completion` trains) or "conversation" (`messages`, dicts with at least
+    "role" and "content": each assistant message at or after `n_context` trains, every other message is
+    context; the chat template lays them out). `names` spell each message's field as the file does
+    ('messages[3]', 'completion[0]'), for errors. It has no rejected response and no regions: DPO /
+    TDPO refuse it and `granular=true` does not apply to it.
+    """
+
+    kind: str
+    prompt: str = ""
+    completion: str = ""
+    messages: tuple[dict, ...] = ()
+    n_context: int = 0
+    names: tuple[str, ...] = ()
+    source: str = "<memory>"
+    index: int = 0
+
+    regions = chosen_regions = rejected_regions = ()  # class constants: read as a record's by reports
+    is_annotated = False
+
+    @property
+    def trained_messages(self) -> tuple[int, ...]:
+        """Positions of the messages whose tokens train: the assistant messages after the context."""
+        return tuple(k for k, m in enumerate(self.messages) if k >= self.n_context and m["role"] == "assistant")
+
+
 class DataError(ValueError):
     """Bad input, always naming the file, the record index and the field at fault."""
 
@@ -90,6 +120,7 @@ class LoadReport:
     n_read: int = 0
     n_kept: int = 0
     n_regions: int = 0
+    n_sft: int = 0  # records of TRL's SFT types (`SFTRecord`) among those kept
     skipped: dict[str, int] = field(default_factory=dict)
     first_errors: list[str] = field(default_factory=list)  # a few full messages, to show the user
     skipped_indices: dict[str, list[int]] = field(default_factory=dict)  # record indices by reason
@@ -115,7 +146,8 @@ class LoadReport:
 
     def summary(self, show_indices: int = 10) -> str:
         """One line: counts, then each skip reason with the indices of (up to `show_indices` of) its records."""
-        line = (f"{self.source}: read {plural(self.n_read, 'record')}, kept {self.n_kept}, "
+        sft = f" ({self.n_sft} SFT)" if self.n_sft else ""
+        line = (f"{self.source}: read {plural(self.n_read, 'record')}, kept {self.n_kept}{sft}, "
                 f"{plural(self.n_regions, 'region')}")
         if self.skipped:
             reasons = "; ".join(f"{k}={v}" + (f": {_records(self.skipped_indices[k], show_indices)}"

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from granular_po.data.masks import GranularOptions
-from granular_po.data.records import TEXT_FIELDS
-from granular_po.data.schema import DataError, LoadReport, PreferenceRecord, plural
+from granular_po.data.records import SFT_FIELDS, TEXT_FIELDS
+from granular_po.data.schema import DataError, LoadReport, PreferenceRecord, SFTRecord, plural
 
 REGION_FIELDS = ("masked_region", "masked_regions")
 # read by another command, not by training: never reported as unread
@@ -32,9 +32,9 @@ _MISSPELT_CUTOFF = 0.75
 
 
 def known_fields() -> tuple[str, ...]:
-    """Every record field some reader of ours reads (text fields with their aliases, regions)."""
+    """Every record field some reader of ours reads (text fields with their aliases, regions, SFT types)."""
     names = [name for aliases in TEXT_FIELDS.values() for name in aliases]
-    return (*names, *REGION_FIELDS)
+    return (*names, *REGION_FIELDS, *SFT_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -160,3 +160,25 @@ def require_regions(reports: Sequence[LoadReport], gran: GranularOptions) -> Non
                     "every token would weigh 1, which is plain response-level training." + hint +
                     " Add regions (granular-po annotate derives them from minimal edits), or set granular=false",
                     "no_regions")
+
+
+def refuse_granular_sft(records: Sequence[PreferenceRecord | SFTRecord], source: str, gran: GranularOptions) -> None:
+    """`granular=true` on SFT records (TRL's text / prompt-completion / messages types): they have no regions,
+    so the highlight weighting has nothing to weigh them by; refused rather than trained response-level under
+    a granular banner, naming the file and its first such records."""
+    sft = [r.index for r in records if isinstance(r, SFTRecord)]
+    if gran.enabled and sft:
+        raise DataError(source, None, None, f"granular=true weights tokens by the highlighted regions of preference "
+                        f"pairs, but {plural(len(sft), 'record')} of {len(records)} (records {_few(sft)}) are SFT "
+                        "records (text / prompt-completion / messages), which have none: set granular=false to "
+                        "train them on every completion / assistant token", "granular_sft")
+
+
+def refuse_unpaired(report: LoadReport, sft: bool) -> None:
+    """DPO / TDPO on a file whose every record is an SFT record: under `on_invalid=skip` each was skipped
+    (`sft_record`), and the run would train on nothing; refused, saying which stage reads such a file."""
+    n_sft = report.skipped.get("sft_record", 0)
+    if not sft and n_sft and report.n_kept == 0:
+        raise DataError(report.source, None, None, f"holds no preference pair: {plural(n_sft, 'record')} of "
+                        f"{report.n_read} are SFT records (text / prompt-completion / messages), with no rejected "
+                        "response for DPO / TDPO to prefer against; train them with loss=sft (stage 1)", "sft_record")

@@ -189,14 +189,19 @@ def _overrides_from_config(cfg: TrainConfig) -> list[str]:
     return [f"{key}={value}" for key, value in keys.items() if value is not None]
 
 
-def next_command(cfg: TrainConfig, loss: LossType, run_dir: Path, overrides: list[str] | None) -> str | None:
-    """After SFT: stage 2 from this run's `LATEST`. After DPO / TDPO: task accuracy of the result."""
+def next_command(cfg: TrainConfig, loss: LossType, run_dir: Path, overrides: list[str] | None,
+                 sft_data: bool = False) -> str | None:
+    """After SFT: stage 2 from this run's `LATEST` (on PAIRS.jsonl when the run's data held SFT records, which
+    stage 2 refuses). After DPO / TDPO: task accuracy of the result."""
     if cfg.debug:
         return None
     run_dir = Path(os.path.abspath(run_dir))
     model = run_dir / ("merged" if cfg.lora.enabled and cfg.lora.merge_on_save else "LATEST")
     if loss is LossType.SFT:
         given = overrides if overrides is not None else _overrides_from_config(cfg)
+        if sft_data:  # a key given again: its last value is kept
+            given = [*given, "custom_train_path=PAIRS.jsonl",
+                     *(["custom_eval_path=PAIRS_EVAL.jsonl"] if cfg.custom_eval_path else [])]
         items = stage_two_overrides(given, model, str(cfg.exp_name))
         return f"{entry_command()} " + " ".join(shlex.quote(item) for item in items)
     data = cfg.custom_eval_path or "EVAL.json"
@@ -204,9 +209,10 @@ def next_command(cfg: TrainConfig, loss: LossType, run_dir: Path, overrides: lis
 
 
 def end_block(cfg: TrainConfig, loss: LossType, run_dir: Path, console, overrides: list[str] | None,
-              latest: Path | None, global_step: int, published: list[tuple[str, str]] = ()) -> str:
+              latest: Path | None, global_step: int, published: list[tuple[str, str]] = (),
+              sft_data: bool = False) -> str:
     """The closing block: final metrics, the checkpoint `LATEST` points to, the model card (and hub
-    repository: `published`), the next command."""
+    repository: `published`), the next command (`sft_data`: the training data held SFT records)."""
     summary = console.summary if console is not None else {}
     title = f"done: step {global_step}"
     if summary.get("train_runtime") is not None:
@@ -222,7 +228,7 @@ def end_block(cfg: TrainConfig, loss: LossType, run_dir: Path, console, override
         rows.append(("checkpoint", f"{run_dir / 'LATEST'} -> {latest.name}" if latest else "none written"))
         rows.append(("all metrics", str(run_dir / "metrics.jsonl")))
         rows += list(published)
-    command = next_command(cfg, loss, run_dir, overrides)
+    command = next_command(cfg, loss, run_dir, overrides, sft_data)
     if command:
         rows.append(("next", command))
     return block(title, rows)

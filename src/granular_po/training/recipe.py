@@ -48,11 +48,19 @@ def load_split(cfg: TrainConfig, split: str, tokenizer, enc: EncodeOptions, gran
     prompt for se and shp, as the research code)."""
     from datasets import concatenate_datasets
 
-    from granular_po.data.shape import check_fields, require_regions, shape_warnings
+    from granular_po.data.shape import (
+        check_fields,
+        refuse_granular_sft,
+        refuse_unpaired,
+        require_regions,
+        shape_warnings,
+    )
 
     parts, reports = [], []
     for records, report in _split_sources(cfg, split, tokenizer.eos_token, sft):
         check_fields(report, cfg.on_invalid)  # a field misspelt in every record: refused (on_invalid=error)
+        refuse_granular_sft(records, report.source, gran)  # SFT records have no regions to weigh by
+        refuse_unpaired(report, sft)  # DPO / TDPO on a file of SFT records only (on_invalid=skip)
         report.warnings = shape_warnings(report, records, gran, preference=not sft)
         parts.append(build_dataset(records, tokenizer, enc, gran, num_proc=cfg.num_proc, cache_dir=cfg.cache_dir,
                                    on_invalid=cfg.on_invalid, report=report))
@@ -79,7 +87,7 @@ def _split_sources(cfg: TrainConfig, split: str, eos_text: str | None, sft: bool
                 logger.warning("notice: no custom_eval_path: evaluation is off")
                 continue
             recs, report = load_data(path, on_invalid=cfg.on_invalid, eos_text=eos_text,
-                                     columns=asdict(cfg.columns), cache_dir=cfg.cache_dir)
+                                     columns=asdict(cfg.columns), cache_dir=cfg.cache_dir, sft=sft)
         else:
             recs, report = load_hub_records(name, split, on_invalid=cfg.on_invalid, cache_dir=cfg.cache_dir,
                                             eos_text=eos_text, sft=sft)
@@ -349,7 +357,8 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings,
         print(f"run already complete at {resume_from.name} of {total_steps} steps", flush=True)
         if is_main:
             print(briefing.end_block(cfg, loss_type, run_dir, None, overrides, resume_from,
-                                     int(resume_from.name.removeprefix("step-"))), flush=True)
+                                     int(resume_from.name.removeprefix("step-")),
+                                     sft_data=any(r.n_sft for r in train_reports)), flush=True)
         return run_dir
     if is_main:
         print(briefing.start_block(
@@ -372,7 +381,7 @@ def _train(cfg: TrainConfig, argv: list[str] | None, settings: RunSettings,
         folder, rows = (None, []) if latest is None else publish.write_final_card(
             cfg, loss_type, run_dir, latest, train_reports, trainer.state.global_step, screen)
         print(briefing.end_block(cfg, loss_type, run_dir, screen, overrides, latest, trainer.state.global_step,
-                                 rows), flush=True)
+                                 rows, sft_data=any(r.n_sft for r in train_reports)), flush=True)
         if cfg.push_to_hub and folder is not None:  # after the closing block: a failed upload loses nothing
             print(f"pushed to {publish.push(folder, cfg.hub_model_id or cfg.exp_name)}", flush=True)
     return run_dir
