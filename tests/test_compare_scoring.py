@@ -168,7 +168,15 @@ def test_sft_test_scores_are_cached_and_recomputed_when_their_key_changes(tiny, 
     recomputes(_scorer(root, test), "model")
     write_json(test, split_questions(4, 1, 5, task="styled", seed=2)[2])
     recomputes(_scorer(root, test), "data")
-    assert _scorer(root, test).scorings == 0
+    current = _scorer(root, test)
+    now = current.baseline(completions, cache)
+    assert current.scorings == 0
+
+    cache.write_text(cache.read_text()[:40])  # a file cut short (a kill mid-write of an older version)
+    cut = _scorer(root, test)
+    assert cut.baseline(completions, cache) == now and cut.scorings == 1
+    assert "unreadable, recomputed" in capsys.readouterr().out
+    assert not list(cache.parent.glob("*.tmp"))  # written beside and renamed into place
 
 
 # ---------------------------------------------------------------- the start-up line

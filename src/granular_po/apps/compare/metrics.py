@@ -188,6 +188,24 @@ def mean_of(values: Sequence) -> float | None:
     return sum(kept) / len(kept) if kept else None
 
 
+def read_cache(path: Path) -> dict:
+    """A cache file's JSON; {} (recomputed, never trusted) when it cannot be read whole."""
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        print(f"{path}: unreadable, recomputed", flush=True)
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def write_cache(path: Path, value: dict) -> None:
+    """Written beside and renamed into place: a kill leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)
+
+
 SCORES_VERSION = 1  # raise when a metric's definition changes: cached SFT test scores are then recomputed
 
 
@@ -220,14 +238,14 @@ class TestScorer:
         key = {"model": checkpoint_key(self.sft), "pairs": len(self.pairs), "lengths": list(self.lengths),
                "data": [[r.prompt, r.chosen, r.rejected] for r in self.records]}
         if self._reference is None and self.cache.is_file():
-            stored = json.loads(self.cache.read_text())
+            stored = read_cache(self.cache)
             if stored.get("key") == json.loads(json.dumps(key)):
                 self._reference = stored["logps"]
         if self._reference is None:
             tokenizer, model = load_model_pair(self.sft)
             self._reference = sequence_logps(model, self._encode(tokenizer), self.batch_size)
             self.cache.parent.mkdir(parents=True, exist_ok=True)
-            self.cache.write_text(json.dumps({"key": key, "logps": self._reference}))
+            write_cache(self.cache, {"key": key, "logps": self._reference})
         return self._reference
 
     def baseline(self, completions: Sequence[str] | None, cache: Path) -> dict[str, list]:
@@ -246,7 +264,7 @@ class TestScorer:
                "synthetic": self.synthetic, "rouge": self.rouge, "max_new_tokens": self.max_new_tokens,
                "batch_size": self.batch_size, "completions": None if completions is None else digest(list(completions))}
         if cache.is_file():
-            stored = json.loads(cache.read_text())
+            stored = read_cache(cache)
             if stored.get("key") == key:
                 print(f"test scores of the SFT model: cached in {cache}", flush=True)
                 return stored["items"]
@@ -254,7 +272,7 @@ class TestScorer:
             print(f"test scores of the SFT model: recomputed ({', '.join(changed)} changed since {cache})", flush=True)
         items = self.score(self.sft, completions)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"key": key, "items": items}))
+        write_cache(cache, {"key": key, "items": items})
         return items
 
     def _encode(self, tokenizer) -> list[dict]:
