@@ -203,11 +203,13 @@ def file_data(out: Path, args: argparse.Namespace) -> dict[str, Path] | None:
 
 
 def _as_json(out: Path, name: str, given: str) -> Path:
-    """`given` itself when it is a JSON list or JSONL file, else its rows written as <out>/data/<name>.json."""
+    """`given` itself when it is a JSON list or JSONL file, else its rows written as <out>/data/<name>.json
+    (so is a stream such as stdin or a pipe: the runs could not read it again)."""
     from granular_po.apps.eval import read_pairs
     from granular_po.data.formats import locate
+    from granular_po.data.streams import is_stream
 
-    if locate(given).kind == "json":
+    if locate(given).kind == "json" and not is_stream(given):
         return Path(given).expanduser().resolve()
     return _write_rows(out / "data" / f"{name}.json", read_pairs(given))
 
