@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from granular_po.apps.help import DefaultsFormatter
+from granular_po.apps.help import DefaultsFormatter, add_column_option, column_option
 from granular_po.data.encode import (
     PROMPT_FORMATS,
     TRUNCATION_MODES,
@@ -34,7 +34,6 @@ from granular_po.data.encode import (
     resolve_layout,
 )
 from granular_po.data.masks import CHOICES, GranularOptions, projected_regions, token_in_regions
-from granular_po.data.rows import check_columns
 from granular_po.data.schema import DataError, LoadReport, PreferenceRecord
 from granular_po.settings import field_docs
 
@@ -48,9 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="granular-po inspect", description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsFormatter)
     p.add_argument("data", help="records {prompt, correct_response, incorrect_response, ...}: a JSON / JSONL, "
-                   "parquet or CSV file, a save_to_disk directory (DIR:split) or a hub id org/name:split")
-    p.add_argument("--column", action="append", default=[], metavar="KEY=NAME",
-                   help="read KEY (prompt, chosen, rejected, regions) from the field NAME (train: columns.KEY=NAME)")
+                   "parquet or CSV file, a save_to_disk directory (DIR:split), a hub id org/name:split, or - (stdin)")
+    add_column_option(p)
     p.add_argument("--tokenizer", default=DEFAULT_MODEL, help="hub id, local directory, or smollm2-135m "
                    "(the embedded default model's tokenizer)")
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=EncodeOptions.prompt_format,
@@ -325,9 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help or a usage error: argparse already printed why
         return int(e.code or 0)
     try:
-        columns = check_columns(dict(item.split("=", 1) if "=" in item else (item, "") for item in args.column))
+        columns = column_option(args.column)
     except ValueError as e:
-        print(f"error: --column: {str(e).replace('columns.', '')}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         enc = EncodeOptions(args.max_length, args.max_prompt_length, args.prompt_format, args.truncation_mode)

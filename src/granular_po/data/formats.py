@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from granular_po.data.records import SFT_FIELDS, _check_on_invalid, _describe, iter_json_values, parse_rows
-from granular_po.data.rows import REGION_FIELDS, RowParser, text_row
+from granular_po.data.rows import REGION_FIELDS, RowParser, check_columns, rename_columns, text_row
 from granular_po.data.schema import DataError, LoadReport, PreferenceRecord, SFTRecord
 from granular_po.data.streams import is_stream, open_binary, source_name, stream_bytes
 
@@ -253,19 +253,27 @@ def iter_rows(src: DataSource, region_fields: tuple[str, ...] = REGION_FIELDS,
     raise ValueError(f"unknown data format {src.kind!r}; known: {', '.join(FORMATS)}")
 
 
-def iter_data_rows(path: str | os.PathLike[str], cache_dir: str | None = None) -> Rows:
+def _region_fields(columns: Mapping[str, str]) -> tuple[str, ...]:
+    """The fields a CSV reader parses as JSON text: ours, and the column `columns.regions` names."""
+    return (*REGION_FIELDS, *([columns["regions"]] if "regions" in columns else []))
+
+
+def iter_data_rows(path: str | os.PathLike[str], cache_dir: str | None = None,
+                   columns: Mapping[str, str | None] | None = None) -> Rows:
     """(index, line or None, row) of any format, each row as a JSON file would hold it: a table's null cell
-    dropped (in a table every row has every column: null is the field absent), TRL's chat messages as text
-    (`rows.text_row`; a row whose messages cannot be read is yielded as its DataError, as a JSONL line that
-    does not parse is). File-level faults raise DataError."""
+    dropped (in a table every row has every column: null is the field absent), the columns `columns` names
+    under our names (`rows.rename_columns`, as `load_data` reads them), TRL's chat messages as text
+    (`rows.text_row`; a row that cannot be read so is yielded as its DataError, as a JSONL line that does
+    not parse is). File-level faults raise DataError; bad `columns` raise ValueError."""
+    columns = check_columns(columns)
     src = locate(path)
     try:
-        for index, line, row in iter_rows(src, REGION_FIELDS, cache_dir):
+        for index, line, row in iter_rows(src, _region_fields(columns), cache_dir):
             if isinstance(row, dict):
                 if src.kind != "json":
                     row = {k: v for k, v in row.items() if v is not None}
                 try:
-                    row = text_row(row, src.name, index)
+                    row = text_row(rename_columns(row, columns, src.name, index), src.name, index)
                 except DataError as e:
                     row = e
             yield index, line, row
@@ -287,10 +295,9 @@ def load_data(path: str | os.PathLike[str], on_invalid: str = "error", eos_text:
     parser = RowParser(columns, sft=sft)
     src = locate(path)
     report = LoadReport(src.name, columns_read=tuple(parser.columns.values()))
-    region_fields = (*REGION_FIELDS, *([parser.columns["regions"]] if "regions" in parser.columns else []))
     try:
-        records = list(parse_rows(iter_rows(src, region_fields, cache_dir), src.name, on_invalid, report,
-                                  eos_text, parse=parser))
+        records = list(parse_rows(iter_rows(src, _region_fields(parser.columns), cache_dir), src.name, on_invalid,
+                                  report, eos_text, parse=parser))
     except OSError as e:
         raise DataError(src.name, None, None, f"cannot read file: {e.strerror or e}", "file_unreadable") from None
     return records, report
