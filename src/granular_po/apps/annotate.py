@@ -13,9 +13,8 @@ import argparse
 import sys
 from typing import Any
 
-from granular_po.apps.help import DefaultsFormatter
+from granular_po.apps.help import DefaultsFormatter, add_column_option, column_option
 from granular_po.data.annotate import annotate_file
-from granular_po.data.rows import check_columns
 from granular_po.data.schema import DataError, plural
 
 _SHOW_INDICES = 20  # indices listed per category in the printed summary; the dict keeps them all
@@ -62,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="granular-po annotate", description=__doc__.splitlines()[0],
                                      formatter_class=DefaultsFormatter)
     parser.add_argument("input", help="pairs of prompt / correct_response / incorrect_response in any format train "
-                        "reads: JSON list, JSONL, parquet, CSV, a save_to_disk directory[:split], a hub id org/name:split")
+                        "reads: JSON list, JSONL, parquet, CSV, a save_to_disk directory[:split], a hub id org/name:split, "
+                        "or - (stdin)")
     parser.add_argument("output", help="where to write the annotated pairs (.json: a JSON list, else JSONL)")
     parser.add_argument("--include-correct", action="store_true",
                         help="also mark the differing characters of the correct response (flag 1)")
@@ -72,8 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip and count invalid records instead of stopping at the first")
     parser.add_argument("--eos-text", default=None, help="reject records whose text contains this EOS string "
                         "(none checked if not given)")
-    parser.add_argument("--column", action="append", default=[], metavar="KEY=NAME",
-                        help="read KEY (prompt, chosen, rejected, regions) from the field NAME (train: columns.KEY=NAME)")
+    add_column_option(parser)
     parser.add_argument("--in-place", action="store_true",
                         help="allow OUTPUT to be INPUT: replace it (the pairs that cannot be annotated are dropped)")
     return parser
@@ -83,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     """CLI `granular-po annotate IN OUT`: exit 0 on success, 2 on bad input (message, no traceback)."""
     args = build_parser().parse_args(argv)
     try:
-        columns = check_columns(dict(item.split("=", 1) if "=" in item else (item, "") for item in args.column))
+        columns = column_option(args.column)
     except ValueError as e:
-        print(f"error: --column: {str(e).replace('columns.', '')}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         summary = annotate_file(args.input, args.output, args.include_correct, args.max_edit_ratio,

@@ -1,6 +1,7 @@
 """`granular-po eval`: task accuracy by greedy generation, on the records it can grade, naming the others.
 
     granular-po eval --model DIR --data eval.jsonl [--n 50] [--out results.json]
+    cat eval.parquet | granular-po eval --model DIR --data - --column prompt=question
 
 The grading rules (what a response states, how answers compare) live in `answers.py`; `HELP` below says
 them to the user. Demo and compare call `task_accuracy` on (prompt, answer) questions directly.
@@ -14,10 +15,10 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from granular_po.apps.answers import (
     SHORT_RESPONSE_WORDS,
@@ -28,6 +29,7 @@ from granular_po.apps.answers import (
     is_long_form,
     stated_answer,
 )
+from granular_po.apps.help import add_column_option, column_option
 
 __all__ = ["Question", "data_rows", "extract_answer", "format_prompt", "generate", "load_questions", "main",
            "prompt_batch", "questions_from_pairs", "read_pairs", "run_eval", "task_accuracy"]
@@ -173,37 +175,57 @@ def question_of(item: Any, index: int) -> Question | str:
     return Question(index, prompt, answer)
 
 
-def data_rows(path: str | os.PathLike) -> Iterator[tuple[int, int | None, Any]]:
+Columns = Optional[Mapping[str, str]]  # train's columns.* mapping ({"prompt": "question", ...}); None: ours
+
+
+def data_rows(path: str | os.PathLike, columns: Columns = None) -> Iterator[tuple[int, int | None, Any]]:
     """(index, line or None, row or the DataError reading it raised) of a file in any format `train` reads
-    (`formats.iter_data_rows`: chat messages as text, a table's null cell absent). A CSV cell is text, so
-    an empty `answer` cell there means no answer (as a missing field would in JSON)."""
+    (`formats.iter_data_rows`: the fields `columns` names under our names, chat messages as text, a table's
+    null cell absent). A CSV cell is text, so an empty `answer` cell there means no answer (as a missing
+    field would in JSON)."""
     from granular_po.data.formats import iter_data_rows, locate
 
     csv = locate(path).kind == "csv"
-    for index, line, item in iter_data_rows(path):
+    for index, line, item in iter_data_rows(path, columns=columns):
         if csv and isinstance(item, dict) and isinstance(item.get("answer"), str) and not item["answer"].strip():
             item = {k: v for k, v in item.items() if k != "answer"}
         yield index, line, item
 
 
-def load_questions(path: str | os.PathLike) -> tuple[list[Question], list[tuple[int, str]], int]:
-    """(questions, [(index, why not gradable)], records read) of a file in any format `train` reads.
+def _respelled(reason: str, columns: Columns) -> str:
+    """`reason` with our field names as the file spells them (`--column prompt=question`: 'question')."""
+    from granular_po.data.rows import COLUMN_KEYS
+
+    for key, name in (columns or {}).items():
+        reason = reason.replace(f"'{COLUMN_KEYS[key]}'", f"'{name}'").replace(f" {COLUMN_KEYS[key]} ", f" {name} ")
+    return reason
+
+
+def _data_error(error: Any) -> str:
+    """Why a row could not be read, naming its field as the file spells it when the error names one."""
+    return f"field '{error.field_name}': {error.reason}" if error.field_name else error.reason
+
+
+def load_questions(path: str | os.PathLike, columns: Columns = None
+                   ) -> tuple[list[Question], list[tuple[int, str]], int]:
+    """(questions, [(index, why not gradable)], records read) of a file in any format `train` reads, its
+    fields renamed by `columns` (train's `columns.*`).
 
     Raises DataError (naming the file) when the file is missing, unreadable, empty or not of its format.
     """
     from granular_po.data.schema import DataError
 
     questions, ungraded, n = [], [], 0
-    for index, line, item in data_rows(path):
+    for index, line, item in data_rows(path, columns):
         n += 1
         where = f" (line {line})" if line is not None else ""
         if isinstance(item, DataError) and f"line {line}" in item.reason:
             where = ""
-        found = item.reason if isinstance(item, DataError) else question_of(item, index)
+        found = _data_error(item) if isinstance(item, DataError) else question_of(item, index)
         if isinstance(found, Question):
             questions.append(found)
         else:
-            ungraded.append((index, found + where))
+            ungraded.append((index, _respelled(found, columns) + where))
     return questions, ungraded, n
 
 
@@ -213,13 +235,13 @@ def questions_from_pairs(pairs: Sequence[dict]) -> list[tuple[str, Answer]]:
     return [(q.prompt, q.answer) for q in found if isinstance(q, Question)]
 
 
-def read_pairs(path: str | Path) -> list[dict]:
-    """The rows of a file in any format `train` reads, as dicts of text (`data_rows`); DataError names a
-    file or row that cannot be read."""
+def read_pairs(path: str | Path, columns: Columns = None) -> list[dict]:
+    """The rows of a file in any format `train` reads, as dicts of text under our names (`data_rows`);
+    DataError names a file or row that cannot be read."""
     from granular_po.data.schema import DataError
 
     items = []
-    for _, _, item in data_rows(path):
+    for _, _, item in data_rows(path, columns):
         if isinstance(item, DataError):
             raise item
         items.append(item)
@@ -245,8 +267,9 @@ def run_eval(
 
 HELP = f"""\
 Task accuracy of a model by greedy generation on the records of a file in any format `train` reads
-(JSON list, JSONL, parquet, CSV, a save_to_disk directory[:split], a hub id org/name:split; TRL's chat
-messages read as their text; a table's null or empty "answer" cell is no "answer").
+(JSON list, JSONL, parquet, CSV, a save_to_disk directory[:split], a hub id org/name:split, or - for
+stdin; TRL's chat messages read as their text; a table's null or empty "answer" cell is no "answer").
+Fields named otherwise are read with --column KEY=NAME, as train's columns.KEY=NAME.
 
 What is graded: each record needs a "prompt" and an expected answer, either its "answer" field (a
 string or a number) or, without one, the answer its "correct_response" states (read as below) when
@@ -276,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the embedded default model)")
     p.add_argument("--data", required=True,
                    help="required: records with a prompt and an answer, in any format train reads (JSON, JSONL, "
-                        "parquet, CSV, a save_to_disk directory, a hub id org/name:split)")
+                        "parquet, CSV, a save_to_disk directory, a hub id org/name:split), or - (stdin)")
+    add_column_option(p)
     p.add_argument("--n", type=int, default=None, help="grade only the first N gradable records (default: all)")
     p.add_argument("--out", default=None, help="also write the accuracy, every graded record and the records "
                                                "not graded here (JSON; default: not written)")
@@ -333,8 +357,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help or a usage error: argparse already printed why
         return int(e.code or 0)
+    try:
+        columns = column_option(args.column)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:  # the data first: its errors come in the first second, before any model loads
-        questions, ungraded, total = load_questions(args.data)
+        questions, ungraded, total = load_questions(args.data, columns)
     except DataError as e:
         print(f"invalid data: {e}", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@ import argparse
 import textwrap
 from dataclasses import fields, is_dataclass
 
+from granular_po.data.rows import COLUMN_KEYS, check_columns
 from granular_po.settings import LOSS_GROUPS, field_docs
 
 WIDTH = 100
@@ -23,6 +24,21 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
                 or action.default is None or action.default is False or action.default == argparse.SUPPRESS):
             return text
         return f"{text} (default: %(default)s)"
+
+
+def add_column_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """`--column KEY=NAME` (repeatable): train's `columns.KEY=NAME`, for every command that reads data."""
+    parser.add_argument("--column", action="append", default=[], metavar="KEY=NAME",
+                        help=f"read KEY ({', '.join(COLUMN_KEYS)}) from the field NAME (train: columns.KEY=NAME)")
+
+
+def column_option(items: list[str]) -> dict[str, str]:
+    """The `--column KEY=NAME` items as train's `columns` mapping, checked as train checks it
+    (`rows.check_columns`); ValueError "--column: ..." names the fault."""
+    try:
+        return check_columns(dict(item.split("=", 1) if "=" in item else (item, "") for item in items))
+    except ValueError as e:
+        raise ValueError(f"--column: {str(e).replace('columns.', '')}") from None
 
 
 def _value(value) -> str:

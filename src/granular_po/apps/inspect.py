@@ -6,6 +6,11 @@ Prints a validation summary (exit status 1 when the data is invalid); `--html` w
 page with every response token boxed, the weighted ones shaded by their weight (hover for the value) and
 the prompt behind a toggle; `--json` writes one line per record with the response ids, their token
 strings and weights (the prompt excluded, the end-of-response token last).
+
+The weights are training's own: each option below is the training key of the same name (`--sides` is
+`granular.sides`, `--kl-weights` is `granular.kl_weights` ...), the records are encoded by the encoder
+`train` uses, and TDPO's KL weights, where `--kl-weights all` makes them differ from the margin's, are
+read from a batch of the trainer's collator through the objective's own `statistic_weights`.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from granular_po.apps.help import DefaultsFormatter
+from granular_po.apps.help import DefaultsFormatter, add_column_option, column_option
 from granular_po.data.encode import (
     PROMPT_FORMATS,
     TRUNCATION_MODES,
@@ -28,8 +33,7 @@ from granular_po.data.encode import (
     encode_record,
     resolve_layout,
 )
-from granular_po.data.masks import GranularOptions, projected_regions, token_in_regions
-from granular_po.data.rows import check_columns
+from granular_po.data.masks import CHOICES, GranularOptions, projected_regions, token_in_regions
 from granular_po.data.schema import DataError, LoadReport, PreferenceRecord
 from granular_po.settings import field_docs
 
@@ -43,9 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="granular-po inspect", description=__doc__.split("\n\n")[0],
                                 formatter_class=DefaultsFormatter)
     p.add_argument("data", help="records {prompt, correct_response, incorrect_response, ...}: a JSON / JSONL, "
-                   "parquet or CSV file, a save_to_disk directory (DIR:split) or a hub id org/name:split")
-    p.add_argument("--column", action="append", default=[], metavar="KEY=NAME",
-                   help="read KEY (prompt, chosen, rejected, regions) from the field NAME (train: columns.KEY=NAME)")
+                   "parquet or CSV file, a save_to_disk directory (DIR:split), a hub id org/name:split, or - (stdin)")
+    add_column_option(p)
     p.add_argument("--tokenizer", default=DEFAULT_MODEL, help="hub id, local directory, or smollm2-135m "
                    "(the embedded default model's tokenizer)")
     p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=EncodeOptions.prompt_format,
@@ -65,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=gran["unannotated_weight"])
     p.add_argument("--include-eos", action=argparse.BooleanOptionalAction, default=GranularOptions.include_eos,
                    help=gran["include_eos"])
+    for key in ("sides", "after_first_error", "kl_weights"):  # the objective options (granular.<key>)
+        p.add_argument(f"--{key.replace('_', '-')}", choices=CHOICES[key], default=getattr(GranularOptions, key),
+                       help=gran[key] + (" Shown for loss=tdpo (DPO's KL is only logged, with the margin's "
+                                         "weights): --json adds chosen_kl_weights / rejected_kl_weights."
+                                         if key == "kl_weights" else ""))
     p.add_argument("--html", metavar="OUT.html", help="write the token viewer page here (none if not given)")
     p.add_argument("--json", metavar="OUT.jsonl", help="write response ids, token strings and weights per "
                    "record here (none if not given)")
@@ -100,6 +108,27 @@ def encode_all(records: Sequence[PreferenceRecord], tokenizer, enc: EncodeOption
     return out
 
 
+def add_kl_weights(rows: Sequence[dict[str, Any]], pad_token_id: int, gran: GranularOptions) -> None:
+    """With `kl_weights=all`, add each row's TDPO KL weights (`chosen_kl_weights`, `rejected_kl_weights`, the
+    end token last) as the trainer reads them: the row collated by `PreferenceCollator` and the weights taken
+    from `LossSettings.statistic_weights`. Otherwise the KL reads the margin's weights (`*_weights`): nothing
+    is added."""
+    from granular_po.data.collate import PreferenceCollator
+    from granular_po.losses import LossType
+    from granular_po.training.objectives import LossSettings
+
+    settings = LossSettings(loss=LossType.TDPO, kl_weights=gran.kl_weights)
+    if not settings.kl_over_all_tokens:
+        return
+    collate = PreferenceCollator(pad_token_id)
+    for row in rows:
+        batch = collate([row])
+        kl = settings.statistic_weights(batch)["kl_weights"]  # (2, T): rows chosen, rejected
+        for r, side in enumerate(("chosen", "rejected")):
+            start, end = batch["host"]["prompt_lengths"][r], batch["host"]["lengths"][r]
+            row[f"{side}_kl_weights"] = kl[r, start:end].tolist()
+
+
 def summarize(report: LoadReport, records, rows, tokenizer, layout: TokenLayout, gran: GranularOptions) -> list[str]:
     """The validation summary, one line per fact."""
     counts = {}
@@ -115,9 +144,18 @@ def summarize(report: LoadReport, records, rows, tokenizer, layout: TokenLayout,
         f"tokenizer: {getattr(tokenizer, 'name_or_path', '?')}; prompt format: {'chat' if layout.chat else 'raw'}; "
         f"end-of-response token: {end_tok!r} (id {layout.end_token_id})",
         "granular: " + (f"on (outside_weight={gran.outside_weight:g}, unannotated_weight="
-                        f"{gran.unannotated_weight:g}, include_eos={gran.include_eos})" if gran.enabled else "off"),
+                        f"{gran.unannotated_weight:g}, include_eos={gran.include_eos}, sides={gran.sides}, "
+                        f"after_first_error={gran.after_first_error}, kl_weights={gran.kl_weights})"
+                        if gran.enabled else "off"),
         f"response tokens carrying weight: {nonzero}/{total} = {nonzero / max(total, 1):.1%} "
         f"(chosen {counts['chosen'][0]}/{counts['chosen'][1]}, rejected {counts['rejected'][0]}/{counts['rejected'][1]})",
+    ]
+    if rows and "chosen_kl_weights" in rows[0]:
+        kl = [w for row in rows for side in ("chosen", "rejected") for w in row[f"{side}_kl_weights"]]
+        kl_nonzero = sum(1 for w in kl if w != 0)
+        lines.append(f"TDPO's KL (kl_weights=all) weighs {kl_nonzero}/{len(kl)} response tokens; the margin "
+                     "keeps the weights above (DPO's KL is only logged)")
+    lines += [
         f"regions reaching no token: {sum(len(row['unreached_regions']) for row in rows)}"
         + (" (beside regions of the same response that do)" if gran.enabled else " (unused: granular off)"),
         f"truncated pairs: {sum(row['truncated'] for row in rows)}",
@@ -190,6 +228,7 @@ def render_tokens(text: str, row: dict[str, Any], side: str, tokenizer, weights_
     """One response as boxed tokens. Tokens sharing one char span (byte pieces of an emoji) share a box."""
     ids, offsets = row[f"{side}_ids"], row[f"{side}_offsets"]
     weights, flags = row[weights_key or f"{side}_weights"], row[f"{side}_flags"]
+    kl = row.get(f"{side}_kl_weights") if weights_key is None else None  # only where it differs
     projected = row["projected"] if weights_key == "sft_weights" else [False] * len(ids)
     parts, pos, i, n = [], 0, 0, len(ids) - 1  # the last id is the end-of-response token
     while i < n:
@@ -201,7 +240,8 @@ def render_tokens(text: str, row: dict[str, Any], side: str, tokenizer, weights_
             parts.append(f'<span class="gap">{_show(text[pos:s])}</span>')
         piece = text[max(s, pos):e] if e > s else tokenizer.convert_ids_to_tokens(ids[i])
         cls = _tok_class(weights[i], flags[i], projected[i])
-        title = f"weight {weights[i]:g} · id{'s' if j - i > 1 else ''} {' '.join(map(str, ids[i:j]))} · chars [{s}, {e})"
+        title = (f"weight {weights[i]:g}" + (f" · KL weight {kl[i]:g}" if kl else "")
+                 + f" · id{'s' if j - i > 1 else ''} {' '.join(map(str, ids[i:j]))} · chars [{s}, {e})")
         parts.append(_tok_span(cls, weights[i], title, _show(piece)))
         pos, i = max(pos, e), j
     rest = text[pos:]
@@ -211,7 +251,8 @@ def render_tokens(text: str, row: dict[str, Any], side: str, tokenizer, weights_
         parts.append(f'<span class="gap">{_show(rest)}</span>')
     end_name = tokenizer.convert_ids_to_tokens(ids[-1])
     cls = _tok_class(weights[-1], 0, False)
-    parts.append(_tok_span(f"end {cls}", weights[-1], f"end-of-response token · weight {weights[-1]:g} · id {ids[-1]}",
+    kl_note = f" · KL weight {kl[-1]:g}" if kl else ""
+    parts.append(_tok_span(f"end {cls}", weights[-1], f"end-of-response token · weight {weights[-1]:g}{kl_note} · id {ids[-1]}",
                            html.escape(end_name)))
     return "".join(parts)
 
@@ -265,6 +306,8 @@ def json_lines(rows: Sequence[dict[str, Any]], tokenizer) -> str:
             line[f"{side}_ids"] = row[f"{side}_ids"]
             line[f"{side}_tokens"] = [tokenizer.decode([i], skip_special_tokens=False) for i in row[f"{side}_ids"]]
             line[f"{side}_weights"] = row[f"{side}_weights"]
+            if f"{side}_kl_weights" in row:  # TDPO's KL weights, where they differ from the margin's
+                line[f"{side}_kl_weights"] = row[f"{side}_kl_weights"]
         out.append(json.dumps(line, ensure_ascii=False) + "\n")
     return "".join(out)
 
@@ -280,13 +323,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help or a usage error: argparse already printed why
         return int(e.code or 0)
     try:
-        columns = check_columns(dict(item.split("=", 1) if "=" in item else (item, "") for item in args.column))
+        columns = column_option(args.column)
     except ValueError as e:
-        print(f"error: --column: {str(e).replace('columns.', '')}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         enc = EncodeOptions(args.max_length, args.max_prompt_length, args.prompt_format, args.truncation_mode)
-        gran = GranularOptions(args.granular, args.outside_weight, args.unannotated_weight, args.include_eos)
+        gran = GranularOptions(enabled=args.granular, outside_weight=args.outside_weight,
+                               unannotated_weight=args.unannotated_weight, include_eos=args.include_eos,
+                               kl_weights=args.kl_weights, sides=args.sides, after_first_error=args.after_first_error)
     except ValueError as e:  # the options' checks name config keys: say the flags typed here
         message = str(e)
         for action in sorted(parser._actions, key=lambda a: -len(a.dest)):  # outside_weight before granular
@@ -320,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"invalid data: {e}", file=sys.stderr)
             return 1
         records, rows = [records[k] for k in keep], [rows[k] for k in keep]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else layout.end_token_id
+    add_kl_weights(rows, pad, gran)
     summary = summarize(report, records, rows, tokenizer, layout, gran) + shape_warnings(report, records, gran)
     print("\n".join(summary))
     if args.json:

@@ -21,12 +21,16 @@ text (`[[8, 10, -1]]`; an empty cell: no region), and so does a `messages` colum
 The network is reached only for a hub id, i.e. a path that does not exist here and has the form
 org/name: anything that looks local (a data file's extension, ./, /, ~, more than one /) is reported
 missing instead.
+
+`-` is stdin; it, `/dev/stdin` and any other path that is no regular file (a pipe, a FIFO) are read once
+into memory (`streams`), so the format is told from their bytes and every reader reads them again.
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
+import io
 import json
 import os
 import re
@@ -35,8 +39,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from granular_po.data.records import SFT_FIELDS, _check_on_invalid, _describe, iter_json_values, parse_rows
-from granular_po.data.rows import REGION_FIELDS, RowParser, text_row
+from granular_po.data.rows import REGION_FIELDS, RowParser, check_columns, rename_columns, text_row
 from granular_po.data.schema import DataError, LoadReport, PreferenceRecord, SFTRecord
+from granular_po.data.streams import is_stream, open_binary, source_name, stream_bytes
 
 FORMATS = ("json", "parquet", "csv", "disk", "hub")
 _DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".pq", ".csv", ".tsv", ".arrow", ".txt", ".gz", ".zip")
@@ -54,8 +59,8 @@ class DataSource:
 
     @property
     def name(self) -> str:
-        """How errors and reports name it: the path as given, or `org/name:split`."""
-        return self.location + (f":{self.split}" if self.split else "")
+        """How errors and reports name it: the path as given (`<stdin>` for `-`), or `org/name:split`."""
+        return source_name(self.location) + (f":{self.split}" if self.split else "")
 
 
 def looks_like_hub_id(text: str) -> bool:
@@ -69,10 +74,12 @@ def locate(path: str | os.PathLike[str]) -> DataSource:
     the network; a path that is neither here nor a hub id raises DataError ("file_missing")."""
     text = str(path)
     local = os.path.expanduser(text)
+    if is_stream(text):  # stdin (-), a pipe, a FIFO: read once here, kept for the reader (`streams`)
+        return DataSource(_file_kind(text), text)
     if os.path.isdir(local):
         return _disk_source(text, None)
     if os.path.exists(local):
-        return DataSource(_file_kind(local), text)
+        return DataSource(_file_kind(text), text)
     head, sep, split = text.rpartition(":")
     if sep and head and split and os.path.isdir(os.path.expanduser(head)):
         return _disk_source(head, split)
@@ -85,7 +92,7 @@ def locate(path: str | os.PathLike[str]) -> DataSource:
 
 def _file_kind(path: str) -> str:
     try:
-        with open(path, "rb") as f:
+        with open_binary(path) as f:
             magic = f.read(4)
     except OSError:
         magic = b""  # the JSON reader names the fault
@@ -113,7 +120,8 @@ def _parquet_rows(src: DataSource) -> Rows:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.ParquetFile(os.path.expanduser(src.location))
+        where = io.BytesIO(stream_bytes(src.location)) if is_stream(src.location) else os.path.expanduser(src.location)
+        table = pq.ParquetFile(where)
     except (pa.ArrowException, OSError) as e:
         raise DataError(src.name, None, None, f"cannot read the parquet file: {e}", "file_unreadable") from None
     if table.metadata.num_rows == 0:
@@ -137,9 +145,9 @@ def _utf8_lines(f, name: str) -> Iterator[str]:
 
 
 def _csv_rows(src: DataSource, region_fields: tuple[str, ...]) -> Rows:
-    path = os.path.expanduser(src.location)
-    with open(path, "rb") as f:
-        reader = csv.reader(_utf8_lines(f, src.name), delimiter="\t" if path.lower().endswith(".tsv") else ",")
+    with open_binary(src.location) as f:
+        tsv = src.location.lower().endswith(".tsv")
+        reader = csv.reader(_utf8_lines(f, src.name), delimiter="\t" if tsv else ",")
         header = next(reader, None)
         if not header:
             raise DataError(src.name, None, None, "the file is empty (a CSV file starts with a header row)",
@@ -245,19 +253,27 @@ def iter_rows(src: DataSource, region_fields: tuple[str, ...] = REGION_FIELDS,
     raise ValueError(f"unknown data format {src.kind!r}; known: {', '.join(FORMATS)}")
 
 
-def iter_data_rows(path: str | os.PathLike[str], cache_dir: str | None = None) -> Rows:
+def _region_fields(columns: Mapping[str, str]) -> tuple[str, ...]:
+    """The fields a CSV reader parses as JSON text: ours, and the column `columns.regions` names."""
+    return (*REGION_FIELDS, *([columns["regions"]] if "regions" in columns else []))
+
+
+def iter_data_rows(path: str | os.PathLike[str], cache_dir: str | None = None,
+                   columns: Mapping[str, str | None] | None = None) -> Rows:
     """(index, line or None, row) of any format, each row as a JSON file would hold it: a table's null cell
-    dropped (in a table every row has every column: null is the field absent), TRL's chat messages as text
-    (`rows.text_row`; a row whose messages cannot be read is yielded as its DataError, as a JSONL line that
-    does not parse is). File-level faults raise DataError."""
+    dropped (in a table every row has every column: null is the field absent), the columns `columns` names
+    under our names (`rows.rename_columns`, as `load_data` reads them), TRL's chat messages as text
+    (`rows.text_row`; a row that cannot be read so is yielded as its DataError, as a JSONL line that does
+    not parse is). File-level faults raise DataError; bad `columns` raise ValueError."""
+    columns = check_columns(columns)
     src = locate(path)
     try:
-        for index, line, row in iter_rows(src, REGION_FIELDS, cache_dir):
+        for index, line, row in iter_rows(src, _region_fields(columns), cache_dir):
             if isinstance(row, dict):
                 if src.kind != "json":
                     row = {k: v for k, v in row.items() if v is not None}
                 try:
-                    row = text_row(row, src.name, index)
+                    row = text_row(rename_columns(row, columns, src.name, index), src.name, index)
                 except DataError as e:
                     row = e
             yield index, line, row
@@ -279,10 +295,9 @@ def load_data(path: str | os.PathLike[str], on_invalid: str = "error", eos_text:
     parser = RowParser(columns, sft=sft)
     src = locate(path)
     report = LoadReport(src.name, columns_read=tuple(parser.columns.values()))
-    region_fields = (*REGION_FIELDS, *([parser.columns["regions"]] if "regions" in parser.columns else []))
     try:
-        records = list(parse_rows(iter_rows(src, region_fields, cache_dir), src.name, on_invalid, report,
-                                  eos_text, parse=parser))
+        records = list(parse_rows(iter_rows(src, _region_fields(parser.columns), cache_dir), src.name, on_invalid,
+                                  report, eos_text, parse=parser))
     except OSError as e:
         raise DataError(src.name, None, None, f"cannot read file: {e.strerror or e}", "file_unreadable") from None
     return records, report

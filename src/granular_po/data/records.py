@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from granular_po.data.schema import DataError, LoadReport, PreferenceRecord, Region, RegionFlag, SFTRecord
+from granular_po.data.streams import open_binary, source_name
 
 # Accepted spellings of each text field, canonical (research-code) name first.
 TEXT_FIELDS: dict[str, tuple[str, ...]] = {
@@ -177,8 +178,9 @@ def make_record(prompt: str, chosen: str, rejected: str, source: str, index: int
 
 
 def _open(path: str | os.PathLike[str], source: str):
+    """`path` opened for bytes, seekable (a stream such as stdin `-` read into memory: `streams`)."""
     try:
-        return open(path, "rb")
+        return open_binary(path)
     except FileNotFoundError:
         raise DataError(source, None, None, "file not found", "file_missing") from None
     except OSError as e:
@@ -295,7 +297,7 @@ def iter_records(path: str | os.PathLike[str], on_invalid: str = "error", report
     if given, is filled in as records go by (e.g. under `datasets.Dataset.from_generator`).
     """
     _check_on_invalid(on_invalid)
-    source = str(path)
+    source = source_name(path)
     report = report if report is not None else LoadReport(source)
     f = _open(path, source)
     return _records(f, source, on_invalid, report, eos_text)
@@ -345,7 +347,7 @@ def parse_rows(rows: Iterator[tuple[int, int | None, Any]], source: str, on_inva
 def load_records(path: str | os.PathLike[str], on_invalid: str = "error",
                  eos_text: str | None = None) -> tuple[list[PreferenceRecord], LoadReport]:
     """Load every valid record of a file, each its own pair, with a report of what was skipped and why."""
-    report = LoadReport(str(path))
+    report = LoadReport(source_name(path))
     records = list(iter_records(path, on_invalid, report, eos_text))
     return records, report
 
@@ -354,7 +356,7 @@ def iter_json_values(path: str | os.PathLike[str]) -> Iterator[tuple[int, int | 
     """(index, line or None, value) of each item of a JSON list or JSONL file, for readers of other record
     shapes (eval questions). File-level faults raise DataError; a JSONL line that does not parse is
     yielded as its DataError, so the reader can name it and go on."""
-    source = str(path)
+    source = source_name(path)
     with _open(path, source) as f:
         yield from _iter_raw(f, source)
 

@@ -58,7 +58,7 @@ class RowParser:
     def __call__(self, row: Any, source: str, index: int, eos_text: str | None = None) -> PreferenceRecord | SFTRecord:
         spelled: dict[str, str] = {}  # field parse_record names -> the field as the file spells it
         if isinstance(row, dict):
-            row = self._rename(row, source, index, spelled)
+            row = rename_columns(row, self.columns, source, index, spelled)
             if is_sft_row(row):
                 try:
                     if not self.sft:
@@ -72,22 +72,28 @@ class RowParser:
         except DataError as e:
             raise _respelled(e, spelled) from None
 
-    def _rename(self, row: dict, source: str, index: int, spelled: dict[str, str]) -> dict:
-        """Columns named by `columns.*` moved under our names (the rest of the row as it is)."""
-        row = dict(row)
-        for key, name in self.columns.items():
-            ours = COLUMN_KEYS[key]
-            if name == ours:
-                continue
-            if name not in row:
-                raise DataError(source, index, name, f"missing (columns.{key}={name})", "missing_field")
-            clash = [n for n in (REGION_FIELDS if key == "regions" else TEXT_FIELDS[ours]) if n in row]
-            if clash:
-                raise DataError(source, index, name, f"columns.{key}={name} reads this field, but the record "
-                                f"also has '{clash[0]}' (same meaning): rename or drop one", "conflicting_fields")
-            row[ours] = row.pop(name)
-            spelled[ours] = name
-        return row
+
+def rename_columns(row: dict, columns: Mapping[str, str], source: str, index: int,
+                   spelled: dict[str, str] | None = None) -> dict:
+    """The row with the columns named by `columns.*` ({key: column}, from `check_columns`) moved under our
+    names, the rest as it is; `spelled` receives our name -> the column. A named column the row lacks, or one
+    beside a field of the same meaning, raises DataError naming it. Every reader of renamed columns goes
+    through here: training's records (`RowParser`), eval's questions and compare's rows (`iter_data_rows`)."""
+    spelled = spelled if spelled is not None else {}
+    row = dict(row) if columns else row
+    for key, name in columns.items():
+        ours = COLUMN_KEYS[key]
+        if name == ours:
+            continue
+        if name not in row:
+            raise DataError(source, index, name, f"missing (columns.{key}={name})", "missing_field")
+        clash = [n for n in (REGION_FIELDS if key == "regions" else TEXT_FIELDS[ours]) if n in row]
+        if clash:
+            raise DataError(source, index, name, f"columns.{key}={name} reads this field, but the record "
+                            f"also has '{clash[0]}' (same meaning): rename or drop one", "conflicting_fields")
+        row[ours] = row.pop(name)
+        spelled[ours] = name
+    return row
 
 
 def _respelled(error: DataError, spelled: dict[str, str]) -> DataError:

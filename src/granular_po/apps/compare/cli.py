@@ -56,7 +56,7 @@ from granular_po.apps.compare.settings import (
     read_arms,
 )
 from granular_po.apps.demo import DEFAULT_MODEL
-from granular_po.apps.help import DefaultsFormatter
+from granular_po.apps.help import DefaultsFormatter, add_column_option, column_option
 from granular_po.apps.stages import data_fingerprint, evaluate_model, passive_openmp, shown_command
 from granular_po.training import checkpoints
 
@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "<out>/data as JSON)"
                           + (" (the learning rate is chosen on it: see --choose-on)" if name == "val"
                              else " (scored once per chosen run)" if name == "test" else ""))
-    data.add_argument("--data", metavar="FILE", help="one file (any format train reads) split here by --split and "
-                      "--split-seed")
+    data.add_argument("--data", metavar="FILE", help="one file (any format train reads, or - for stdin) split here "
+                      "by --split and --split-seed")
+    add_column_option(data)
     data.add_argument("--split", default="0.8,0.1,0.1", help="train, val, test fractions of --data")
     data.add_argument("--split-seed", type=int, default=0, help="the shuffle before --data is split")
     p.add_argument("--arms", metavar="FILE.yaml", help="arms from a YAML file: name -> list of overrides "
@@ -176,9 +177,10 @@ def file_data(out: Path, args: argparse.Namespace) -> dict[str, Path] | None:
     """The user's data: --train/--val/--test, or --data split by --split with --split-seed into
     <out>/data/{train,val,test}.json; None for a synthetic task. Each is read as training reads it
     (`formats.load_data`, any format: an invalid record fails here, naming file, record and field, before
-    any training). A JSON or JSONL file is used as it is; one in another format is read once and written as
-    <out>/data/<split>.json (its rows as `eval.read_pairs` gives them, `answer` kept), which every run,
-    score and fingerprint then reads."""
+    any training; `--column` renames fields as train's `columns.*`). A JSON or JSONL file is used as it is;
+    one in another format, a stream (stdin, a pipe) or one read through `--column` is read once and written
+    as <out>/data/<split>.json (its rows as `eval.read_pairs` gives them, under our names, `answer` kept),
+    which every run, score and fingerprint then reads."""
     from granular_po.data.formats import load_data
     from granular_po.data.schema import DataError
 
@@ -192,9 +194,13 @@ def file_data(out: Path, args: argparse.Namespace) -> dict[str, Path] | None:
     if given and len(given) < 3:
         raise SystemExit(f"--train, --val and --test go together; missing {sorted({'train', 'val', 'test'} - set(given))}")
     try:
+        columns = column_option(args.column)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    try:
         for path in list(given.values()) or [args.data]:  # errors name the user's own file
-            load_data(path)
-        paths = {k: _as_json(out, k, v) for k, v in given.items()} or split_file(out, args)
+            load_data(path, columns=columns)
+        paths = {k: _as_json(out, k, v, columns) for k, v in given.items()} or split_file(out, args, columns)
         for path in paths.values():
             load_data(path)
     except DataError as error:
@@ -202,14 +208,17 @@ def file_data(out: Path, args: argparse.Namespace) -> dict[str, Path] | None:
     return paths
 
 
-def _as_json(out: Path, name: str, given: str) -> Path:
-    """`given` itself when it is a JSON list or JSONL file, else its rows written as <out>/data/<name>.json."""
+def _as_json(out: Path, name: str, given: str, columns: dict[str, str]) -> Path:
+    """`given` itself when it is a JSON list or JSONL file read under our names, else its rows written as
+    <out>/data/<name>.json: a file in another format, one with renamed `columns`, or a stream such as stdin
+    or a pipe (the runs could not read it again)."""
     from granular_po.apps.eval import read_pairs
     from granular_po.data.formats import locate
+    from granular_po.data.streams import is_stream
 
-    if locate(given).kind == "json":
+    if locate(given).kind == "json" and not is_stream(given) and not columns:
         return Path(given).expanduser().resolve()
-    return _write_rows(out / "data" / f"{name}.json", read_pairs(given))
+    return _write_rows(out / "data" / f"{name}.json", read_pairs(given, columns))
 
 
 def _write_rows(path: Path, rows: list[dict]) -> Path:
@@ -223,8 +232,9 @@ def _write_rows(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def split_file(out: Path, args: argparse.Namespace) -> dict[str, Path]:
-    """--data's records shuffled with --split-seed and cut by the --split fractions (in order)."""
+def split_file(out: Path, args: argparse.Namespace, columns: dict[str, str] | None = None) -> dict[str, Path]:
+    """--data's records (fields renamed by `columns`) shuffled with --split-seed and cut by the --split
+    fractions (in order)."""
     import random
 
     from granular_po.apps.eval import read_pairs
@@ -232,7 +242,7 @@ def split_file(out: Path, args: argparse.Namespace) -> dict[str, Path]:
     fractions = _floats(args.split)
     if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise SystemExit(f"--split {args.split}: three positive fractions (train, val, test) that sum to 1")
-    records = read_pairs(args.data)
+    records = read_pairs(args.data, columns)
     order = list(range(len(records)))
     random.Random(args.split_seed).shuffle(order)
     n_train = round(fractions[0] * len(order))
