@@ -29,7 +29,8 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def add_column_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """`--column KEY=NAME` (repeatable): train's `columns.KEY=NAME`, for every command that reads data."""
     parser.add_argument("--column", action="append", default=[], metavar="KEY=NAME",
-                        help=f"read KEY ({', '.join(COLUMN_KEYS)}) from the field NAME (train: columns.KEY=NAME)")
+                        help=f"read KEY ({', '.join(COLUMN_KEYS)}) from the field NAME (train: columns.KEY=NAME); "
+                             "default: none, every key read under its own name")
 
 
 def column_option(items: list[str]) -> dict[str, str]:
