@@ -8,10 +8,18 @@
 #   granular-po import qa-feedback dev_feedback.json examples/qa_feedback/dev.jsonl   (question only)
 # 481 pairs kept of 500 (examples/qa_feedback/README.md). One pass of SFT over the training split's
 # corrections: 385 pairs / 8 = 48 steps.
+# Code: a frozen copy of src/ at 5167d26 (named here before any Part B run; Part A's frozen 21c4035 has
+# no `compare --data`), so later edits on main cannot reach the runs:
+#   git worktree add /work/frozen-qa-wt 5167d26 && cp -r /work/frozen-qa-wt/src /work/frozen/src-qa \
+#     && echo 5167d26 > /work/frozen/src-qa.commit
 set -euo pipefail
-export PYTHONPATH="${FROZEN_SRC:-$PWD/src}" HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+frozen="${FROZEN_SRC:-/work/frozen/src-qa}"
+if [ "$(cat "$frozen.commit" 2>/dev/null)" != 5167d26 ]; then
+  echo "Part B runs from src/ at 5167d26 in $frozen (with $frozen.commit): create it as above" >&2; exit 2
+fi
+export PYTHONPATH="$frozen" HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 anchored="${ANCHORED:-granular-klall: loss=tdpo granular=true granular.kl_weights=all}"
-echo "=== $(date -u +%H:%M:%S) QA-FEEDBACK, anchored arm: $anchored"
+echo "=== $(date -u +%H:%M:%S) QA-FEEDBACK, code $(cat "$frozen.commit"), anchored arm: $anchored"
 .venv/bin/granular-po compare --data examples/qa_feedback/dev.jsonl --split 0.8,0.1,0.1 --split-seed 0 \
   --sft-steps 48 --sft-batch-size 8 --sft-lr 3e-5 \
   --base-lr 5e-6 --adamw 1 --sgd '' --steps 16 --batch-size 4 --seeds 3 \
