@@ -108,6 +108,10 @@ def test_reads_compare_json_and_renders(rule, tmp_path):
     text = out.read_text()
     assert "Seeds: 8 of 8" in text and "**Verdict: CONFIRMED: granular-klall" in text
     assert "| granular-klall - granular |" in text
+    cells = {k: {s: {**m, "accuracy": 0.5} for s, m in v.items()} for k, v in cells.items()}
+    (tmp_path / "compare.json").write_text(__import__("json").dumps({"metrics": {"per_seed": cells}}))
+    assert rule.main([str(tmp_path), "--metric", "accuracy", "--out", str(out)]) == 0
+    assert "**Verdict: none: accuracy is secondary" in out.read_text()
     (tmp_path / "compare.json").write_text('{"metrics": {"per_seed": {"response, AdamW": {}}}}')
     with pytest.raises(SystemExit, match="no arm"):
         rule.main([str(tmp_path)])

@@ -36,6 +36,7 @@ PLANNED_SEEDS = 8
 REFERENCE, TODAY = "response", "granular"
 ANCHORED = ("granular-klall", "granular-klall-nll")
 GRANULAR = (TODAY, *ANCHORED)
+PRIMARY = "forced_margin"
 SMALLEST_GAIN = 0.5  # nats of forced-decoding margin: the smallest difference that matters (PLAN.md)
 FAMILY_ALPHA, FAMILY_SIZE = 0.05, 3  # three comparisons against `response`, two-sided
 POWER = 0.80
@@ -186,12 +187,14 @@ def render(result: dict, metric: str, source: str, boot: dict | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", type=Path, help="a compare --out folder (or its published copy) with compare.json")
-    p.add_argument("--metric", default="forced_margin", help="the plan's primary metric (default); others: "
+    p.add_argument("--metric", default=PRIMARY, help="the plan's primary metric (default); others: "
                    "forced_accuracy, accuracy, worked_step (secondary: not used to decide)")
     p.add_argument("--runs", type=Path, help="the runs folder: adds the bootstrap over seeds and questions")
     p.add_argument("--out", type=Path, help="also write the table here (markdown)")
     args = p.parse_args(argv)
     result = decide(read_per_seed(args.dir / "compare.json", args.metric))
+    if args.metric != PRIMARY:  # the rule and its 0.5-nat threshold are the primary metric's only
+        result["verdict"] = f"none: {args.metric} is secondary (PLAN.md: reported with the same intervals, not used to decide)"
     boot = None
     if args.runs:
         items = {arm: read_items(args.runs, arm, args.metric) for arm in (REFERENCE, *GRANULAR)}
