@@ -262,8 +262,8 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
     if not graded:  # no answers on test: the chosen runs' rates and validation scores, no accuracy columns
         rows = [{k: v for k, v in r.items() if k not in ("test accuracy, mean [95% CI]", "per seed")} for r in rows]
 
-    paired_rows = []
-    optimizers = dict.fromkeys(r.optimizer for r in grid.runs)
+    paired_rows = []  # task accuracy, paired: only where test records carry answers (the pair metrics: below)
+    optimizers = dict.fromkeys(r.optimizer for r in grid.runs) if graded else {}
     for (arm, reference), optimizer in ((p, o) for p in paired_arms(list(grid.arms.values())) for o in optimizers):
         cell, other = (arm, optimizer), (reference, optimizer)
         if cell not in chosen or other not in chosen:
