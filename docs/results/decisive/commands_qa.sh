@@ -12,10 +12,16 @@
 # no `compare --data`), so later edits on main cannot reach the runs:
 #   git worktree add /work/frozen-qa-wt 5167d26 && cp -r /work/frozen-qa-wt/src /work/frozen/src-qa \
 #     && echo 5167d26 > /work/frozen/src-qa.commit
+# Amended once, after seed 0 (see the results README, "What we learned while it ran"): 5167d26's report step
+# crashed on data without answers and two arms (task accuracy paired as None - None) after seed 0 had been
+# trained and scored. The runs resumed from 688a6b9, whose src/ differs from 5167d26 in that report step only
+# (`git diff 5167d26 688a6b9 -- src`: two lines of compare/report.py); training and scoring are 5167d26's:
+#   git archive 688a6b9 src | tar -x -C /tmp/fx && mv /tmp/fx/src /work/frozen/src-qa2 \
+#     && echo 688a6b9 > /work/frozen/src-qa2.commit
 set -euo pipefail
-frozen="${FROZEN_SRC:-/work/frozen/src-qa}"
-if [ "$(cat "$frozen.commit" 2>/dev/null)" != 5167d26 ]; then
-  echo "Part B runs from src/ at 5167d26 in $frozen (with $frozen.commit): create it as above" >&2; exit 2
+frozen="${FROZEN_SRC:-/work/frozen/src-qa2}"
+if [ "$(cat "$frozen.commit" 2>/dev/null)" != 688a6b9 ]; then
+  echo "Part B runs from src/ at 688a6b9 in $frozen (with $frozen.commit): create it as above" >&2; exit 2
 fi
 export PYTHONPATH="$frozen" HF_HUB_OFFLINE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 anchored="${ANCHORED:-granular-klall: loss=tdpo granular=true granular.kl_weights=all}"
