@@ -489,9 +489,15 @@ def test_own_data_without_answers_chooses_the_rate_on_validation_preference_accu
     table = text.split("## Test metrics per arm")[1].split("## Paired differences on every metric")[0]
     assert " preference accuracy |" in table and " highlighted log-ratio (rejected) |" in table
     assert "greedy accuracy" not in table
-    # one rate (the x1 runs reused): nothing chosen, and the report says so in terms of pairs
-    assert compare.main([*common[:-4], "--adamw", "1", "--sgd", "", "--sft", str(out / "runs" / "sft")]) == 0
+    # one rate (the x1 runs reused): nothing chosen, and the report says so in terms of pairs; a second arm:
+    # paired on the pair metrics, no task-accuracy pairing (5167d26 crashed there on None - None)
+    assert compare.main([*common[:-4], "--arm", "granular: loss=dpo granular=true", "--adamw", "1", "--sgd", "",
+                         "--sft", str(out / "runs" / "sft")]) == 0
     fixed = (out / "compare.md").read_text()
+    paired = fixed.split("## Paired differences on every metric")[1]
+    assert "| granular - dpo, AdamW | preference accuracy | 2 |" in paired
+    assert "## Arms vs their reference, paired" not in fixed
+    assert json.loads((out / "compare.json").read_text())["paired"] == []
     assert "nothing is chosen, so the validation pairs were not scored" in fixed
     assert "8 validation pairs (one learning rate per cell: nothing is chosen on them)" in fixed
     assert "validation questions" not in fixed and "test questions" not in fixed
