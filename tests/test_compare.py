@@ -120,6 +120,7 @@ def test_report_has_every_synthetic_metric_and_the_sft_margin_is_right(grid, wor
         assert f" {name} |" in table
     paired = text.split("## Paired differences on every metric")[1].split("## Validation")[0]
     assert "| TDPO2, granular - TDPO2, response-level, AdamW | forced margin (nats) | 2 |" in paired
+    assert "| confound | 0.75 |" in text and "| losses | tdpo |" in text  # what shaped the synthetic grid
     summary = json.loads((grid / "compare.json").read_text())["metrics"]
     assert {p["metric"] for p in summary["paired"]} >= {"forced_margin", "worked_step", "preference_accuracy"}
     for by_seed in summary["per_seed"].values():
@@ -498,6 +499,10 @@ def test_own_data_without_answers_chooses_the_rate_on_validation_preference_accu
     assert "| granular - dpo, AdamW | preference accuracy | 2 |" in paired
     assert "## Arms vs their reference, paired" not in fixed
     assert json.loads((out / "compare.json").read_text())["paired"] == []
+    # the settings table names what shaped these runs: not the synthetic task's sizes, nor `losses` (arms given)
+    assert "| task | data |" in fixed
+    for unused in ("confound", "highlight", "n_train", "n_val", "n_test", "losses"):
+        assert f"| {unused} |" not in fixed
     assert "nothing is chosen, so the validation pairs were not scored" in fixed
     assert "8 validation pairs (one learning rate per cell: nothing is chosen on them)" in fixed
     assert "validation questions" not in fixed and "test questions" not in fixed

@@ -384,7 +384,8 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
         "",
         f"```bash\n{invocation}\n```",
         "",
-        markdown_table([{"setting": k, "value": _setting(v)} for k, v in asdict_settings(s).items()]),
+        markdown_table([{"setting": k, "value": _setting(v)}
+                        for k, v in shown_settings(s, own, builtin_grid(list(grid.arms.values()))).items()]),
         "Arms (overrides on top of each run's base config; the full command of each run in `commands.txt`):",
         "",
         markdown_table([{"arm": a.name, "shown as": a.shown, "overrides": " ".join(a.overrides)}
@@ -423,6 +424,16 @@ def write_report(grid, baseline: dict, invocation: str, seconds: float, sft_seco
 
 
 LOSS_NAMES = {"dpo": "DPO", "tdpo": "TDPO2"}
+
+
+SYNTHETIC_ONLY = ("confound", "highlight", "n_train", "n_val", "n_test")  # the task generator's; own data: the files
+
+
+def shown_settings(s, own_data: bool, builtin_arms: bool) -> dict:
+    """The settings that shaped these runs, for the report's table: with your own data the synthetic task's
+    sizes and style knobs played no part, and with arms given `losses` did not either (compare.json keeps all)."""
+    skip = (SYNTHETIC_ONLY if own_data else ()) + (() if builtin_arms else ("losses",))
+    return {k: v for k, v in asdict_settings(s).items() if k not in skip}
 
 
 def asdict_settings(s) -> dict:
