@@ -115,3 +115,45 @@ def test_reads_compare_json_and_renders(rule, tmp_path):
     (tmp_path / "compare.json").write_text('{"metrics": {"per_seed": {"response, AdamW": {}}}}')
     with pytest.raises(SystemExit, match="no arm"):
         rule.main([str(tmp_path)])
+
+
+# ---------------------------------------------------------------- Part B (QA-FEEDBACK): decide_qa.py
+
+
+@pytest.fixture(scope="module")
+def rule_qa(rule):  # decide_qa imports decide's Paired: load decide first
+    spec = importlib.util.spec_from_file_location("decide_qa", SCRIPT.with_name("decide_qa.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["decide_qa"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("anchored", "verdict"), [
+    ([0.10, 0.12, 0.08], "SUPPORTS H1"),  # mean 0.10, se 0.0115, half-width 4.303 se = 0.050
+    ([-0.10, -0.12, -0.08], "CONTRADICTS H1"),
+    ([0.10, -0.05, 0.02], "INCONCLUSIVE"),
+])
+def test_part_b_rule_is_a_95_percent_t_interval_on_2_df(rule_qa, anchored, verdict):
+    values = {"response": seeds(0.6, 0.6, 0.6), "granular": seeds(0.7, 0.7, 0.7),
+              "granular-klall-nll": seeds(*(0.6 + d for d in anchored))}
+    result = rule_qa.decide(values, "granular-klall-nll")
+    mean = sum(anchored) / 3
+    se = math.sqrt(sum((d - mean) ** 2 for d in anchored) / 2) / math.sqrt(3)
+    assert result["interval"] == pytest.approx((mean - 4.3027 * se, mean + 4.3027 * se), abs=1e-4)
+    assert result["verdict"].startswith(verdict)
+
+
+def test_part_b_needs_three_seeds_and_reads_compare_json(rule_qa, tmp_path, capsys):
+    per_seed = {"response, AdamW": {"0": {"preference_accuracy": 0.6}, "1": {"preference_accuracy": 0.5}},
+                "granular, AdamW": {"0": {"preference_accuracy": 0.7}, "1": {"preference_accuracy": 0.6}},
+                "granular-klall-nll, AdamW": {"0": {"preference_accuracy": 0.9}, "1": {"preference_accuracy": 0.8}}}
+    (tmp_path / "compare.json").write_text(__import__("json").dumps({"metrics": {"per_seed": per_seed}}))
+    assert rule_qa.main([str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "anchored arm: granular-klall-nll" in text and "Verdict: NOT APPLIED: 2 of 3 seeds" in text
+    assert "| granular-klall-nll - response | 2 | +0.300, +0.300 | +0.300 |" in text
+    del per_seed["granular-klall-nll, AdamW"]
+    (tmp_path / "compare.json").write_text(__import__("json").dumps({"metrics": {"per_seed": per_seed}}))
+    with pytest.raises(SystemExit, match="expected one anchored arm"):
+        rule_qa.main([str(tmp_path)])
