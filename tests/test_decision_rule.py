@@ -157,3 +157,49 @@ def test_part_b_needs_three_seeds_and_reads_compare_json(rule_qa, tmp_path, caps
     (tmp_path / "compare.json").write_text(__import__("json").dumps({"metrics": {"per_seed": per_seed}}))
     with pytest.raises(SystemExit, match="expected one anchored arm"):
         rule_qa.main([str(tmp_path)])
+
+
+# ---------------------------------------------------------------- follow-up (PLAN_nll.md): decide_nll.py
+
+
+@pytest.fixture(scope="module")
+def rule_nll(rule):
+    spec = importlib.util.spec_from_file_location("decide_nll", SCRIPT.with_name("decide_nll.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["decide_nll"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+SMALL = [0.01, -0.01, 0.02, -0.02, 0.0, 0.01, -0.01, 0.0]  # mean 0, sd 0.013
+SPREAD = [n / 4 for n in NOISE[::-1]]  # mean 0, sd 0.058
+
+
+@pytest.mark.parametrize(("klall_nll", "response_nll", "verdict"), [
+    ([0.70 + n for n in SMALL], [0.55 + n for n in SPREAD], "HIGHLIGHTS ADD"),
+    ([0.50 + n for n in SMALL], [0.70 + n for n in SPREAD], "RESPONSE + NLL BETTER"),
+    ([0.70 + n for n in SMALL], [0.70 + n for n in SPREAD], "THE NLL TERM EXPLAINS"),  # E: +0.2 over response
+    ([0.50 + n for n in SMALL], [0.50 + n for n in SPREAD], "INCONCLUSIVE"),  # E spans 0 too
+])
+def test_follow_up_rule(rule_nll, klall_nll, response_nll, verdict):
+    values = {"response": seeds(*[0.5 + n for n in SMALL]), "granular-klall-nll": seeds(*klall_nll),
+              "response-nll": seeds(*response_nll)}
+    result = rule_nll.decide(values)
+    diffs = [a - b for a, b in zip(klall_nll, response_nll)]
+    mean = sum(diffs) / 8
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 7) / math.sqrt(8)
+    assert result["D_interval"] == pytest.approx((mean - 2.3646 * se, mean + 2.3646 * se), abs=1e-4)
+    assert result["verdict"].startswith(verdict)
+
+
+def test_follow_up_needs_eight_seeds_and_the_new_arm(rule_nll, tmp_path, capsys):
+    cell = {str(s): {"accuracy": 0.5} for s in range(3)}
+    per_seed = {"response, AdamW": cell, "granular-klall-nll, AdamW": cell, "response-nll, AdamW": cell}
+    (tmp_path / "compare.json").write_text(__import__("json").dumps({"metrics": {"per_seed": per_seed}}))
+    assert rule_nll.main([str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "Verdict: NOT APPLIED: 3 of 8 seeds" in text and "| D: granular-klall-nll - response-nll | 3 |" in text
+    del per_seed["response-nll, AdamW"]
+    (tmp_path / "compare.json").write_text(__import__("json").dumps({"metrics": {"per_seed": per_seed}}))
+    with pytest.raises(SystemExit, match="no response-nll arm"):
+        rule_nll.main([str(tmp_path)])
