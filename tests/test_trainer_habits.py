@@ -20,7 +20,7 @@ from granular_po.apps.cli import train_main
 from granular_po.data.encode import EncodeOptions, encode_record
 from granular_po.data.masks import GranularOptions
 from granular_po.data.records import load_records
-from granular_po.training import checkpoints
+from granular_po.training import checkpoints, publish
 from granular_po.training.config import ConfigError, as_container, changed_keys, compose_config, validate
 from granular_po.training.recipe import build_training_arguments
 
@@ -174,6 +174,21 @@ def test_push_to_hub_uploads_the_final_model_and_card_without_training_state(roo
     assert {"optimizer.pt", "scheduler.pt", "rng_state*.pth", "trainer_state.json"} <= set(upload["ignore_patterns"])
     assert (final / "README.md").read_text().splitlines()[5] == "# me/tiny-sft"
     assert "pushed to https://huggingface.co/me/tiny-sft" in capsys.readouterr().out
+
+
+def test_pushing_a_lora_adapter_with_a_local_base_says_it_loads_nowhere_else(root, hub_calls, capsys):
+    assert train_main(run_argv(root, "pushed_lora", "push_to_hub=true", "hub_model_id=me/tiny-lora", "n_examples=2",
+                               "lora.enabled=true", "lora.r=4", "lora.alpha=8")) == 0
+    out = capsys.readouterr().out
+    base = str((root / "tiny").resolve())
+    assert "hub warning" in out and f"the adapter's base is the local path {base}" in out
+    assert "lora.merge_on_save=true" in out and [c[0] for c in hub_calls] == ["create_repo", "upload_folder"]
+    # a full model (no adapter) or an adapter on a hub base: nothing to warn about
+    assert publish.adapter_local_base((root / "runs" / "pushed_lora" / "LATEST").resolve()) == base
+    adapter = (root / "runs" / "pushed_lora" / "LATEST").resolve() / "adapter_config.json"
+    adapter.write_text(json.dumps({**json.loads(adapter.read_text()), "base_model_name_or_path": "org/model"}))
+    assert publish.adapter_local_base(adapter.parent) is None
+    assert publish.adapter_local_base(root / "tiny") is None
 
 
 def test_a_failed_push_keeps_the_run_and_says_where_the_model_is(root, capsys):

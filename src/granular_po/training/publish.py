@@ -10,6 +10,7 @@ here touches the network otherwise.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import fields
@@ -127,6 +128,16 @@ def push(folder: Path, repo_id: str) -> str:
     return str(repo)
 
 
+def adapter_local_base(folder: Path) -> str | None:
+    """The local base a LoRA adapter in `folder` names (`adapter_config.json`'s `base_model_name_or_path`), or
+    None (no adapter, or its base is a hub id). Such an adapter, pushed, loads on no other machine."""
+    config = Path(folder) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
+    return None if not base or _is_hub_id(base) else base
+
+
 def write_final_card(cfg: TrainConfig, loss: LossType, run_dir: Path, latest: Path, reports: Sequence[LoadReport],
                      step: int, screen) -> tuple[Path, list[tuple[str, str]]]:
     """Write the final model's card (`model_card`) with the console's last metrics; returns the final model's
@@ -139,4 +150,9 @@ def write_final_card(cfg: TrainConfig, loss: LossType, run_dir: Path, latest: Pa
     rows = [("model card", str(card))]
     if cfg.push_to_hub:
         rows.append(("hub", f"pushing {folder.name} (without its training state) to {repo}"))
+        base = adapter_local_base(folder)
+        if base:  # not silently unusable: the Hub copy would point at this machine's directory
+            rows.append(("hub warning", f"the adapter's base is the local path {base}: others cannot load it from "
+                         "the Hub. Push the merged model instead (lora.merge_on_save=true), or publish the base and "
+                         "set base_model_name_or_path in the pushed adapter_config.json to its hub id"))
     return folder, rows
